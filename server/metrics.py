@@ -1,0 +1,75 @@
+"""Speculative-decoding metrics of one request (or of many, merged).
+
+Definitions (as EAGLE, MSD, vLLM and SGLang use them):
+
+- mean accepted length (tau) = tokens emitted per verify step, INCLUDING the bonus token
+  = 1 + accepted_draft_tokens / verify_steps, in [1, depth + 1];
+- draft acceptance rate = accepted_draft_tokens / proposed_draft_tokens, where a tree's proposed
+  tokens are all of its verified draft nodes (so a wide tree lowers this rate by construction);
+- per-position acceptance rate[i] = verify steps whose depth-(i+1) node was accepted / verify steps.
+
+Tokens emitted by prefill (the first token) are not counted: no draft was verified for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecMetrics:
+    verify_steps: int = 0
+    proposed_draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def observe(self, num_proposed: int, num_accepted: int) -> None:
+        """Record one verify step that checked `num_proposed` draft nodes and accepted a path of
+        `num_accepted` of them (bonus token not included)."""
+        self.verify_steps += 1
+        self.proposed_draft_tokens += num_proposed
+        self.accepted_draft_tokens += num_accepted
+        if len(self.accepted_per_position) < num_accepted:
+            self.accepted_per_position.extend([0] * (num_accepted - len(self.accepted_per_position)))
+        for pos in range(num_accepted):
+            self.accepted_per_position[pos] += 1
+
+    def merge(self, other: SpecMetrics) -> None:
+        self.verify_steps += other.verify_steps
+        self.proposed_draft_tokens += other.proposed_draft_tokens
+        self.accepted_draft_tokens += other.accepted_draft_tokens
+        for pos, count in enumerate(other.accepted_per_position):
+            if pos < len(self.accepted_per_position):
+                self.accepted_per_position[pos] += count
+            else:
+                self.accepted_per_position.append(count)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verify step including the bonus token; 0.0 before the first step."""
+        if self.verify_steps == 0:
+            return 0.0
+        return 1.0 + self.accepted_draft_tokens / self.verify_steps
+
+    @property
+    def acceptance_rate(self) -> float:
+        if self.proposed_draft_tokens == 0:
+            return 0.0
+        return self.accepted_draft_tokens / self.proposed_draft_tokens
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        if self.verify_steps == 0:
+            return []
+        return [count / self.verify_steps for count in self.accepted_per_position]
+
+    def to_dict(self) -> dict:
+        return {
+            "verify_steps": self.verify_steps,
+            "proposed_draft_tokens": self.proposed_draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "accepted_per_position": list(self.accepted_per_position),
+            "per_position_acceptance": [round(r, 4) for r in self.per_position_acceptance],
+        }

@@ -1,0 +1,47 @@
+"""What the engine takes and returns per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .metrics import SpecMetrics
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """A tokenized prompt. For vision-language models `token_ids` already holds the expanded image
+    placeholder tokens and `pixel_values` the processed images (None for text-only prompts)."""
+
+    token_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    num_images: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step added to a sequence (possibly several tokens)."""
+
+    token_ids: list[int]
+    text: str  # incremental detokenized text; stop strings and held-back partial characters excluded
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    metrics: SpecMetrics
+    logprobs: list[TokenLogprob] | None = None
