@@ -1,0 +1,81 @@
+"""Per-request state and the rules that end a request (EOS, token limit, stop strings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..drafting.base import DraftSession
+from .config import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+from .metrics import SpecMetrics
+from .outputs import PromptInput, StepOutput, TokenLogprob
+
+
+@dataclass
+class Sequence:
+    """One request being decoded. Between steps the target cache holds every token but the root."""
+
+    prompt: PromptInput
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    cache: object | None = None  # the target's KV cache; None until prefill
+    draft: DraftSession | None = None
+    root_token: int = -1  # last emitted token, not yet in the cache
+    prefix_len: int = 0  # tokens in the target cache
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # output text so far (stop strings excluded)
+    sent: int = 0  # characters of `text` already returned to the caller
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    finish_reason: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def emit(self, tokens: list[int], logprobs: list[TokenLogprob] | None) -> StepOutput:
+        """Append a step's tokens, stopping at EOS, the token limit or a stop string (which may end
+        inside the step's run: everything after it is dropped). Returns what the caller may see."""
+        count = 0
+        for token in tokens:
+            count += 1
+            self.output_ids.append(token)
+            if token in self.eos_token_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+                break
+            self.text += self.detokenizer.add(token)
+            if self._cut_at_stop_string():
+                self.finish_reason = "stop"
+                break
+            if len(self.output_ids) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        end = len(self.text) if self.finished else len(self.text) - self._held_back()
+        delta, self.sent = self.text[self.sent : end], max(self.sent, end)
+        kept_logprobs = logprobs[:count] if logprobs is not None else None
+        return StepOutput(tokens[:count], delta, kept_logprobs, self.finished, self.finish_reason)
+
+    def _cut_at_stop_string(self) -> bool:
+        # Only the tail can hold a new match: the text before it was checked at earlier tokens.
+        longest = max((len(s) for s in self.params.stop), default=0)
+        start = max(0, self.sent - longest)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that could still grow into a stop string."""
+        for size in range(min(len(self.text), max((len(s) for s in self.params.stop), default=0)), 0, -1):
+            suffix = self.text[-size:]
+            if any(s.startswith(suffix) for s in self.params.stop):
+                return size
+        return 0

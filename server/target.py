@@ -1,0 +1,163 @@
+"""The target model: the model whose output speculative decoding must reproduce exactly.
+
+One wrapper serves every HF causal LM and LLaVA-family vision-language model. Model families differ
+only in where their parts live (decoder, LM head, token embeddings, vision tower); a small adapter
+per config class says where, so nothing here dispatches on model-name strings and no HF modeling
+code is forked. Tree verification passes the tree's 4D additive mask and position ids as ordinary
+forward arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlavaConfig, PretrainedConfig
+from transformers import LlavaForConditionalGeneration
+
+from ..kernels.tree import DraftTree
+from .outputs import PromptInput
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor  # [B, N, V] float32 (or float64 for a float64 model)
+    hidden: torch.Tensor  # [B, N, H] the decoder's last (final-norm) hidden states
+
+
+@dataclass(frozen=True)
+class PrefillOutput:
+    last_logits: torch.Tensor  # [1, V]
+    hidden: torch.Tensor  # [1, L, H] last hidden states at every prompt position
+    inputs_embeds: torch.Tensor  # [1, L, H] what the decoder consumed (visual embeddings at image slots)
+    image_mask: torch.Tensor  # [1, L] bool, True at image placeholder positions
+
+
+class CausalLMAdapter:
+    """Where the parts of an `AutoModelForCausalLM` model live."""
+
+    model_class = AutoModelForCausalLM
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.model.config
+
+    image_token_id: int | None = None
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this model does not take images")
+
+
+class LlavaAdapter(CausalLMAdapter):
+    """LLaVA: a vision tower + projector in front of a causal LM (`model.model.language_model`)."""
+
+    model_class = LlavaForConditionalGeneration
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual embeddings of every image, concatenated: [num_image_tokens, H]."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+
+# Model families keyed by config class: a new family registers here instead of adding a name check.
+ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {LlavaConfig: LlavaAdapter}
+
+
+def load_model(path: str, dtype: str, device: str) -> CausalLMAdapter:
+    """Load a model folder (or hub id) into the adapter its config class calls for."""
+    config = AutoConfig.from_pretrained(path)
+    adapter_cls = ADAPTERS.get(type(config), CausalLMAdapter)
+    model = adapter_cls.model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
+    return adapter_cls(model.to(device).eval())
+
+
+class TargetModel:
+    """Prefill and tree verification for one target model (batch of one sequence for now)."""
+
+    def __init__(self, adapter: CausalLMAdapter) -> None:
+        self.adapter = adapter
+        self.model = adapter.model
+        self.config = adapter.text_config
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        self.embed_tokens = self.model.get_input_embeddings()
+        self.lm_head = self.model.get_output_embeddings()
+        # Gemma-2/3 style logit soft-capping is part of the model's distribution, so keep it.
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.adapter.image_token_id is not None
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence served exactly. The cache keeps every row (tree compaction gathers rows, which
+        sliding-window layers cannot do), so sliding-window models are served up to their window."""
+        limit = int(getattr(self.config, "max_position_embeddings", 2048))
+        window = getattr(self.config, "sliding_window", None)
+        return min(limit, window) if window else limit
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache()  # no config: plain full-attention layers (see `max_context`)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float() if logits.dtype != torch.float64 else logits
+
+    @torch.inference_mode()
+    def prefill(self, prompt: PromptInput, cache: DynamicCache) -> PrefillOutput:
+        """Run the whole prompt (vision tower + projector first, if it has images) into `cache`."""
+        ids = torch.tensor([prompt.token_ids], device=self.device)
+        embeds = self.embed_tokens(ids)
+        image_mask = torch.zeros_like(ids, dtype=torch.bool)
+        if prompt.pixel_values is not None:
+            features = self.adapter.image_features(prompt.pixel_values.to(self.device, self.dtype))
+            image_mask = ids == self.adapter.image_token_id
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        out = self.adapter.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        return PrefillOutput(self.logits(hidden[:, -1]), hidden, embeds, image_mask)
+
+    @torch.inference_mode()
+    def verify(self, tree: DraftTree, cache: DynamicCache, prefix_len: int) -> ForwardOutput:
+        """Score every node of `tree` in one forward; the tree's KV rows land after the prefix."""
+        mask = None
+        if tree.num_nodes > 1:  # a lone root needs no tree mask: plain causal attention is the same
+            mask = tree.attention_mask(prefix_len, self.dtype)
+        out = self.adapter.decoder(
+            input_ids=tree.tokens,
+            attention_mask=mask,
+            position_ids=tree.position_ids(prefix_len),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state
+        return ForwardOutput(self.logits(hidden), hidden)

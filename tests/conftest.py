@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny randomly initialised models of several families, saved as HF folders.
+
+They load through the same code paths as real checkpoints (config class -> adapter, chat template,
+LLaVA processor) but run in milliseconds, so exactness tests can use float64 and many prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+from transformers import AutoModelForCausalLM
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog. a red circle, a blue square and a green triangle.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # speculative decoding keeps the output",
+    "Summarise: the cat sat on the mat. The mat was red. The cat was happy on the red mat.",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+IMAGE_TOKENS = 16  # 32x32 image, 8x8 patches
+TEXT_FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+
+def build_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer (a few hundred tokens) with a ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token="<|im_start|>", extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def _text_config(family: str, vocab: int, eos: int):
+    return TEXT_FAMILIES[family](
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
+    )
+
+
+def make_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny random model of `family` ("llama", "qwen2", "mistral" or "llava") into `path`."""
+    tokenizer = build_tokenizer(path)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    if family != "llava":
+        model = AutoModelForCausalLM.from_config(_text_config(family, len(tokenizer), eos))
+        model.generation_config.eos_token_id = eos
+        model.save_pretrained(path)
+        return path
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=_text_config("llama", len(tokenizer), eos),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny model folders by family: llama, qwen2, mistral, llava."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {f: make_tiny_model(f, root / f) for f in [*TEXT_FAMILIES, "llava"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]

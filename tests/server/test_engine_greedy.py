@@ -1,0 +1,118 @@
+"""Greedy losslessness: speculative output == the target's own `generate(do_sample=False)`, token for
+token, in float64, for several model families and every drafter (a wrong-token drafter included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from specserve.drafting.base import DraftContext, DraftProposal
+from specserve.kernels.tree import DraftTree
+from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
+from specserve.server.engine import Engine
+
+PROMPTS = [
+    "the quick brown fox",
+    "def add(a, b):",
+    "Summarise: the cat sat on the mat. The mat was red.",
+    "a red circle, a blue square and a green triangle. a red circle, a blue",
+]
+
+
+class WrongTokenProposer:
+    """Proposes a full tree of random tokens: nearly every node is rejected, which exercises the
+    rejection paths (and the rare accidental accept)."""
+
+    needs_hidden_states = False
+
+    def __init__(self, vocab: int, seed: int = 0) -> None:
+        self.vocab = vocab
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def open(self, context: DraftContext) -> WrongTokenProposer:
+        return self
+
+    def propose(self, root_token: int) -> DraftProposal:
+        tokens = torch.randint(0, self.vocab, (1, 7), generator=self.gen)
+        tokens[0, 0] = root_token
+        parents = torch.tensor([[-1, 0, 0, 1, 1, 3, 2]])
+        return DraftProposal(DraftTree.from_parents(tokens, parents))
+
+    def commit(self, tokens, hidden) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
+    ids = torch.tensor([prompt.token_ids])
+    kwargs = {"pixel_values": prompt.pixel_values.double()} if prompt.pixel_values is not None else {}
+    out = engine.target.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+        **kwargs,
+    )
+    return out[0, ids.shape[1]:].tolist()
+
+
+def engine_for(path, draft: str = "none", tree: TreeConfig = TreeConfig(), proposer=None) -> Engine:
+    config = EngineConfig(model=str(path), draft=draft, dtype="float64", tree=tree)
+    if proposer is None:
+        return Engine.from_config(config)
+    base = Engine.from_config(EngineConfig(model=str(path), dtype="float64"))
+    return Engine(config, base.target, base.tokenizer, base.prompts.processor, proposer=proposer)
+
+
+def assert_greedy_equal(engine: Engine, max_new: int = 40) -> None:
+    params = SamplingParams(max_tokens=max_new)
+    for text in PROMPTS:
+        prompt = engine.prepare_text(text)
+        out = engine.generate(prompt, params)
+        expected = reference_greedy(engine, prompt, max_new)
+        assert out.token_ids == expected, text
+        assert out.finish_reason == ("length" if len(expected) == max_new else "stop")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_greedy_matches_generate(tiny_model_dirs, family, draft):
+    assert_greedy_equal(engine_for(tiny_model_dirs[family], draft))
+
+
+@pytest.mark.parametrize("mode", [TreeMode.DYNAMIC, TreeMode.CHAIN])
+def test_greedy_with_draft_model(tiny_model_dirs, mode):
+    # same tokenizer, different family and weights: a real but imperfect drafter
+    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode)
+    engine = engine_for(tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"]), tree)
+    assert_greedy_equal(engine)
+
+
+def test_greedy_draft_model_identical_to_target_accepts_everything(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    # a random model is nearly uniform, so only a chain is sure to hold the greedy path
+    engine = engine_for(path, str(path), TreeConfig(depth=4, top_k=1, nodes=4))
+    out = engine.generate(engine.prepare_text(PROMPTS[0]), SamplingParams(max_tokens=21, ignore_eos=True))
+    # prefill emits 1 token; then every step accepts all 4 drafted tokens + 1 bonus
+    assert out.metrics.verify_steps == 4
+    assert out.metrics.mean_accepted_length == pytest.approx(5.0)
+
+
+def test_greedy_with_wrong_token_drafter(tiny_model_dirs):
+    path = tiny_model_dirs["qwen2"]
+    vocab = engine_for(path).target.config.vocab_size
+    engine = engine_for(path, proposer=WrongTokenProposer(vocab))
+    assert_greedy_equal(engine)
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_greedy_llava_with_image(tiny_model_dirs, draft):
+    engine = engine_for(tiny_model_dirs["llava"], draft)
+    image = Image.new("RGB", (48, 40), (200, 30, 30))
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "describe the red circle"},
+    ]}]
+    prompt = engine.prepare_chat(messages)
+    assert prompt.pixel_values is not None and prompt.num_images == 1
+    out = engine.generate(prompt, SamplingParams(max_tokens=30))
+    assert out.token_ids == reference_greedy(engine, prompt, 30)
