@@ -74,9 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=run_generate)
+
+    from .http.serve import add_serve_arguments, run_serve
+    from .store.cli import add_models_parser, run_models
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=run_serve)
+    add_models_parser(sub).set_defaults(run=run_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engine import ModelLoadError
+    from .store.errors import StoreError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ModelLoadError, StoreError) as exc:
+        sys.stderr.write(f"specserve: error: {exc}\n")
+        return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, AutoTokenizer
@@ -24,7 +25,12 @@ from .errors import RequestError
 from .outputs import GenerationOutput, PromptInput, StepOutput, TokenLogprob
 from .prompts import PromptBuilder
 from .sequence import Sequence
-from .target import TargetModel, load_model
+from .store.resolve import hub_error_message, resolve_model
+from .target import CausalLMAdapter, TargetModel, load_model
+
+
+class ModelLoadError(RuntimeError):
+    """A model named on the command line or in a config could not be loaded."""
 
 
 class Engine:
@@ -45,15 +51,14 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
         """Load the target (and draft) named by `config`: store alias, folder, .gguf file or hub id."""
-        path = _resolve(config.model, config.cache_dir)
-        target = TargetModel(load_model(path, config.dtype, config.device))
+        path, adapter = _load(config.model, config.cache_dir, config.dtype, config.device)
+        target = TargetModel(adapter)
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = AutoProcessor.from_pretrained(path) if target.is_multimodal else None
         return cls(config, target, tokenizer, processor)
 
     def _load_draft_model(self, spec: str) -> torch.nn.Module:
-        path = _resolve(spec, self.config.cache_dir)
-        return load_model(path, self.config.dtype, self.config.device).model
+        return _load(spec, self.config.cache_dir, self.config.dtype, self.config.device)[1].model
 
     @property
     def is_multimodal(self) -> bool:
@@ -204,9 +209,13 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _resolve(spec: str, cache_dir: str | None) -> str:
-    import os
-    if os.path.isdir(spec): return spec  # TEMP until store lands
-    from .store.resolve import resolve_model  # the store pulls weights: import only when loading
-
-    return str(resolve_model(spec, cache_dir))
+def _load(spec: str, cache_dir: str | None, dtype: str, device: str) -> tuple[str, CausalLMAdapter]:
+    """Resolve `spec` through the model store and load it; a hub id that cannot be loaded (no hub
+    here) becomes a `ModelLoadError` with a message that says what `--model` accepts."""
+    path = resolve_model(spec, Path(cache_dir) if cache_dir else None)
+    try:
+        return str(path), load_model(str(path), dtype, device)
+    except OSError as exc:
+        if isinstance(path, Path):
+            raise
+        raise ModelLoadError(hub_error_message(spec, exc)) from exc

@@ -1,0 +1,52 @@
+"""KV cache compaction after acceptance: keep the prefix, move the accepted path right after it.
+
+Verifying a tree appends one KV row per node after the prefix, at slot prefix_len + node index.
+The accepted path (root first) is scattered over those slots; the next forward needs it contiguous
+at prefix_len, prefix_len + 1, ... in path order, and nothing after it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def compact_kv(
+    tensor: Tensor,  # [B, H, S, D] keys or values; S >= prefix_len + number of tree nodes
+    prefix_len: int,
+    accepted_nodes: Tensor,  # [B, K] long node indices, root (0) first, no -1 padding
+) -> Tensor:
+    """[B, H, prefix_len + K, D]: the prefix, then the rows of the accepted nodes in path order.
+
+    All rows of a batch keep the same K: a batch whose rows accepted different numbers of tokens
+    must be compacted row by row (or the caller pads the shorter paths and masks those slots), since
+    one tensor cannot hold ragged sequence lengths.
+
+    Example (prefix_len 2, rows named by their slot; tree slots 2..6 hold nodes 0..4)::
+
+        rows [p0, p1, n0, n1, n2, n3, n4], accepted_nodes [[0, 1, 4]] -> [p0, p1, n0, n1, n4]
+    """
+    batch, heads, _, dim = tensor.shape
+    index = (prefix_len + accepted_nodes)[:, None, :, None].expand(batch, heads, -1, dim)
+    return torch.cat([tensor[:, :, :prefix_len], tensor.gather(2, index)], dim=2)
+
+
+def compact_cache(cache: DynamicCache, prefix_len: int, accepted_nodes: Tensor) -> None:
+    """Apply `compact_kv` in place to every layer of a transformers `DynamicCache`.
+
+    accepted_nodes: [B, K] as for `compact_kv` (e.g. `AcceptResult.accepted_nodes[:, :n + 1]`).
+    Afterwards `cache.get_seq_length() == prefix_len + K`, ready for the next forward. The layers'
+    tensors are replaced rather than cropped: in transformers 5.x `crop` takes only a negative count
+    of tokens to drop, which cannot express "keep these scattered rows".
+    Only full-attention `DynamicLayer`s are supported; sliding-window and linear-attention layers
+    keep extra state that a row gather would corrupt, so they raise TypeError.
+    """
+    if bool((accepted_nodes < 0).any()):
+        raise ValueError("accepted_nodes must not contain -1 padding: slice each row to its accepted length")
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise TypeError(f"compact_cache supports DynamicLayer only, got {type(layer).__name__}")
+        if layer.is_initialized and layer.keys.numel() > 0:
+            layer.keys = compact_kv(layer.keys, prefix_len, accepted_nodes)
+            layer.values = compact_kv(layer.values, prefix_len, accepted_nodes)

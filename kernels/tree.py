@@ -1,0 +1,171 @@
+"""Draft trees: the ancestor closure, the tree attention mask, position ids and root-to-leaf paths.
+
+Conventions every caller relies on:
+
+- node 0 is the ROOT, the last emitted token, which is not yet in the KV cache;
+- nodes 1..N-1 are draft tokens in topological order: ``parents[b, i] < i`` and ``parents[b, 0] == -1``;
+- a leading batch dimension B; trees of different sizes are padded to one N with PADDING nodes
+  (token ``PAD_TOKEN`` = -1, parent 0), which acceptance never accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+PAD_TOKEN = -1
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors is ambiguous
+class DraftTree:
+    """A batch of draft trees of N nodes each (see the module docstring for the conventions).
+
+    Build it with `from_parents` (or `chain_tree`), which computes `depths` and `ancestors`.
+    """
+
+    tokens: Tensor  # [B, N] long, PAD_TOKEN on padding nodes
+    parents: Tensor  # [B, N] long, -1 at the root
+    depths: Tensor  # [B, N] long, root 0
+    ancestors: Tensor  # [B, N, N] bool, [b, i, j] = node j is node i or one of its ancestors
+
+    @classmethod
+    def from_parents(cls, tokens: Tensor, parents: Tensor) -> DraftTree:
+        """Validate the parent pointers and close them into the ancestor relation.
+
+        Pointer jumping: after step k, ``reach[i]`` holds the ancestors of i at distance < 2**k, so
+        ceil(log2(N)) batched gathers replace any python loop over nodes.
+
+        Example (B=1, N=5)::
+
+            tokens  = [[7, 3, 9, 4, 5]]
+            parents = [[-1, 0, 0, 1, 1]]        # 0 -> {1, 2}, 1 -> {3, 4}
+            depths  = [[0, 1, 1, 2, 2]]
+            ancestors[0] = [[1,0,0,0,0],        # row i = ancestors-or-self of node i
+                            [1,1,0,0,0],
+                            [1,0,1,0,0],
+                            [1,1,0,1,0],
+                            [1,1,0,0,1]]
+        """
+        _validate(tokens, parents)
+        batch, n = tokens.shape
+        eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
+        reach = eye.expand(batch, n, n).clone()
+        # The root points to itself so jumps past it stay at the root.
+        jump = parents.clamp(min=0)
+        for _ in range((n - 1).bit_length()):  # ceil(log2(n)) doublings cover depth n - 1
+            reach = reach | reach.gather(1, jump[:, :, None].expand(batch, n, n))
+            jump = jump.gather(1, jump)
+        depths = reach.sum(-1) - 1
+        return cls(tokens=tokens, parents=parents, depths=depths, ancestors=reach)
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+    @cached_property
+    def max_depth(self) -> int:
+        """Depth of the deepest node over the batch (padding nodes count as depth 1).
+
+        One host sync the first time, then cached; acceptance uses it to size its outputs.
+        """
+        return int(self.depths.max())
+
+    def attention_mask(self, prefix_len: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask [B, 1, N, prefix_len + N] for verifying the tree after a cached prefix.
+
+        Every node sees the whole prefix and its own ancestors-or-self; 0.0 where allowed and
+        ``finfo(dtype).min`` elsewhere (not -inf, so a fully masked row cannot turn into NaN).
+        Pass it to a HF model as ``attention_mask`` with `position_ids` and a cache of prefix_len tokens.
+        """
+        batch, n = self.tokens.shape
+        prefix = torch.ones(batch, n, prefix_len, dtype=torch.bool, device=self.tokens.device)
+        allowed = torch.cat([prefix, self.ancestors], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.tokens.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def position_ids(self, prefix_len: int) -> Tensor:
+        """[B, N] = prefix_len + depth: a node sits right after its ancestors, as in plain decoding."""
+        return self.depths + prefix_len
+
+    def path_to(self, nodes: Tensor, width: int) -> Tensor:
+        """Root-to-node paths as node indices.
+
+        nodes: [...]; a tensor of node indices, one per batch row ([B]) or several per row ([B, L]).
+        Returns [..., width] with the node at depth d in column d, -1 after the node's depth
+        (width must exceed the nodes' depths).
+
+        Example (the tree of `from_parents`)::
+
+            nodes = [[3, 2]], width 3  ->  [[[0, 1, 3], [0, 2, -1]]]
+        """
+        batch, n = self.tokens.shape
+        flat = nodes.reshape(batch, -1)  # [B, L]
+        anc = self.ancestors.gather(1, flat[:, :, None].expand(-1, -1, n))  # [B, L, N]
+        # Each ancestor j lands in column depth[j]; non-ancestors go to a spare column that is dropped.
+        column = torch.where(anc, self.depths[:, None, :], width)
+        node_ids = torch.arange(n, device=nodes.device).expand_as(column)
+        paths = torch.full((*flat.shape, width + 1), -1, dtype=torch.long, device=nodes.device)
+        paths.scatter_(2, column, node_ids)
+        return paths[..., :width].reshape(*nodes.shape, width)
+
+    def retrieve_paths(self) -> Tensor:
+        """[B, L, D + 1]: every root-to-leaf path, leaves in node-index order, -1 padded.
+
+        L is the largest leaf count in the batch and D the deepest real node. Padding nodes are
+        not leaves, so a tree of only a root has the single path [0]. One host sync.
+
+        Example (the tree of `from_parents`)::
+
+            [[[0, 2, -1], [0, 1, 3], [0, 1, 4]]]       # leaves 2, 3, 4
+        """
+        batch, n = self.tokens.shape
+        real = self.tokens != PAD_TOKEN
+        real[:, 0] = True
+        # scatter_add, not scatter: siblings write to the same parent slot.
+        child_count = torch.zeros(batch, n, dtype=torch.long, device=real.device)
+        child_count.scatter_add_(1, self.parents[:, 1:], real[:, 1:].long())
+        leaf = real & (child_count == 0)
+        num_leaves, depth = torch.stack([leaf.sum(-1).max(), (self.depths * real).max()]).tolist()
+        # A stable sort brings each row's leaves to the front, still in node-index order.
+        order = torch.sort((~leaf).to(torch.uint8), dim=-1, stable=True).indices[:, :num_leaves]
+        paths = self.path_to(order, depth + 1)
+        return paths.masked_fill_(~leaf.gather(1, order)[:, :, None], -1)
+
+
+def chain_tree(tokens: Tensor) -> DraftTree:
+    """A chain: tokens [B, K + 1] = root followed by K draft tokens, node i the parent of node i + 1."""
+    batch, n = tokens.shape
+    parents = torch.arange(-1, n - 1, device=tokens.device).expand(batch, n).contiguous()
+    return DraftTree.from_parents(tokens, parents)
+
+
+def mrope_position_ids(tree: DraftTree, next_position: Tensor | int) -> Tensor:
+    """[3, B, N] M-RoPE (Qwen2-VL) positions of the tree nodes.
+
+    After an image the next text position is not the cache length, so the caller passes it
+    (next_position: [B] or int, the root's position). Text tokens carry the same value in the
+    temporal, height and width rows, hence the depth offset goes into all three.
+    """
+    start = torch.as_tensor(next_position, device=tree.depths.device).reshape(-1, 1)
+    return (tree.depths + start).expand(3, -1, -1).contiguous()
+
+
+def _validate(tokens: Tensor, parents: Tensor) -> None:
+    """Raise ValueError unless the shapes and parent pointers follow the conventions (one host sync)."""
+    if tokens.dim() != 2 or tokens.shape != parents.shape or tokens.shape[1] < 1:
+        shapes = f"{tuple(tokens.shape)} and {tuple(parents.shape)}"
+        raise ValueError(f"tokens and parents must both be [B, N>=1], got {shapes}")
+    if tokens.dtype != torch.long or parents.dtype != torch.long:
+        raise ValueError(f"tokens and parents must be torch.long, got {tokens.dtype} and {parents.dtype}")
+    index = torch.arange(tokens.shape[1], device=parents.device)
+    bad_root = parents[:, 0] != -1
+    bad_child = (parents[:, 1:] < 0) | (parents[:, 1:] >= index[1:])
+    if bool(bad_root.any() | bad_child.any()):
+        raise ValueError("parents must be -1 at node 0 and satisfy 0 <= parents[:, i] < i for i >= 1")

@@ -1,0 +1,192 @@
+"""The OpenAI-compatible app: `create_app(engine_or_factory, settings)`.
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{model}]`,
+`GET /health`, `GET /metrics`. All per-app state lives on `app.state.specserve` (a `ServerState`),
+so several apps can live in one process and another service can mount this one. A mounted app's
+lifespan does not run, so the worker also starts on the first request; such a host should call
+`app.state.specserve.scheduler.stop()` when it shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from ... import __version__
+from ..errors import RequestError
+from .chat import serve_chat
+from .completions import serve_completion
+from .errors import APIError, from_validation_error, install_error_handlers
+from .generation import postprocess
+from .middleware import BodyLimit, CountResponses
+from .prometheus import CONTENT_TYPE, PrometheusMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, field_path
+from .responses import ModelCard, ModelList
+from .scheduler import NotReady, Scheduler
+from .settings import ServerSettings
+from .sse import ClientGone, unless_disconnected
+
+M = TypeVar("M", bound=BaseModel)
+PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies (inline images) are parsed off the event loop
+CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client has gone
+
+
+@dataclass
+class ServerState:
+    """Everything one app needs: its settings, scheduler (which owns the engine) and metrics."""
+
+    settings: ServerSettings
+    scheduler: Scheduler
+    metrics: PrometheusMetrics
+    created: int
+
+    @property
+    def model_name(self) -> str:
+        engine = self.scheduler.engine
+        return self.settings.served_model_name or (engine.model_name if engine is not None else "")
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def now() -> int:
+        return int(time.time())
+
+    def ready(self) -> None:
+        """Start the worker if nobody has (mounted apps), and refuse with 503 until the model is loaded."""
+        self.scheduler.start()
+        try:
+            self.scheduler.check_ready()
+        except NotReady as exc:
+            raise APIError(503, str(exc), code="unavailable",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(engine, *args)` on the worker; the engine's `RequestError` becomes a 400."""
+        try:
+            return await self.scheduler.call(fn, *args)
+        except RequestError as exc:
+            raise APIError(400, exc.message, param=exc.param) from None
+        except NotReady as exc:
+            raise APIError(503, str(exc), code="unavailable") from None
+
+    def check_model(self, requested: str | None) -> None:
+        engine = self.scheduler.engine
+        if requested and requested not in (self.model_name, engine.model_name):
+            raise APIError(404, f"the model '{requested}' does not exist; this server serves "
+                           f"'{self.model_name}'", param="model", code="model_not_found")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.specserve
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        if len(body) > PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(model.model_validate_json, body)
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc, field_path) from None
+
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state = _state(request)
+    req = await _parse(request, ChatCompletionRequest)
+    state.ready()
+    state.check_model(req.model)
+    try:
+        return await unless_disconnected(request, serve_chat(state, req, arrival))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state = _state(request)
+    req = await _parse(request, CompletionRequest)
+    state.ready()
+    state.check_model(req.model)
+    try:
+        return await unless_disconnected(request, serve_completion(state, req, arrival))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+
+
+def _card(state: ServerState) -> ModelCard:
+    engine = state.scheduler.engine
+    return ModelCard(id=state.model_name, created=state.created, root=engine.model_name,
+                     max_model_len=engine.max_model_len)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    state = _state(request)
+    state.ready()
+    return ModelList(data=[_card(state)]).model_dump()
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> dict:
+    state = _state(request)
+    state.ready()
+    state.check_model(model)
+    return _card(state).model_dump()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded; 503 (with the reason) while loading or after a failed load."""
+    _state(request).ready()
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def create_app(engine_or_factory: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving an `Engine`, or a zero-argument factory that builds one (called on the worker
+    thread, so the app answers /health with 503 while the model loads)."""
+    settings = settings or ServerSettings()
+    # The gauges read the scheduler when scraped; the scheduler reports steps to the metrics.
+    prometheus = PrometheusMetrics(
+        model_name=lambda: state.model_name,
+        running=lambda: state.scheduler.num_running,
+        waiting=lambda: state.scheduler.num_waiting,
+    )
+    scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
+                          postprocess=postprocess, observer=prometheus)
+    state = ServerState(settings, scheduler, prometheus, int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="specserve", version=__version__, lifespan=lifespan)
+    app.state.specserve = state
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    endpoints = [route.path for route in router.routes]
+    app.add_middleware(CountResponses, counter=prometheus.http_requests, endpoints=endpoints)
+    return app

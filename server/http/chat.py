@@ -1,0 +1,86 @@
+"""`POST /v1/chat/completions`: messages (text and images) -> the model's chat template -> choices."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import TemplateError
+from starlette.responses import Response
+
+from ..errors import RequestError
+from ..metrics import SpecMetrics
+from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
+from .images import check_image_count, engine_messages
+from .protocol import ChatCompletionRequest
+from .responses import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
+    Delta, TokenLogprob, TopLogprob, Usage,
+)
+from .sampling import chat_params
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+
+def prepare_chat(engine: Any, messages: list[dict]) -> Any:
+    """Runs on the worker. A template or processor that rejects the messages (roles that do not
+    alternate, an image the processor cannot size) is a problem with the request, not the server."""
+    try:
+        return engine.prepare_chat(messages)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+        if isinstance(exc, RequestError):
+            raise
+        raise RequestError(f"could not build the prompt from these messages: {exc}", "messages") from None
+
+
+def chat_logprobs(infos: list[TokenInfo] | None) -> ChatLogprobs | None:
+    if infos is None:
+        return None
+    return ChatLogprobs(content=[
+        TokenLogprob(
+            token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+            top_logprobs=[TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in t.top],
+        )
+        for t in infos
+    ])
+
+
+class ChatRenderer:
+    """Chat completion objects and chunks of one request."""
+
+    def __init__(self, request_id: str, created: int, model: str) -> None:
+        self.head = {"id": request_id, "created": created, "model": model}
+
+    def chunk(self, index: int, result: StepResult, first: bool, metrics: SpecMetrics | None) -> dict:
+        # The role travels with the first token (never ahead of it: clients time the first chunk).
+        delta = Delta(role="assistant" if first else None, content=result.text)
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(result.logprobs),
+                                 finish_reason=result.finish_reason)
+        spec = metrics.to_dict() if metrics is not None else None
+        return ChatCompletionChunk(**self.head, choices=[choice], spec_decode=spec).model_dump()
+
+    def usage_chunk(self, usage: dict, metrics: SpecMetrics) -> dict:
+        return ChatCompletionChunk(**self.head, choices=[], usage=Usage(**usage),
+                                   spec_decode=metrics.to_dict()).model_dump()
+
+    def response(self, results: list[ChoiceResult], usage: dict, metrics: SpecMetrics) -> dict:
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=r.text), logprobs=chat_logprobs(r.logprobs),
+                       finish_reason=r.finish_reason)
+            for i, r in enumerate(results)
+        ]
+        return ChatCompletion(**self.head, choices=choices, usage=Usage(**usage),
+                              spec_decode=metrics.to_dict()).model_dump()
+
+
+async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: float) -> Response:
+    """Decode images, apply the chat template (on the worker), then generate the n choices."""
+    engine = state.scheduler.engine
+    check_image_count(req.messages, state.settings, engine.is_multimodal)
+    messages = await engine_messages(req.messages, state.settings)
+    prompt = await state.call(prepare_chat, messages)
+    params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
+    group = submit(state, [prompt] * len(params), params, arrival)
+    renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name)
+    return await respond(state.scheduler, group, renderer, bool(req.stream), req.include_usage,
+                         len(prompt.token_ids))

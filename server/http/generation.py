@@ -1,0 +1,199 @@
+"""Running a request's sequences through the scheduler: results for a JSON response, or an event
+stream; shared by chat and text completions, which differ only in how they render (`Renderer`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from starlette.responses import JSONResponse, Response
+
+from ..errors import RequestError
+from ..metrics import SpecMetrics
+from ..outputs import StepOutput
+from .errors import APIError
+from .scheduler import Event, NotReady, QueueFull, RequestGroup, Scheduler
+from .sse import DONE, EventStream, sse_event
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the processed distribution excludes gets this
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One token's logprob with its text (and its top alternatives), ready for either API format."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's output as the HTTP layer needs it; built on the worker, which owns the tokenizer."""
+
+    text: str
+    num_tokens: int
+    logprobs: list[TokenInfo] | None
+    finish_reason: str | None
+
+
+def postprocess(engine: Any, out: StepOutput) -> StepResult:
+    """Scheduler hook: attach token strings to the step's logprobs."""
+    infos = None
+    if out.logprobs is not None:
+        decode = engine.tokenizer.decode
+        infos = [
+            TokenInfo(decode([lp.token_id]), _finite(lp.logprob),
+                      [(decode([tid]), _finite(value)) for tid, value in lp.top])
+            for lp in out.logprobs
+        ]
+    return StepResult(out.text, len(out.token_ids), infos, out.finish_reason)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
+
+
+@dataclass
+class ChoiceResult:
+    """A whole choice, accumulated from its events."""
+
+    text: str = ""
+    logprobs: list[TokenInfo] | None = None
+    finish_reason: str = "stop"
+    num_tokens: int = 0
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)
+
+    def add(self, event: Event) -> None:
+        result: StepResult = event.output
+        self.text += result.text
+        if result.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + result.logprobs
+        if event.finished:
+            self.finish_reason = result.finish_reason or "stop"
+            self.num_tokens = event.num_output_tokens
+            self.metrics = event.metrics or SpecMetrics()
+
+
+def event_error(exc: BaseException) -> APIError:
+    """A sequence's failure -> the HTTP error for its request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestError):
+        return APIError(400, exc.message, param=exc.param)
+    if isinstance(exc, NotReady):
+        return APIError(503, str(exc), code="unavailable")
+    # An engine bug: the request fails, the server and other requests carry on.
+    return APIError(500, f"internal error while generating ({type(exc).__name__})", code="internal_error")
+
+
+def merged_metrics(metrics: list[SpecMetrics]) -> SpecMetrics:
+    total = SpecMetrics()
+    for m in metrics:
+        total.merge(m)
+    return total
+
+
+async def collect(group: RequestGroup) -> list[ChoiceResult]:
+    """Every choice of the request, in index order; raises the first failure as an `APIError`."""
+    results = [ChoiceResult() for _ in range(group.size)]
+    done = 0
+    while done < group.size:
+        event = await group.next_event()
+        if event.error is not None:
+            raise event_error(event.error)
+        results[event.index].add(event)
+        done += event.finished
+    return results
+
+
+async def first_event(group: RequestGroup) -> Event:
+    """The first step's event (the first token exists); a failure before it is a plain HTTP error."""
+    event = await group.next_event()
+    if event.error is not None:
+        raise event_error(event.error)
+    return event
+
+
+class Renderer(Protocol):
+    """How an endpoint shapes stream chunks."""
+
+    def chunk(self, index: int, result: StepResult, first: bool, metrics: SpecMetrics | None) -> dict: ...
+    def usage_chunk(self, usage: dict, metrics: SpecMetrics) -> dict: ...
+    def response(self, results: list[ChoiceResult], usage: dict, metrics: SpecMetrics) -> dict: ...
+
+
+async def stream_events(
+    group: RequestGroup, first: Event, renderer: Renderer, include_usage: bool, prompt_tokens: int,
+) -> AsyncIterator[bytes]:
+    """SSE bytes: one chunk per step and choice; the finishing chunk of a choice carries its
+    `spec_decode`; then, if asked, a usage chunk with `choices: []`; then `[DONE]`. A failure goes
+    out as `data: {"error": ...}` and ends the stream."""
+    started: set[int] = set()
+    finished: list[Event] = []
+    event = first
+    while True:
+        if event.error is not None:
+            yield sse_event(event_error(event.error).body())
+            yield DONE
+            return
+        first_of_choice = event.index not in started
+        result: StepResult = event.output
+        # A step whose text is all held back (a partial character, a possible stop string) and
+        # carries nothing else is not sent: an empty delta tells the client nothing.
+        if first_of_choice or event.finished or result.text or result.logprobs:
+            yield sse_event(renderer.chunk(event.index, result, first_of_choice,
+                                           event.metrics if event.finished else None))
+        started.add(event.index)
+        if event.finished:
+            finished.append(event)
+            if len(finished) == group.size:
+                break
+        event = await group.next_event()
+    if include_usage:
+        completion = sum(e.num_output_tokens for e in finished)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion}
+        yield sse_event(renderer.usage_chunk(usage, merged_metrics([e.metrics for e in finished])))
+    yield DONE
+
+
+def usage_of(results: list[ChoiceResult], prompt_tokens: int) -> dict:
+    completion = sum(r.num_tokens for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def submit(state: ServerState, prompts: list, params: list, arrival: float) -> RequestGroup:
+    """Queue the request's sequences (n choices, or a batch of prompts x n): 429 when full."""
+    try:
+        return state.scheduler.submit(prompts, params, arrival)
+    except QueueFull:
+        retry = str(state.settings.retry_after_s)
+        raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                       code="queue_full", headers={"Retry-After": retry}) from None
+    except NotReady as exc:
+        raise event_error(exc) from None
+
+
+async def respond(
+    scheduler: Scheduler, group: RequestGroup, renderer: Renderer, stream: bool, include_usage: bool,
+    prompt_tokens: int,
+) -> Response:
+    """The JSON response, or the event stream once the first token exists. Whatever ends this
+    early (an error, the client leaving) cancels the request's sequences."""
+    try:
+        if stream:
+            first = await first_event(group)
+            events = stream_events(group, first, renderer, include_usage, prompt_tokens)
+            return EventStream(events, on_close=lambda: scheduler.cancel(group))
+        results = await collect(group)
+    except BaseException:
+        scheduler.cancel(group)
+        raise
+    metrics = merged_metrics([r.metrics for r in results])
+    return JSONResponse(renderer.response(results, usage_of(results, prompt_tokens), metrics))

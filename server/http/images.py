@@ -1,0 +1,144 @@
+"""Images of chat requests: `data:` URLs (base64), and http(s) URLs when the settings allow them.
+
+Every failure is the client's: a 400 naming the content part. Limits are checked as early as the
+data allows: the number of images before anything is decoded, the encoded size before base64
+decoding (or while downloading), and width x height from the image header before pixels are decoded,
+so a decompression bomb (a small file that inflates to gigapixels) is refused without being inflated.
+Only common raster formats are opened: PIL's other plugins (EPS runs Ghostscript, for one) are more
+attack surface than a chat request needs. Decoding runs in a thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import re
+
+import httpx
+from PIL import Image
+
+from .errors import bad_request
+from .protocol import ChatMessage, ImagePart
+from .settings import ServerSettings
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_DATA_URL = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
+_ROLES = {"developer": "system"}  # HF chat templates know "system", not OpenAI's newer "developer"
+
+
+def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
+    """Bytes of an image file -> an RGB PIL image, refusing non-images and oversized images."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    except Image.DecompressionBombError:
+        raise bad_request("the image has too many pixels", param) from None
+    except Exception:  # any failure to parse client bytes is a client error (PIL raises many kinds)
+        raise bad_request(f"the data is not an image in a supported format ({', '.join(FORMATS)})",
+                          param) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise bad_request(f"the image is {width}x{height} pixels, more than this server's limit of "
+                          f"{max_pixels} pixels", param)
+    try:
+        image.load()  # decodes the pixels (the first frame of an animation)
+        return image.convert("RGB")
+    except Exception:  # truncated or corrupt pixel data
+        raise bad_request("the image data is corrupt or truncated", param) from None
+
+
+def decode_data_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
+    """`data:image/png;base64,...` -> an RGB PIL image."""
+    match = _DATA_URL.fullmatch(url)
+    if match is None or ";base64" not in match["params"].lower():
+        raise bad_request("an image data URL must look like data:image/<format>;base64,<data>", param)
+    mime = match["mime"].strip().lower()
+    if mime and not mime.startswith("image/"):
+        raise bad_request(f"the data URL's media type is {mime!r}, not an image", param)
+    payload = "".join(match["data"].split())  # some encoders wrap base64 lines
+    if len(payload) // 4 * 3 > max_bytes:
+        raise bad_request(f"the image is larger than this server's limit of {max_bytes} bytes", param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("the image data URL is not valid base64", param) from None
+    return decode_image(data, max_pixels, param)
+
+
+async def fetch_image_bytes(url: str, settings: ServerSettings, param: str) -> bytes:
+    """Download an http(s) image within the size and time limits."""
+    if not settings.allow_remote_images:
+        raise bad_request("remote image URLs are disabled on this server; send the image inline as a "
+                          "data URL (data:image/png;base64,...)", param)
+    try:
+        return await asyncio.wait_for(_download(url, settings.max_image_bytes, param),
+                                      settings.remote_image_timeout_s)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise bad_request(f"fetching the image took longer than {settings.remote_image_timeout_s} s",
+                          param) from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise bad_request(f"could not fetch the image: {exc}", param) from None
+
+
+async def _download(url: str, max_bytes: int, param: str) -> bytes:
+    too_big = bad_request(f"the image is larger than this server's limit of {max_bytes} bytes", param)
+    async with httpx.AsyncClient(follow_redirects=True, max_redirects=3) as client:
+        async with client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise bad_request(f"fetching the image failed with HTTP {response.status_code}", param)
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise too_big
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise too_big
+    return bytes(body)
+
+
+async def load_image(url: str, settings: ServerSettings, param: str) -> Image.Image:
+    """An image part's URL -> an RGB PIL image."""
+    scheme = url[: url.find(":")].lower() if ":" in url else ""
+    if scheme == "data":
+        return await asyncio.to_thread(
+            decode_data_url, url, settings.max_image_bytes, settings.max_image_pixels, param)
+    if scheme in ("http", "https"):
+        data = await fetch_image_bytes(url, settings, param)
+        return await asyncio.to_thread(decode_image, data, settings.max_image_pixels, param)
+    raise bad_request("an image URL must be a data: URL (or http(s) where the server allows it)", param)
+
+
+def check_image_count(messages: list[ChatMessage], settings: ServerSettings, multimodal: bool) -> None:
+    """Refuse images to a text-only model, and too many images, before decoding any."""
+    count = 0
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content):
+            if isinstance(part, ImagePart):
+                if not multimodal:
+                    raise bad_request("this model does not accept images", f"messages[{i}].content[{j}]")
+                count += 1
+    if count > settings.max_images:
+        raise bad_request(f"the request has {count} images; this server accepts at most "
+                          f"{settings.max_images}", "messages")
+
+
+async def engine_messages(messages: list[ChatMessage], settings: ServerSettings) -> list[dict]:
+    """Request messages -> the engine's format: text-only content as one string, otherwise a list
+    of {"type": "text", "text"} and {"type": "image", "image": PIL.Image} parts."""
+    out = []
+    for i, message in enumerate(messages):
+        parts: list[dict] = []
+        for j, part in enumerate(message.content):
+            if isinstance(part, ImagePart):
+                param = f"messages[{i}].content[{j}].image_url.url"
+                parts.append({"type": "image", "image": await load_image(part.image_url.url, settings, param)})
+            else:
+                parts.append({"type": "text", "text": part.text})
+        role = _ROLES.get(message.role, message.role)
+        if all(p["type"] == "text" for p in parts):
+            out.append({"role": role, "content": "\n".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": role, "content": parts})
+    return out

@@ -1,0 +1,142 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models.
+
+Unknown fields are ignored (as OpenAI and vLLM do), so clients that send features this server does
+not implement (tools, penalties, response_format) still get a plain completion. Ranges that OpenAI's
+spec fixes are checked here; limits that depend on the model or the settings (context length, n, the
+number of images) are checked where those are known (`sampling.py`, `images.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOP_LOGPROBS = 20
+
+
+class _Body(BaseModel):
+    # NaN/inf are accepted by some JSON encoders; they make no sense for any field here.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        # Some clients send the URL as a plain string; accept it as {"url": ...}.
+        return {"url": value} if isinstance(value, str) else value
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Body):
+    # Tool and function messages are refused by the Literal: this server does not run tools.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: list[ContentPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_parts(cls, value: Any) -> Any:
+        # A plain string is one text part; None (an assistant turn with tool calls) is empty.
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        return value
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+def _stop_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class _Sampling(_Body):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # extra field (vLLM); -1 or 0 = off
+    stop: list[str] | None = None
+    n: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False  # extra field (vLLM), for benchmarks that need fixed lengths
+
+    _normalize_stop = field_validator("stop", mode="before")(_stop_list)
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stop(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(_Sampling):
+    prompt: list[str | list[int]]  # normalized: one entry per prompt of a batch
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_batch(cls, value: Any) -> Any:
+        """str | list[int] | list[str] | list[list[int]] -> a list of prompts (str or token ids)."""
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of those")
+        if all(_is_token(t) for t in value):
+            return [value]
+        if all(isinstance(p, str) or (isinstance(p, list) and all(_is_token(t) for t in p)) for p in value):
+            return value
+        raise ValueError("prompt must be a string, a list of token ids, or a list of those")
+
+
+def field_path(loc: tuple) -> tuple:
+    """A validation error's location without the union tag pydantic inserts after a content part's
+    index: ("messages", 0, "content", 1, "image_url", "image_url", "url") names the field
+    messages[1].content[1].image_url.url."""
+    out: list = []
+    for i, part in enumerate(loc):
+        after_part_index = i >= 2 and loc[i - 2] == "content" and isinstance(loc[i - 1], int)
+        if not (after_part_index and part in ("text", "image_url")):
+            out.append(part)
+    return tuple(out)
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,362 @@
+"""The scheduler: one worker thread owns the engine and interleaves the sequences of many requests.
+
+The engine is not thread-safe and `step` is blocking compute, so a single worker thread calls
+`start`, `step` and `release` (and, through `call`, anything else that touches the engine or its
+tokenizer); the event loop only queues work and awaits results. Fairness comes from round-robin at
+the speculative-step level: each loop turn steps the sequence at the head of the active list and
+moves it to the back, so a long generation delays a short one by at most one step per turn, never by
+its whole length. At most `max_active` sequences hold KV memory; the rest wait in FIFO order, and
+once `max_active + max_queue` sequences are in the system new requests are refused (`QueueFull`,
+an HTTP 429).
+
+Batching several sequences into one verify forward can come later without changing this shape:
+`_pick` chooses what to step (today one sequence) and the engine steps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import RequestError
+from ..metrics import SpecMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Too many sequences are waiting; the client should retry later."""
+
+
+class NotReady(Exception):
+    """The engine is loading, failed to load, or the scheduler has stopped."""
+
+
+@dataclass(frozen=True)
+class SequenceRecord:
+    """What the metrics adapter learns when a sequence ends (times from `time.monotonic`)."""
+
+    arrival: float
+    first_token_time: float | None
+    finish_time: float
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str  # "stop", "length", "abort" (cancelled) or "error"
+
+
+class SchedulerObserver(Protocol):
+    def on_step(self, delta: SpecMetrics) -> None: ...
+    def on_finish(self, record: SequenceRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step's result for choice `index` of a request, or its failure."""
+
+    index: int
+    time: float
+    output: Any = None  # the step's output after `postprocess`
+    error: BaseException | None = None
+    finished: bool = False
+    num_output_tokens: int = 0  # set on the finishing event
+    metrics: SpecMetrics | None = None  # set on the finishing event
+
+
+class RequestGroup:
+    """The sequences of one HTTP request (its choices); their events share one queue, in step order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, arrival: float) -> None:
+        self.size = size
+        self.arrival = arrival
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def next_event(self) -> Event:
+        return await self._queue.get()
+
+    def _deliver(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed (server shutdown): nobody is listening any more
+            pass
+
+
+@dataclass(eq=False)
+class _Entry:
+    group: RequestGroup
+    index: int
+    prompt: Any  # PromptInput
+    params: Any  # SamplingParams
+    seq: Any = None
+    first_token_time: float | None = None
+    reported: SpecMetrics = field(default_factory=SpecMetrics)  # already passed to the observer
+
+
+class Scheduler:
+    """Runs the engine on its own thread; see the module docstring for the policy."""
+
+    def __init__(
+        self, engine_or_factory: Any, *, max_active: int, max_queue: int,
+        postprocess: Callable[[Any, Any], Any] | None = None, observer: SchedulerObserver | None = None,
+    ) -> None:
+        # An engine has `step`; anything else callable is a factory that builds one on the worker.
+        is_engine = hasattr(engine_or_factory, "step")
+        self._engine = engine_or_factory if is_engine else None
+        self._factory = None if is_engine else engine_or_factory
+        self._max_active, self._max_queue = max_active, max_queue
+        self._postprocess = postprocess
+        self._observer = observer
+        self._cond = threading.Condition()
+        self._calls: deque[tuple] = deque()
+        self._waiting: deque[_Entry] = deque()
+        self._active: deque[_Entry] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.state = "ready" if is_engine else "idle"  # idle -> loading -> ready | failed; stopped
+        self.load_error: str | None = None
+
+    # ---- event-loop side -------------------------------------------------------------------
+    @property
+    def engine(self) -> Any:
+        return self._engine
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Start the worker (idempotent); a factory is called on the worker, so loading never blocks
+        the event loop."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            if self._factory is not None:
+                self.state = "loading"
+            self._thread = threading.Thread(target=self._run, name="specserve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; pending requests fail with `NotReady`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self.state = "stopped"
+
+    def check_ready(self) -> None:
+        if self.state == "ready" and not self._stopping:
+            return
+        if self.state in ("idle", "loading"):
+            raise NotReady("the model is loading; retry shortly")
+        if self.state == "failed":
+            raise NotReady(f"the model failed to load: {self.load_error}")
+        raise NotReady("the server is shutting down")
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(engine, *args)` on the worker, between steps (tokenizer, chat template, ...)."""
+        self.check_ready()
+        future = asyncio.get_running_loop().create_future()
+        with self._cond:
+            self._calls.append((fn, args, future))
+            self._cond.notify()
+        return await future
+
+    def submit(self, prompts: list, params: list, arrival: float | None = None) -> RequestGroup:
+        """Queue one sequence per (prompt, params) pair as one request; raises `QueueFull`."""
+        self.check_ready()
+        group = RequestGroup(asyncio.get_running_loop(), len(prompts), arrival or time.monotonic())
+        with self._cond:
+            # A request that finds room is taken whole, so a large n cannot starve behind small ones.
+            if len(self._active) + len(self._waiting) >= self._max_active + self._max_queue:
+                raise QueueFull(f"{len(self._waiting)} sequences are already waiting")
+            for index, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+                self._waiting.append(_Entry(group, index, prompt, sp))
+            self._cond.notify()
+        return group
+
+    def cancel(self, group: RequestGroup) -> None:
+        """Drop the request's sequences and free their KV memory before the worker's next step."""
+        group._cancelled.set()
+        with self._cond:
+            self._cond.notify()
+
+    # ---- worker side -----------------------------------------------------------------------
+    def _run(self) -> None:
+        if self._load():
+            while self._next_turn():
+                pass
+        self._shutdown()
+
+    def _load(self) -> bool:
+        if self._factory is None:
+            return True
+        try:
+            self._engine = self._factory()
+        except Exception as exc:  # any load failure: report it on /health and in 503 bodies
+            logger.exception("loading the engine failed")
+            self.state, self.load_error = "failed", f"{type(exc).__name__}: {exc}"
+            return False
+        self.state = "ready"
+        return True
+
+    def _next_turn(self) -> bool:
+        """One turn: run queued calls, drop cancelled sequences, admit waiting ones, step one."""
+        with self._cond:
+            while not (self._stopping or self._calls or self._waiting or self._active):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            calls, self._calls = self._calls, deque()
+        for call in calls:
+            self._run_call(*call)
+        self._drop_cancelled()
+        self._admit()
+        for entry in self._pick():
+            self._step(entry)
+        return True
+
+    def _run_call(self, fn: Callable[..., Any], args: tuple, future: asyncio.Future) -> None:
+        try:
+            result, error = fn(self._engine, *args), None
+        except Exception as exc:  # handed to the awaiting request, which maps it to a response
+            result, error = None, exc
+        try:
+            future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+        except RuntimeError:  # loop closed
+            pass
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            dropped = [e for e in self._active if e.group.cancelled]
+            dropped += [e for e in self._waiting if e.group.cancelled]
+            self._active = deque(e for e in self._active if not e.group.cancelled)
+            self._waiting = deque(e for e in self._waiting if not e.group.cancelled)
+        for entry in dropped:
+            self._finish(entry, "abort")
+
+    def _admit(self) -> None:
+        while len(self._active) < self._max_active:
+            with self._cond:
+                if not self._waiting:
+                    return
+                entry = self._waiting.popleft()
+            try:
+                entry.seq = self._engine.start(entry.prompt, entry.params)
+            except Exception as exc:  # RequestError is the client's fault; anything else fails this request only
+                if not isinstance(exc, RequestError):
+                    logger.exception("engine.start failed")
+                self._fail(entry, exc)
+                continue
+            with self._cond:
+                self._active.append(entry)
+
+    def _pick(self) -> list[_Entry]:
+        """The sequences to step this turn: the head of the round-robin (a batch of one, for now)."""
+        return [self._active[0]] if self._active else []
+
+    def _step(self, entry: _Entry) -> None:
+        try:
+            out = self._engine.step(entry.seq)
+            payload = self._postprocess(self._engine, out) if self._postprocess else out
+        except Exception as exc:  # an engine bug fails this request only; the worker goes on
+            logger.exception("engine.step failed")
+            with self._cond:
+                self._active.remove(entry)
+            self._fail(entry, exc)
+            return
+        now = time.monotonic()
+        if entry.first_token_time is None:
+            entry.first_token_time = now
+        self._observe_step(entry)
+        with self._cond:
+            if out.finished:
+                self._active.remove(entry)
+            else:
+                self._active.rotate(-1)  # round-robin: the stepped sequence goes to the back
+        if not out.finished:
+            entry.group._deliver(Event(entry.index, now, output=payload))
+            return
+        metrics = copy.deepcopy(entry.seq.metrics)
+        num_tokens = len(entry.seq.output_ids)
+        self._finish(entry, out.finish_reason or "stop")  # frees KV before the client hears "done"
+        entry.group._deliver(Event(entry.index, now, payload, None, True, num_tokens, metrics))
+
+    def _fail(self, entry: _Entry, exc: BaseException) -> None:
+        entry.group._cancelled.set()  # the request has failed: its other choices stop too
+        self._finish(entry, "error")
+        entry.group._deliver(Event(entry.index, time.monotonic(), error=exc, finished=True))
+
+    def _observe_step(self, entry: _Entry) -> None:
+        if self._observer is None:
+            return
+        current = entry.seq.metrics
+        self._observer.on_step(_delta(current, entry.reported))
+        entry.reported = copy.deepcopy(current)
+
+    def _finish(self, entry: _Entry, reason: str) -> None:
+        if entry.seq is not None:
+            try:
+                self._engine.release(entry.seq)
+            except Exception:  # a failed release must not stop the worker; the sequence is gone anyway
+                logger.exception("engine.release failed")
+        if self._observer is not None:
+            self._observer.on_finish(SequenceRecord(
+                entry.group.arrival, entry.first_token_time, time.monotonic(),
+                len(entry.prompt.token_ids), len(entry.seq.output_ids) if entry.seq is not None else 0,
+                reason,
+            ))
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            entries = list(self._active) + list(self._waiting)
+            self._active, self._waiting = deque(), deque()
+            calls, self._calls = self._calls, deque()
+        for entry in entries:
+            self._finish(entry, "abort")
+            entry.group._deliver(Event(entry.index, time.monotonic(), error=NotReady("server stopped"),
+                                       finished=True))
+        for _, _, future in calls:
+            try:
+                future.get_loop().call_soon_threadsafe(_resolve, future, None, NotReady("server stopped"))
+            except RuntimeError:
+                pass
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting request was cancelled (client gone)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _delta(current: SpecMetrics, before: SpecMetrics) -> SpecMetrics:
+    """What a step added to a sequence's metrics."""
+    per_pos = list(current.accepted_per_position)
+    for pos, count in enumerate(before.accepted_per_position):
+        per_pos[pos] -= count
+    return SpecMetrics(
+        current.verify_steps - before.verify_steps,
+        current.proposed_draft_tokens - before.proposed_draft_tokens,
+        current.accepted_draft_tokens - before.accepted_draft_tokens,
+        per_pos,
+    )

@@ -1,0 +1,205 @@
+"""tiny-vlm's training recipe: `python -m specserve.server.store.tiny_vlm.train --smollm2 DIR`.
+
+Stage 1 trains the CLIP vision tower from scratch as a classifier (shape, colour, size, place) on the
+mean of its patch tokens, the features the projector will read. Stage 2 freezes it and trains the
+projector and a LoRA on SmolLM2 with the LM loss on answer tokens only: easy-vqa questions, captions
+and descriptions. The assets (bf16) go to `assets/tiny-vlm/`. Seeded; ~35 min on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPVisionModel, LlavaProcessor
+
+from .assemble import ASSETS, LORA_FILE, VISION_FILE
+from .data import COLORS, NUM_PLACES, SHAPES, SIZES, ImageRecord, load_split
+from .lora import add_lora, export_factors
+from .model import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_model, build_processor, vision_config
+from .texts import Sample, qa_samples, random_sample
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of both stages (the defaults are the committed run)."""
+
+    seed: int = 0
+    stage1_epochs: int = 12
+    stage1_batch: int = 64
+    stage1_lr: float = 2e-3
+    stage2_steps: int = 320
+    qa_batch: int = 32
+    text_batch: int = 12  # captions and descriptions are ~5x longer than answers
+    stage2_lr: float = 1e-3
+    warmup: int = 20
+    lora_rank: int = 8  # 0 = frozen language model
+    lora_alpha: float = 16.0
+    task_weights: tuple[float, float, float] = (0.6, 0.15, 0.25)  # qa, caption, describe
+
+
+def pixel_values(processor: LlavaProcessor, records: list[ImageRecord]) -> torch.Tensor:
+    """All images of a split through the model's own image processor: [N, 3, 64, 64]."""
+    from PIL import Image
+
+    images = [Image.open(r.path).convert("RGB") for r in records]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _heads_targets(records: list[ImageRecord]) -> torch.Tensor:
+    return torch.tensor(
+        [[SHAPES.index(r.shape), COLORS.index(r.color), SIZES.index(r.size), r.place] for r in records]
+    )
+
+
+def train_vision(pixels: torch.Tensor, records: list[ImageRecord], cfg: TrainConfig) -> CLIPVisionModel:
+    """Stage 1: the vision tower learns shape, colour, size and place from its mean patch token."""
+    tower = CLIPVisionModel(vision_config())
+    sizes = (len(SHAPES), len(COLORS), len(SIZES), NUM_PLACES)
+    heads = nn.Linear(tower.config.hidden_size, sum(sizes))
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.05)
+    targets = _heads_targets(records)
+    steps = cfg.stage1_epochs * math.ceil(len(records) / cfg.stage1_batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.stage1_lr, total_steps=steps, pct_start=0.1)
+    bar = tqdm(total=steps, desc="stage 1 (vision tower)")
+    for _ in range(cfg.stage1_epochs):
+        for batch in torch.randperm(len(records)).split(cfg.stage1_batch):
+            patches = tower(pixel_values=pixels[batch]).last_hidden_state[:, 1:]
+            logits = heads(patches.mean(1)).split(sizes, dim=-1)
+            loss = sum(F.cross_entropy(lg, targets[batch, i]) for i, lg in enumerate(logits))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return tower
+
+
+class Batcher:
+    """Turns samples into right-padded token batches with a target mask.
+
+    Right padding needs no attention mask: with causal attention no real token sees a pad after it.
+    The prompt is tokenized alone and the answer appended, exactly as generation will see it.
+    """
+
+    def __init__(self, processor: LlavaProcessor) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def prompt(self, sample: Sample) -> str:
+        """The chat-template prompt with `<image>` expanded to the visual token count."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * NUM_IMAGE_TOKENS)
+
+    def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] and is_target [B, T] (True where the token is part of the answer)."""
+        prompts = self.tokenizer([self.prompt(s) for s in samples], add_special_tokens=False)["input_ids"]
+        answers = self.tokenizer([s.target for s in samples], add_special_tokens=False)["input_ids"]
+        rows = [(p, a + [self.end]) for p, a in zip(prompts, answers)]
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
+        is_target = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (p, a) in enumerate(rows):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            is_target[i, len(p) : len(p) + len(a)] = True
+        return ids, is_target
+
+
+def answer_loss(model: nn.Module, ids: torch.Tensor, is_target: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens; the vocabulary projection runs on those rows only."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=ids, pixel_values=pixels, use_cache=False).last_hidden_state
+        # position t predicts token t + 1
+        predicts_target = is_target[:, 1:]
+        logits = model.lm_head(hidden[:, :-1][predicts_target])
+    return F.cross_entropy(logits.float(), ids[:, 1:][predicts_target])
+
+
+def train_language_side(model: nn.Module, batcher: Batcher, pixels: torch.Tensor,
+                        records: list[ImageRecord], cfg: TrainConfig) -> None:
+    """Stage 2: projector (+ LoRA) through SmolLM2 on a seeded mix of QA, captions and descriptions."""
+    rng = random.Random(cfg.seed)
+    qa = qa_samples(records)
+    rng.shuffle(qa)
+    params = list(model.model.multi_modal_projector.parameters())
+    if cfg.lora_rank:
+        params += add_lora(model.model.language_model.layers, cfg.lora_rank, cfg.lora_alpha)
+    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.stage2_steps))))
+    running = {"qa": 0.0, "caption": 0.0, "describe": 0.0}
+    bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (projector + LoRA)")
+    for step in bar:
+        task = rng.choices(list(running), weights=cfg.task_weights)[0]
+        if task == "qa":
+            start = step * cfg.qa_batch % len(qa)
+            batch = qa[start : start + cfg.qa_batch]
+        else:
+            batch = [random_sample(records, task, rng) for _ in range(cfg.text_batch)]
+        ids, is_target = batcher(batch)
+        loss = answer_loss(model, ids, is_target, pixels[[s.image for s in batch]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running[task] = 0.9 * running[task] + 0.1 * loss.item() if running[task] else loss.item()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+
+
+def save_assets(model: nn.Module, out: Path) -> None:
+    """The trained parts in bf16: vision tower + projector, and the LoRA factors (if any)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items()
+             if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, out / VISION_FILE)
+    factors = export_factors(model.model.language_model.layers, "model.language_model.layers.")
+    if factors:
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in factors.items()}, out / LORA_FILE)
+
+
+def train(smollm2_dir: Path, out: Path, cfg: TrainConfig) -> None:
+    """Run both stages with `cfg.seed` and write the assets to `out`."""
+    torch.manual_seed(cfg.seed)
+    processor = build_processor(smollm2_dir)
+    records = load_split("train")
+    pixels = pixel_values(processor, records)
+    tower = train_vision(pixels, records, cfg)
+    model = build_model(smollm2_dir, processor.image_token_id)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    train_language_side(model, Batcher(processor), pixels, records, cfg)
+    save_assets(model, out)
+
+
+def main() -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smollm2", type=Path, required=True, help="SmolLM2-135M-Instruct HF folder")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="where the assets go")
+    parser.add_argument("--threads", type=int, default=2)
+    defaults = TrainConfig()
+    for name in ("seed", "stage1_epochs", "stage2_steps", "lora_rank"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(seed=args.seed, stage1_epochs=args.stage1_epochs,
+                      stage2_steps=args.stage2_steps, lora_rank=args.lora_rank)
+    train(args.smollm2, args.out, cfg)
+
+
+if __name__ == "__main__":
+    main()

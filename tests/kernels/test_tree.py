@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from specserve.kernels.tree import DraftTree, chain_tree, mrope_position_ids
+
+# 0 -> {1, 2}, 1 -> {3, 4}
+TOKENS = [[7, 3, 9, 4, 5]]
+PARENTS = [[-1, 0, 0, 1, 1]]
+
+
+def example_tree() -> DraftTree:
+    return DraftTree.from_parents(torch.tensor(TOKENS), torch.tensor(PARENTS))
+
+
+def brute_ancestors(parents: list[int], i: int) -> set[int]:
+    seen = {i}
+    while parents[i] >= 0:
+        i = parents[i]
+        seen.add(i)
+    return seen
+
+
+def test_worked_example_depths_and_ancestors():
+    tree = example_tree()
+    assert tree.depths.tolist() == [[0, 1, 1, 2, 2]]
+    assert tree.ancestors.int().tolist() == [[
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 0, 1],
+    ]]
+    assert (tree.batch_size, tree.num_nodes, tree.max_depth) == (1, 5, 2)
+
+
+def test_attention_mask_worked_example():
+    mask = example_tree().attention_mask(prefix_len=2, dtype=torch.bfloat16)
+    low = torch.finfo(torch.bfloat16).min
+    assert mask.shape == (1, 1, 5, 7) and mask.dtype == torch.bfloat16
+    allowed = [
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 1, 0, 0],
+        [1, 1, 1, 1, 0, 1, 0],
+        [1, 1, 1, 1, 0, 0, 1],
+    ]
+    expected = torch.tensor([[0.0 if a else low for a in row] for row in allowed], dtype=torch.bfloat16)
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_mask_and_depths_match_brute_force_on_random_trees(random_tree):
+    for seed in range(5):
+        tree = random_tree(batch=3, nodes=11, vocab=7, seed=seed, max_padding=3)
+        mask = tree.attention_mask(prefix_len=4, dtype=torch.float32)
+        assert mask.shape == (3, 1, 11, 15)
+        assert (mask[:, 0, :, :4] == 0).all()
+        for b in range(3):
+            parents = tree.parents[b].tolist()
+            for i in range(11):
+                anc = brute_ancestors(parents, i)
+                allowed = [j in anc for j in range(11)]
+                assert (mask[b, 0, i, 4:] == 0).tolist() == allowed
+                assert tree.depths[b, i].item() == len(anc) - 1
+
+
+def test_position_ids_and_mrope():
+    tree = example_tree()
+    assert tree.position_ids(prefix_len=6).tolist() == [[6, 7, 7, 8, 8]]
+    two = DraftTree.from_parents(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[-1, 0, 1], [-1, 0, 0]]))
+    pos = mrope_position_ids(two, torch.tensor([10, 40]))
+    assert pos.shape == (3, 2, 3)
+    for row in range(3):
+        assert pos[row].tolist() == [[10, 11, 12], [40, 41, 41]]
+    assert mrope_position_ids(two, 5)[2].tolist() == [[5, 6, 7], [5, 6, 6]]
+
+
+def test_retrieve_paths_and_path_to():
+    tree = example_tree()
+    assert tree.retrieve_paths().tolist() == [[[0, 2, -1], [0, 1, 3], [0, 1, 4]]]
+    assert tree.path_to(torch.tensor([[3, 2]]), width=3).tolist() == [[[0, 1, 3], [0, 2, -1]]]
+    assert tree.path_to(torch.tensor([4]), width=3).tolist() == [[0, 1, 4]]
+
+
+def test_retrieve_paths_batch_skips_padding():
+    # row 0: chain 0 -> 1 -> 2 then a padding node; row 1: root with children 1, 2, 3.
+    tokens = torch.tensor([[5, 6, 7, -1], [5, 1, 2, 3]])
+    parents = torch.tensor([[-1, 0, 1, 0], [-1, 0, 0, 0]])
+    paths = DraftTree.from_parents(tokens, parents).retrieve_paths()
+    assert paths.tolist() == [
+        [[0, 1, 2], [-1, -1, -1], [-1, -1, -1]],
+        [[0, 1, -1], [0, 2, -1], [0, 3, -1]],
+    ]
+    root_only = DraftTree.from_parents(torch.tensor([[9, -1, -1]]), torch.tensor([[-1, 0, 0]]))
+    assert root_only.retrieve_paths().tolist() == [[[0]]]
+
+
+def test_chain_tree():
+    chain = chain_tree(torch.tensor([[4, 5, 6, 7]]))
+    assert chain.parents.tolist() == [[-1, 0, 1, 2]]
+    assert chain.depths.tolist() == [[0, 1, 2, 3]]
+    assert chain.retrieve_paths().tolist() == [[[0, 1, 2, 3]]]
+    long_chain = chain_tree(torch.zeros(2, 37, dtype=torch.long))  # 6 pointer-jumping rounds
+    assert long_chain.depths.tolist() == [list(range(37))] * 2
+    assert long_chain.ancestors[0].equal(torch.ones(37, 37, dtype=torch.bool).tril())
+
+
+def test_single_node_tree():
+    tree = DraftTree.from_parents(torch.tensor([[3]]), torch.tensor([[-1]]))
+    assert tree.max_depth == 0
+    assert tree.attention_mask(2, torch.float32).tolist() == [[[[0.0, 0.0, 0.0]]]]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "parents"),
+    [
+        ([[1, 2, 3]], [[0, 0, 1]]),  # root parent is not -1
+        ([[1, 2, 3]], [[-1, 0, 2]]),  # parent not before the node
+        ([[1, 2, 3]], [[-1, -1, 0]]),  # second root
+        ([[1, 2, 3]], [[-1, 0]]),  # shape mismatch
+    ],
+)
+def test_from_parents_rejects_bad_input(tokens, parents):
+    with pytest.raises(ValueError):
+        DraftTree.from_parents(torch.tensor(tokens), torch.tensor(parents))
+
+
+def test_from_parents_rejects_float_tokens():
+    with pytest.raises(ValueError, match="long"):
+        DraftTree.from_parents(torch.tensor([[1.0, 2.0]]), torch.tensor([[-1, 0]]))
