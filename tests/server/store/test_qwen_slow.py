@@ -1,4 +1,4 @@
-"""The optional Qwen models, pulled into the real cache (a no-op once pulled; minutes and ~5 GB the first time)."""
+"""The optional Qwen models, pulled into the real cache: a no-op once pulled, minutes and ~5 GB before."""
 
 from __future__ import annotations
 
