@@ -1,26 +1,40 @@
-"""Drafter names shared by the CLI and the server: `none`, `ngram`, or a draft model."""
+"""Drafter names shared by the CLI and the server: `none`, `ngram`, an EAGLE/MSD head or a draft model."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..server.config import EngineConfig
 from .base import Proposer
 from .draft_model import DraftModelProposer
+from .eagle import EagleProposer
+from .eagle_head import is_eagle_folder, load_head
 from .ngram import NgramProposer
 from .none import NoDraftProposer
+
+if TYPE_CHECKING:
+    from ..server.target import TargetModel
 
 # A model-path drafter needs the loader (store resolution, dtype, device), which lives in the server;
 # the engine passes it in so this package does not depend on the model store.
 LoadModel = Callable[[str], torch.nn.Module]
+# Store alias / folder / hub id -> a local folder (or the hub id itself).
+Resolve = Callable[[str], str]
 
 
-def make_proposer(config: EngineConfig, device: torch.device, load_model: LoadModel) -> Proposer:
-    """Build the proposer that `config.draft` names."""
+def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadModel, resolve: Resolve) -> Proposer:
+    """Build the proposer that `config.draft` names.
+
+    A folder in the EAGLE-1/MSD head layout (recognised by its weight keys, not its name) becomes an
+    EAGLE proposer sharing the target's embeddings and LM head; any other model is a draft LM."""
     if config.draft == "none":
-        return NoDraftProposer(device)
+        return NoDraftProposer(target.device)
     if config.draft == "ngram":
-        return NgramProposer(config.tree, device)
-    return DraftModelProposer(load_model(config.draft), config.tree)
+        return NgramProposer(config.tree, target.device)
+    path = str(resolve(config.draft))
+    if is_eagle_folder(path):
+        head = load_head(path, target.config, target.dtype, target.device)
+        return EagleProposer(head, target.embed_tokens, target.logits, config.tree)
+    return DraftModelProposer(load_model(path), config.tree)

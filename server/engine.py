@@ -43,7 +43,9 @@ class Engine:
         self.target = target
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, processor, target.is_multimodal)
-        self.proposer = proposer or make_proposer(config, target.device, self._load_draft_model)
+        self.proposer = proposer or make_proposer(
+            config, target, self._load_draft_model, lambda spec: _resolve(spec, config.cache_dir)
+        )
         self.model_name = config.model
         self.max_model_len = min(config.max_model_len or target.max_context, target.max_context)
         self.eos_token_ids = _eos_ids(target.model, tokenizer)

@@ -1,0 +1,136 @@
+"""EAGLE-2 / MSD drafting with a one-layer head over the target's own features.
+
+A session keeps the head's KV cache in step with the target's. Drafter entry k pairs a token with the
+target feature one position before it (see `eagle_inputs` for the alignment and the image modes):
+
+- open: the prompt's entries (positions 1..L-1) wait, as inputs, for the first proposal;
+- propose(root): the waiting entries plus fc(e(root), h at the last committed position) run through
+  the head in one causal forward (the catch-up); the last output is the root's predicted feature,
+  whose LM-head logits give the root's children. Each deeper tree level runs its frontier in one
+  forward with a tree mask, pairing each node's token with its parent's *predicted* feature (the
+  target has not seen drafted nodes). The tree rows are then cropped from the cache;
+- commit(root + accepted, h at them): h[i] pairs with the token after tokens[i], i.e. with the
+  next accepted token or, for the last one, the bonus token, which arrives as the next root. The
+  root's own entry already used true features, so it stays; the drafted entries it replaces were
+  cropped with the tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..server.config import TreeConfig, TreeMode
+from .base import DraftContext, DraftProposal
+from .dynamic_tree import Candidates, build_dynamic_tree
+from .eagle_head import EagleHead
+from .eagle_inputs import prompt_entries
+
+# The target's LM head (with its logit processing, e.g. soft-capping): features [..., H] -> [..., V].
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class EagleProposer:
+    needs_hidden_states = True
+
+    def __init__(self, head: EagleHead, embed_tokens: nn.Module, logits: LogitsFn, tree: TreeConfig) -> None:
+        """`embed_tokens` and `logits` are the target's own (shared, not copied)."""
+        self.head = head
+        self.embed_tokens = embed_tokens
+        self.logits = logits
+        self.tree = tree
+
+    def open(self, context: DraftContext) -> EagleSession:
+        if context.hidden is None:
+            raise ValueError("EAGLE drafting needs the target's hidden states in the DraftContext")
+        return EagleSession(self, context)
+
+
+class EagleSession:
+    def __init__(self, proposer: EagleProposer, context: DraftContext) -> None:
+        self.head = proposer.head
+        self.embed_tokens = proposer.embed_tokens
+        self.logits = proposer.logits
+        self.tree = proposer.tree
+        self.device = context.hidden.device
+        self.dtype = context.hidden.dtype
+        ids = torch.tensor(context.token_ids, device=self.device)
+        image_mask = context.image_mask if context.image_mask is not None else torch.zeros_like(ids).bool()
+        with torch.inference_mode():
+            entries = prompt_entries(
+                self.head, self.embed_tokens, ids, context.hidden, context.inputs_embeds, image_mask
+            )
+        self.pending_inputs = entries.inputs  # [n, H] entries not yet in the cache
+        self.pending_tokens: list[int] = []  # committed tokens whose entries wait for fusion
+        self.pending_hidden = context.hidden[-1:]  # [len(pending_tokens) + 1, H], paired with them + root
+        self.cache: DynamicCache | None = DynamicCache()
+        self.length = 0  # committed drafter entries in the cache (the last one is the root's)
+        self.features: dict[int, torch.Tensor] = {}  # candidate node -> predicted feature, this proposal
+        self.node_slots: dict[int, int] = {}  # candidate node -> its cache row, this proposal
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
+        # tokens[0] is the root, whose entry the last proposal already cached with true features
+        self.pending_tokens = list(tokens[1:])
+        self.pending_hidden = hidden
+
+    def close(self) -> None:
+        self.cache = None
+
+    @torch.inference_mode()
+    def propose(self, root_token: int) -> DraftProposal:
+        self.features = {0: self._catch_up(root_token)}
+        self.node_slots = {}
+        chain = self.tree.mode is TreeMode.CHAIN  # one-hot drafts: tree acceptance samples losslessly
+        top_k = 1 if chain else self.tree.top_k
+        budget = self.tree.depth if chain else self.tree.nodes
+        tree = build_dynamic_tree(root_token, self._expand, top_k, self.tree.depth, budget, self.device)
+        self.cache.crop(self.length - self.cache.get_seq_length())  # drop the tree rows
+        return DraftProposal(tree)
+
+    def _catch_up(self, root_token: int) -> torch.Tensor:
+        """Run the waiting entries and the root's through the head; returns the root's feature [H]."""
+        tokens = torch.tensor(self.pending_tokens + [root_token], device=self.device)
+        fused = self.head.fuse(self.embed_tokens(tokens), self.pending_hidden)
+        inputs = torch.cat([self.pending_inputs, fused])
+        self.pending_inputs = inputs[:0]
+        n = len(inputs)
+        positions = torch.arange(self.length, self.length + n, device=self.device)
+        # row i sees the cached entries and entries 0..i of this chunk
+        allowed = torch.arange(self.length + n, device=self.device) <= positions[:, None]
+        features = self.head(inputs[None], positions[None], self._additive(allowed), self.cache)
+        self.length += n
+        return features[0, -1]
+
+    def _expand(self, cands: Candidates, nodes: list[int], level: int) -> torch.Tensor:
+        """Log-probs [len(nodes), V] of the children of `nodes` (all at depth `level`)."""
+        if level > 0:
+            self._run_level(cands, nodes, level)
+        features = torch.stack([self.features[node] for node in nodes])
+        return self.logits(features).float().log_softmax(-1)
+
+    def _run_level(self, cands: Candidates, nodes: list[int], level: int) -> None:
+        """One forward for a tree level: node = fc(e(its token), its parent's predicted feature)."""
+        cache_len = self.cache.get_seq_length()
+        allowed = torch.zeros(len(nodes), cache_len + len(nodes), dtype=torch.bool, device=self.device)
+        allowed[:, : self.length] = True  # committed entries, the root's included
+        for row, node in enumerate(nodes):
+            for ancestor in cands.ancestors(node):
+                allowed[row, self.node_slots[ancestor]] = True
+            allowed[row, cache_len + row] = True
+        tokens = torch.tensor([cands.tokens[node] for node in nodes], device=self.device)
+        parents = torch.stack([self.features[cands.parents[node]] for node in nodes])
+        inputs = self.head.fuse(self.embed_tokens(tokens), parents)
+        # the root's entry sits at length - 1, so a node at depth `level` sits `level` after it
+        positions = torch.full((1, len(nodes)), self.length - 1 + level, device=self.device)
+        features = self.head(inputs[None], positions, self._additive(allowed), self.cache)[0]
+        for row, node in enumerate(nodes):
+            self.node_slots[node] = cache_len + row
+            self.features[node] = features[row]
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[n, S] bool -> [1, 1, n, S] additive mask in the head's dtype (finfo.min, not -inf)."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[None, None]
