@@ -20,6 +20,7 @@ from ..kernels.tree import DraftTree
 from ..server.config import SamplingParams, TreeConfig, TreeMode
 from .base import DraftContext, DraftProposal
 from .dynamic_tree import Candidates, build_dynamic_tree
+from .static_trees import PRESETS, build_static_tree
 
 
 class DraftModelProposer:
@@ -59,15 +60,18 @@ class DraftModelSession:
             input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
         self.prefix_len = self.cache.get_seq_length()  # committed tokens + root
-        if self.tree.mode is TreeMode.CHAIN and not self.params.greedy:
+        self.root_logps = root_logits.float().log_softmax(-1)
+        self.node_slots = {}
+        mode = self.tree.mode
+        if mode is TreeMode.CHAIN and not self.params.greedy:
             proposal = self._sample_chain(root_token, root_logits)
+        elif mode is TreeMode.STATIC:
+            tree = build_static_tree(root_token, self._expand, PRESETS[self.tree.preset], self.device)
+            proposal = DraftProposal(tree)
         else:
-            depth = self.tree.depth
-            top_k = 1 if self.tree.mode is TreeMode.CHAIN else self.tree.top_k
-            budget = depth if self.tree.mode is TreeMode.CHAIN else self.tree.nodes
-            self.root_logps = root_logits.float().log_softmax(-1)
-            self.node_slots = {}
-            tree = build_dynamic_tree(root_token, self._expand, top_k, depth, budget, self.device)
+            chain = mode is TreeMode.CHAIN
+            top_k, budget = (1, self.tree.depth) if chain else (self.tree.top_k, self.tree.nodes)
+            tree = build_dynamic_tree(root_token, self._expand, top_k, self.tree.depth, budget, self.device)
             proposal = DraftProposal(tree)
         # drop the tree rows; the committed text and the root stay
         self.cache.crop(self.prefix_len - self.cache.get_seq_length())

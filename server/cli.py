@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..drafting.static_trees import PRESETS
 from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig, TreeMode
 
 DEFAULT_MODEL = "tiny-vlm"
@@ -23,13 +24,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-nodes", type=int, default=TreeConfig.nodes,
                         help="draft nodes verified per step (root excluded)")
     parser.add_argument("--tree-mode", default=TreeConfig.mode.value, choices=[m.value for m in TreeMode])
+    parser.add_argument("--tree-preset", default=TreeConfig.preset, choices=sorted(PRESETS),
+                        help="tree shape for --tree-mode static")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--cache-dir", default=None,
                         help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes, TreeMode(args.tree_mode))
+    tree = TreeConfig(
+        args.tree_depth, args.tree_top_k, args.tree_nodes, TreeMode(args.tree_mode), args.tree_preset
+    )
     return EngineConfig(
         model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
         max_model_len=args.max_model_len, cache_dir=args.cache_dir,

@@ -13,6 +13,7 @@ class TreeMode(enum.Enum):
 
     DYNAMIC = "dynamic"  # EAGLE-2: expand the top-k of the best frontier nodes, keep the best `nodes`
     CHAIN = "chain"  # one path of `depth` tokens (needed for lossless sampling with a draft distribution)
+    STATIC = "static"  # a fixed shape from `drafting.static_trees.PRESETS`, filled with ranked guesses
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class TreeConfig:
     top_k: int = 4
     nodes: int = 16  # draft nodes verified per step, root excluded
     mode: TreeMode = TreeMode.DYNAMIC
+    preset: str = "medium-16"  # the shape used in STATIC mode
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.top_k < 1 or self.nodes < 1:

@@ -44,7 +44,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, processor, target.is_multimodal)
         self.proposer = proposer or make_proposer(
-            config, target, self._load_draft_model, lambda spec: _resolve(spec, config.cache_dir)
+            config, target, self._load_draft_model,
+            lambda spec: resolve_model(spec, Path(config.cache_dir) if config.cache_dir else None),
         )
         self.model_name = config.model
         self.max_model_len = min(config.max_model_len or target.max_context, target.max_context)

@@ -43,6 +43,8 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
                           f"{max_pixels} pixels", param)
     try:
         image.load()  # decodes the pixels (the first frame of an animation)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # PIL's documented route for palette transparency
         return image.convert("RGB")
     except Exception:  # truncated or corrupt pixel data
         raise bad_request("the image data is corrupt or truncated", param) from None

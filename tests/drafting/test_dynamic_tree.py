@@ -45,3 +45,25 @@ def test_chain_when_top_k_is_one():
     tree = build_dynamic_tree(1, table_expand(table), top_k=1, depth=4, budget=4, device=torch.device("cpu"))
     assert tree.tokens[0].tolist() == [1, 4, 7, 2, 5]
     assert tree.parents[0].tolist() == [-1, 0, 1, 2, 3]
+
+
+def test_static_preset_docstring_example():
+    from specserve.drafting.static_trees import build_static_tree
+
+    table = {0: {1: 0.6, 2: 0.3}, 1: {3: 0.9}}
+    tree = build_static_tree(0, table_expand(table), ((0,), (1,), (0, 0)), torch.device("cpu"))
+    assert tree.tokens[0].tolist() == [0, 1, 2, 3]
+    assert tree.parents[0].tolist() == [-1, 0, 0, 1]
+
+
+def test_presets_are_trees_of_the_advertised_size():
+    import pytest
+
+    from specserve.drafting.static_trees import PRESETS, validate_preset
+
+    for name, paths in PRESETS.items():
+        validate_preset(paths)
+        assert len(paths) == int(name.rsplit("-", 1)[1])
+        assert len(set(paths)) == len(paths)
+    with pytest.raises(ValueError):
+        validate_preset(((0,), (1, 0)))  # (1,) missing

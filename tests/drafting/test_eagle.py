@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from specserve.drafting.base import DraftContext
 from specserve.drafting.eagle import EagleProposer, EagleSession
 from specserve.drafting.eagle_head import HeadConfig, ImageMode, new_head, save_head
 from specserve.drafting.eagle_inputs import prompt_entries
 from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
 from specserve.server.engine import Engine
+from specserve.server.outputs import PromptInput
 
 TEXT_PROMPTS = ["the quick brown fox", "Summarise: the cat sat on the mat. The mat was red."]
 TREE = TreeConfig(depth=4, top_k=3, nodes=10)
@@ -74,41 +76,35 @@ def test_greedy_llava_with_image(tiny_model_dirs, tmp_path_factory, mode):
 
 @pytest.mark.parametrize("mode", [ImageMode.FUSED, ImageMode.DECOUPLED_POOLED])
 def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory, mode):
-    """After a few steps the head's cache must equal one causal pass of the head over the whole
-    committed sequence, built from a fresh target forward: catch-up pairs the right features."""
+    """Open on a prompt, propose, commit root + two tokens with their target features, propose again:
+    the head's cache must equal one causal pass of the head over the whole sequence, i.e. catch-up
+    pairs each token with the feature one position before it, also across a multi-token commit."""
     model_dir = tiny_model_dirs["llava"]
     engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, mode))
     prompt = image_prompt(engine)
-    seq = engine.start(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
-    while not seq.finished:
-        engine.step(seq)
-    session: EagleSession = seq.draft
-    # the cache holds entries up to the last proposal's root: the target's prefix plus that root
-    committed = prompt.token_ids + seq.output_ids[: seq.prefix_len - len(prompt.token_ids) + 1]
-    keys = fresh_head_keys(engine, committed, prompt.pixel_values)
-    cached = session.cache.layers[0].keys
-    assert cached.shape == keys.shape
-    torch.testing.assert_close(cached, keys, rtol=1e-9, atol=1e-9)
-    engine.release(seq)
-
-
-def fresh_head_keys(engine: Engine, token_ids: list[int], pixel_values) -> torch.Tensor:
-    target = engine.target
-    from specserve.server.outputs import PromptInput
-
-    out = target.prefill(PromptInput(token_ids, pixel_values, 1), target.new_cache())
+    root, a1, a2, bonus = 5, 17, 42, 9  # any tokens: the session must not care whether they were drafted
+    full = PromptInput(prompt.token_ids + [root, a1, a2, bonus], prompt.pixel_values, 1)
+    out = engine.target.prefill(full, engine.target.new_cache())
+    hidden, length = out.hidden[0], len(prompt.token_ids)
+    session: EagleSession = engine.proposer.open(DraftContext(
+        prompt.token_ids, SamplingParams(), None, hidden[:length], out.inputs_embeds[0, :length],
+        out.image_mask[0, :length],
+    ))
+    session.propose(root)
+    session.commit([root, a1, a2], hidden[length : length + 3])
+    session.propose(bonus)
     head = engine.proposer.head
     with torch.inference_mode():
-        entries = prompt_entries(
-            head, target.embed_tokens, torch.tensor(token_ids), out.hidden[0], out.inputs_embeds[0],
-            out.image_mask[0],
-        )
+        entries = prompt_entries(head, engine.target.embed_tokens, torch.tensor(full.token_ids), hidden,
+                                 out.inputs_embeds[0], out.image_mask[0])
         n = len(entries.inputs)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         mask = torch.zeros(n, n, dtype=torch.float64).masked_fill_(~causal, torch.finfo(torch.float64).min)
         cache = DynamicCache()
         head(entries.inputs[None], torch.arange(n)[None], mask[None, None], cache)
-    return cache.layers[0].keys
+    assert session.length == n
+    torch.testing.assert_close(session.cache.layers[0].keys, cache.layers[0].keys, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(session.cache.layers[0].values, cache.layers[0].values, rtol=1e-12, atol=1e-12)
 
 
 def test_sampling_is_seeded_and_reproducible(tiny_model_dirs, tmp_path_factory):

@@ -80,10 +80,10 @@ def test_greedy_matches_generate(tiny_model_dirs, family, draft):
     assert_greedy_equal(engine_for(tiny_model_dirs[family], draft))
 
 
-@pytest.mark.parametrize("mode", [TreeMode.DYNAMIC, TreeMode.CHAIN])
+@pytest.mark.parametrize("mode", list(TreeMode))
 def test_greedy_with_draft_model(tiny_model_dirs, mode):
     # same tokenizer, different family and weights: a real but imperfect drafter
-    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode)
+    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode, preset="small-8")
     engine = engine_for(tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"]), tree)
     assert_greedy_equal(engine)
 

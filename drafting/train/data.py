@@ -1,0 +1,103 @@
+"""Self-distillation data: the target's own greedy answers to the training prompts.
+
+Only token ids are kept (in memory, and in a small JSON file so a resumed run does not regenerate
+them); teacher features and logits are recomputed at every training step (online distillation).
+Answers are generated with the target's `generate` in left-padded batches: batching is what makes
+this affordable on a CPU, and tiny padding-induced differences from unbatched decoding do not matter
+for training data (they are still the target's own outputs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ...server.outputs import PromptInput
+from .prompts import PromptSpec
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """A prompt and the target's answer to it, as the target sees them."""
+
+    spec: PromptSpec
+    token_ids: list[int]  # prompt (image placeholders expanded) + answer
+    answer_start: int
+    pixel_values: torch.Tensor | None  # [1, 3, h, w] for image prompts
+
+
+def chat_prompt(engine, spec: PromptSpec) -> PromptInput:
+    """The prompt of one user turn through the target's chat template (and image processor)."""
+    content = [{"type": "text", "text": spec.text}]
+    if spec.image is not None:
+        content.insert(0, {"type": "image", "image": Image.open(spec.image).convert("RGB")})
+    return engine.prepare_chat([{"role": "user", "content": content}])
+
+
+def generate_examples(
+    engine, specs: list[PromptSpec], max_new_tokens: int, batch_size: int, desc: str
+) -> list[Example]:
+    """Greedy answers of the target to `specs`, in batches; an answer ends at EOS (kept) or the limit."""
+    examples: list[Example] = []
+    for start in tqdm(range(0, len(specs), batch_size), desc=desc, unit="batch"):
+        batch = [chat_prompt(engine, spec) for spec in specs[start : start + batch_size]]
+        answers = _generate_batch(engine, batch, max_new_tokens)
+        for spec, prompt, answer in zip(specs[start : start + batch_size], batch, answers):
+            examples.append(Example(spec, prompt.token_ids + answer, len(prompt.token_ids), prompt.pixel_values))
+    return examples
+
+
+@torch.inference_mode()
+def _generate_batch(engine, prompts: list[PromptInput], max_new_tokens: int) -> list[list[int]]:
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    width = max(len(p.token_ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt.token_ids):] = torch.tensor(prompt.token_ids)
+        mask[row, width - len(prompt.token_ids):] = 1
+    extra = {}
+    pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+    if pixels:
+        extra["pixel_values"] = torch.cat(pixels).to(engine.target.dtype)
+    model = engine.target.model
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+        pad_token_id=pad, **extra,
+    )
+    answers = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in engine.eos_token_ids), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def save_examples(examples: list[Example], path: Path) -> None:
+    rows = [{"text": e.spec.text, "image": e.spec.image, "answer": e.token_ids[e.answer_start:]} for e in examples]
+    Path(path).write_text(json.dumps(rows))
+
+
+def load_examples(engine, path: Path) -> list[Example]:
+    """Examples saved by `save_examples`; prompts are re-templated, answers taken as saved."""
+    examples = []
+    for row in json.loads(Path(path).read_text()):
+        spec = PromptSpec(row["text"], row["image"])
+        prompt = chat_prompt(engine, spec)
+        examples.append(Example(spec, prompt.token_ids + row["answer"], len(prompt.token_ids), prompt.pixel_values))
+    return examples
+
+
+def cached_examples(
+    engine, specs: list[PromptSpec], path: Path, max_new_tokens: int, batch_size: int, desc: str
+) -> list[Example]:
+    """`generate_examples`, reusing `path` if an earlier run (e.g. an interrupted one) wrote it."""
+    if Path(path).is_file():
+        return load_examples(engine, path)
+    examples = generate_examples(engine, specs, max_new_tokens, batch_size, desc)
+    save_examples(examples, path)
+    return examples
