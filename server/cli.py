@@ -21,8 +21,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tree-depth", type=int, default=TreeConfig.depth)
     parser.add_argument("--tree-top-k", type=int, default=TreeConfig.top_k)
-    parser.add_argument("--tree-nodes", type=int, default=TreeConfig.nodes,
-                        help="draft nodes verified per step (root excluded)")
+    parser.add_argument("--tree-nodes", type=_nodes, default=TreeConfig.nodes,
+                        help="draft nodes verified per step (root excluded), or 'auto': the largest "
+                             "size whose verify cost stays within 1.3x of one token, measured at load")
     parser.add_argument("--tree-mode", default=TreeConfig.mode.value, choices=[m.value for m in TreeMode])
     parser.add_argument("--tree-preset", default=TreeConfig.preset, choices=sorted(PRESETS),
                         help="tree shape for --tree-mode static")
@@ -32,13 +33,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    tree = TreeConfig(
-        args.tree_depth, args.tree_top_k, args.tree_nodes, TreeMode(args.tree_mode), args.tree_preset
-    )
+    auto = args.tree_nodes == "auto"
+    nodes = TreeConfig.nodes if auto else args.tree_nodes
+    tree = TreeConfig(args.tree_depth, args.tree_top_k, nodes, TreeMode(args.tree_mode), args.tree_preset)
     return EngineConfig(
         model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
-        max_model_len=args.max_model_len, cache_dir=args.cache_dir,
+        max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
     )
+
+
+def _nodes(value: str) -> int | str:
+    if value == "auto":
+        return value
+    return int(value)
 
 
 def run_generate(args: argparse.Namespace) -> int:

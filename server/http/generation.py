@@ -13,7 +13,8 @@ from ..errors import RequestError
 from ..metrics import SpecMetrics
 from ..outputs import StepOutput
 from .errors import APIError
-from .scheduler import Event, NotReady, QueueFull, RequestGroup, Scheduler
+from .events import Event, NotReady, QueueFull, RequestGroup
+from .scheduler import Scheduler
 from .sse import DONE, EventStream, sse_event
 
 if TYPE_CHECKING:

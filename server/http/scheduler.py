@@ -23,74 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import RequestError
 from ..metrics import SpecMetrics
+from .events import Event, NotReady, QueueFull, RequestGroup, SchedulerObserver, SequenceRecord, spec_delta
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """Too many sequences are waiting; the client should retry later."""
-
-
-class NotReady(Exception):
-    """The engine is loading, failed to load, or the scheduler has stopped."""
-
-
-@dataclass(frozen=True)
-class SequenceRecord:
-    """What the metrics adapter learns when a sequence ends (times from `time.monotonic`)."""
-
-    arrival: float
-    first_token_time: float | None
-    finish_time: float
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str  # "stop", "length", "abort" (cancelled) or "error"
-
-
-class SchedulerObserver(Protocol):
-    def on_step(self, delta: SpecMetrics) -> None: ...
-    def on_finish(self, record: SequenceRecord) -> None: ...
-
-
-@dataclass(frozen=True)
-class Event:
-    """One step's result for choice `index` of a request, or its failure."""
-
-    index: int
-    time: float
-    output: Any = None  # the step's output after `postprocess`
-    error: BaseException | None = None
-    finished: bool = False
-    num_output_tokens: int = 0  # set on the finishing event
-    metrics: SpecMetrics | None = None  # set on the finishing event
-
-
-class RequestGroup:
-    """The sequences of one HTTP request (its choices); their events share one queue, in step order."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, arrival: float) -> None:
-        self.size = size
-        self.arrival = arrival
-        self._loop = loop
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancelled = threading.Event()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    async def next_event(self) -> Event:
-        return await self._queue.get()
-
-    def _deliver(self, event: Event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop has closed (server shutdown): nobody is listening any more
-            pass
 
 
 @dataclass(eq=False)
@@ -194,7 +133,7 @@ class Scheduler:
 
     def cancel(self, group: RequestGroup) -> None:
         """Drop the request's sequences and free their KV memory before the worker's next step."""
-        group._cancelled.set()
+        group.mark_cancelled()
         with self._cond:
             self._cond.notify()
 
@@ -292,23 +231,23 @@ class Scheduler:
             else:
                 self._active.rotate(-1)  # round-robin: the stepped sequence goes to the back
         if not out.finished:
-            entry.group._deliver(Event(entry.index, now, output=payload))
+            entry.group.deliver(Event(entry.index, now, output=payload))
             return
         metrics = copy.deepcopy(entry.seq.metrics)
         num_tokens = len(entry.seq.output_ids)
         self._finish(entry, out.finish_reason or "stop")  # frees KV before the client hears "done"
-        entry.group._deliver(Event(entry.index, now, payload, None, True, num_tokens, metrics))
+        entry.group.deliver(Event(entry.index, now, payload, None, True, num_tokens, metrics))
 
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
-        entry.group._cancelled.set()  # the request has failed: its other choices stop too
+        entry.group.mark_cancelled()  # the request has failed: its other choices stop too
         self._finish(entry, "error")
-        entry.group._deliver(Event(entry.index, time.monotonic(), error=exc, finished=True))
+        entry.group.deliver(Event(entry.index, time.monotonic(), error=exc, finished=True))
 
     def _observe_step(self, entry: _Entry) -> None:
         if self._observer is None:
             return
         current = entry.seq.metrics
-        self._observer.on_step(_delta(current, entry.reported))
+        self._observer.on_step(spec_delta(current, entry.reported))
         entry.reported = copy.deepcopy(current)
 
     def _finish(self, entry: _Entry, reason: str) -> None:
@@ -331,7 +270,7 @@ class Scheduler:
             calls, self._calls = self._calls, deque()
         for entry in entries:
             self._finish(entry, "abort")
-            entry.group._deliver(Event(entry.index, time.monotonic(), error=NotReady("server stopped"),
+            entry.group.deliver(Event(entry.index, time.monotonic(), error=NotReady("server stopped"),
                                        finished=True))
         for _, _, future in calls:
             try:
@@ -348,15 +287,3 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
     else:
         future.set_result(result)
 
-
-def _delta(current: SpecMetrics, before: SpecMetrics) -> SpecMetrics:
-    """What a step added to a sequence's metrics."""
-    per_pos = list(current.accepted_per_position)
-    for pos, count in enumerate(before.accepted_per_position):
-        per_pos[pos] -= count
-    return SpecMetrics(
-        current.verify_steps - before.verify_steps,
-        current.proposed_draft_tokens - before.proposed_draft_tokens,
-        current.accepted_draft_tokens - before.accepted_draft_tokens,
-        per_pos,
-    )

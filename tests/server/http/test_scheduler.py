@@ -13,7 +13,8 @@ import pytest
 
 from specserve.server.config import SamplingParams
 from specserve.server.errors import RequestError
-from specserve.server.http.scheduler import NotReady, QueueFull, Scheduler
+from specserve.server.http.events import NotReady, QueueFull
+from specserve.server.http.scheduler import Scheduler
 from specserve.server.metrics import SpecMetrics
 from specserve.server.outputs import PromptInput, StepOutput
 
@@ -217,33 +218,24 @@ def test_start_rejection_is_an_error_event_and_siblings_are_dropped():
     assert engine.steps.count("A") < 50  # the sibling choice was cancelled with its request
 
 
-def test_all_engine_calls_run_on_one_worker_thread():
+def test_all_engine_calls_run_on_one_worker_thread_and_calls_propagate_errors():
     engine = ScriptedEngine()
     scheduler = make(engine)
+
+    def bad_template(engine):
+        raise RequestError("bad template", "messages")
 
     async def main():
         worker = await scheduler.call(lambda eng: threading.get_ident())
         await drain(scheduler.submit([prompt("A"), prompt("B")], [SamplingParams(max_tokens=3)] * 2))
+        with pytest.raises(RequestError):
+            await scheduler.call(bad_template)
         return worker
 
     worker = asyncio.run(main())
     scheduler.stop()
     assert engine.threads == {worker}
     assert worker != threading.get_ident()
-
-
-def test_call_propagates_exceptions():
-    scheduler = make(ScriptedEngine())
-
-    def boom(engine):
-        raise RequestError("bad template", "messages")
-
-    async def main():
-        with pytest.raises(RequestError):
-            await scheduler.call(boom)
-
-    asyncio.run(main())
-    scheduler.stop()
 
 
 def test_factory_loads_on_the_worker_and_reports_failures():
