@@ -139,10 +139,15 @@ class Scheduler:
 
     # ---- worker side -----------------------------------------------------------------------
     def _run(self) -> None:
-        if self._load():
-            while self._next_turn():
-                pass
-        self._shutdown()
+        try:
+            if self._load():
+                while self._next_turn():
+                    pass
+        except Exception as exc:  # a scheduler bug: fail what is pending rather than leave it hanging
+            logger.exception("the scheduler's worker crashed")
+            self.state, self.load_error = "failed", f"the worker crashed: {type(exc).__name__}: {exc}"
+        finally:
+            self._shutdown()
 
     def _load(self) -> bool:
         if self._factory is None:
@@ -177,10 +182,7 @@ class Scheduler:
             result, error = fn(self._engine, *args), None
         except Exception as exc:  # handed to the awaiting request, which maps it to a response
             result, error = None, exc
-        try:
-            future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
-        except RuntimeError:  # loop closed
-            pass
+        _settle(future, result, error)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -247,8 +249,15 @@ class Scheduler:
         if self._observer is None:
             return
         current = entry.seq.metrics
-        self._observer.on_step(spec_delta(current, entry.reported))
+        self._notify(self._observer.on_step, spec_delta(current, entry.reported))
         entry.reported = copy.deepcopy(current)
+
+    @staticmethod
+    def _notify(hook: Callable[[Any], None], value: Any) -> None:
+        try:
+            hook(value)
+        except Exception:  # metrics must never break serving
+            logger.exception("a scheduler observer failed")
 
     def _finish(self, entry: _Entry, reason: str) -> None:
         if entry.seq is not None:
@@ -257,7 +266,7 @@ class Scheduler:
             except Exception:  # a failed release must not stop the worker; the sequence is gone anyway
                 logger.exception("engine.release failed")
         if self._observer is not None:
-            self._observer.on_finish(SequenceRecord(
+            self._notify(self._observer.on_finish, SequenceRecord(
                 entry.group.arrival, entry.first_token_time, time.monotonic(),
                 len(entry.prompt.token_ids), len(entry.seq.output_ids) if entry.seq is not None else 0,
                 reason,
@@ -273,17 +282,21 @@ class Scheduler:
             entry.group.deliver(Event(entry.index, time.monotonic(), error=NotReady("server stopped"),
                                        finished=True))
         for _, _, future in calls:
-            try:
-                future.get_loop().call_soon_threadsafe(_resolve, future, None, NotReady("server stopped"))
-            except RuntimeError:
-                pass
+            _settle(future, None, NotReady("server stopped"))
 
 
-def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():  # the awaiting request was cancelled (client gone)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """From the worker: complete `future` on its own event loop."""
+    def resolve() -> None:
+        if future.done():  # the awaiting request was cancelled (client gone)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        future.get_loop().call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop has closed: nobody is waiting
+        pass
 

@@ -31,11 +31,10 @@ class ScriptedEngine:
     """One token per step; prompt token 0 names the sequence. Records what ran, where."""
 
     def __init__(self, delay: float = 0.0, fail_step: str | None = None) -> None:
-        self.delay = delay
-        self.fail_step = fail_step
-        self.steps: list[str] = []
+        self.delay, self.fail_step = delay, fail_step
+        self.steps: list[str] = []  # sequence names in step order
         self.released: list[str] = []
-        self.threads: set[int] = set()
+        self.threads: set[int] = set()  # every thread that touched the engine
 
     def start(self, prompt: PromptInput, params: SamplingParams) -> FakeSeq:
         self.threads.add(threading.get_ident())
@@ -61,22 +60,20 @@ class ScriptedEngine:
 
 
 class Recorder:
+    """A `SchedulerObserver` that keeps what it is told."""
+
     def __init__(self) -> None:
-        self.deltas: list[SpecMetrics] = []
-        self.records = []
-
-    def on_step(self, delta: SpecMetrics) -> None:
-        self.deltas.append(delta)
-
-    def on_finish(self, record) -> None:
-        self.records.append(record)
+        self.deltas, self.records = [], []
+        self.on_step, self.on_finish = self.deltas.append, self.records.append
 
 
-def prompt(name: str) -> PromptInput:
-    return PromptInput([name])
+def one(scheduler: Scheduler, name: str, max_tokens: int):
+    """Submit a one-choice request whose prompt (token 0) names its sequence."""
+    return scheduler.submit([PromptInput([name])], [SamplingParams(max_tokens=max_tokens)])
 
 
 async def drain(group) -> list:
+    """Every event of a request, up to its choices' last."""
     events = []
     while sum(e.finished for e in events) < group.size:
         events.append(await group.next_event())
@@ -110,8 +107,8 @@ def test_round_robin_interleaves_steps_and_short_request_finishes_first():
 
     async def main():
         release = await hold_worker(scheduler)
-        long = scheduler.submit([prompt("L")], [SamplingParams(max_tokens=6)])
-        short = scheduler.submit([prompt("S")], [SamplingParams(max_tokens=2)])
+        long = one(scheduler, "L", 6)
+        short = one(scheduler, "S", 2)
         release.set()
         await asyncio.gather(drain(long), drain(short))
 
@@ -128,7 +125,7 @@ def test_active_cap_keeps_the_rest_waiting_in_fifo_order():
 
     async def main():
         release = await hold_worker(scheduler)
-        groups = [scheduler.submit([prompt(n)], [SamplingParams(max_tokens=2)]) for n in "ABC"]
+        groups = [one(scheduler, n, 2) for n in "ABC"]
         seen_waiting.append(scheduler.num_waiting)
         release.set()
         await asyncio.gather(*(drain(g) for g in groups))
@@ -145,14 +142,14 @@ def test_queue_full_refuses_new_requests():
 
     async def main():
         release = await hold_worker(scheduler)
-        first = scheduler.submit([prompt("A")], [SamplingParams(max_tokens=1)])
-        second = scheduler.submit([prompt("B")], [SamplingParams(max_tokens=1)])
+        first = one(scheduler, "A", 1)
+        second = one(scheduler, "B", 1)
         with pytest.raises(QueueFull):
-            scheduler.submit([prompt("C")], [SamplingParams(max_tokens=1)])
+            one(scheduler, "C", 1)
         release.set()
         await asyncio.gather(drain(first), drain(second))
         # room again once they are done
-        await drain(scheduler.submit([prompt("D")], [SamplingParams(max_tokens=1)]))
+        await drain(one(scheduler, "D", 1))
 
     asyncio.run(main())
     scheduler.stop()
@@ -164,7 +161,7 @@ def test_cancel_releases_the_sequence_before_the_next_step():
     scheduler = make(engine, observer=recorder)
 
     async def main():
-        group = scheduler.submit([prompt("A")], [SamplingParams(max_tokens=10_000)])
+        group = one(scheduler, "A", 10_000)
         await group.next_event()
         await group.next_event()
         scheduler.cancel(group)
@@ -187,11 +184,11 @@ def test_engine_failure_fails_only_its_request():
     scheduler = make(engine)
 
     async def main():
-        good = scheduler.submit([prompt("A")], [SamplingParams(max_tokens=3)])
-        bad = scheduler.submit([prompt("B")], [SamplingParams(max_tokens=3)])
+        good = one(scheduler, "A", 3)
+        bad = one(scheduler, "B", 3)
         bad_events = await drain(bad)
         good_events = await drain(good)
-        later = await drain(scheduler.submit([prompt("C")], [SamplingParams(max_tokens=2)]))
+        later = await drain(one(scheduler, "C", 2))
         return bad_events, good_events, later
 
     bad_events, good_events, later = asyncio.run(main())
@@ -208,7 +205,7 @@ def test_start_rejection_is_an_error_event_and_siblings_are_dropped():
     scheduler = make(engine)
 
     async def main():
-        group = scheduler.submit([prompt("bad"), prompt("A")], [SamplingParams(max_tokens=50)] * 2)
+        group = scheduler.submit([PromptInput(["bad"]), PromptInput(["A"])], [SamplingParams(max_tokens=50)] * 2)
         return await group.next_event()
 
     event = asyncio.run(main())
@@ -227,7 +224,7 @@ def test_all_engine_calls_run_on_one_worker_thread_and_calls_propagate_errors():
 
     async def main():
         worker = await scheduler.call(lambda eng: threading.get_ident())
-        await drain(scheduler.submit([prompt("A"), prompt("B")], [SamplingParams(max_tokens=3)] * 2))
+        await drain(scheduler.submit([PromptInput(["A"]), PromptInput(["B"])], [SamplingParams(max_tokens=3)] * 2))
         with pytest.raises(RequestError):
             await scheduler.call(bad_template)
         return worker
@@ -273,7 +270,7 @@ def test_observer_gets_step_deltas_and_finish_records():
     scheduler = make(ScriptedEngine(), observer=recorder)
 
     async def main():
-        return await drain(scheduler.submit([prompt("A")], [SamplingParams(max_tokens=4)]))
+        return await drain(one(scheduler, "A", 4))
 
     events = asyncio.run(main())
     scheduler.stop()
@@ -292,11 +289,10 @@ def test_stop_fails_pending_requests():
     scheduler = make(engine, max_active=1)
 
     async def main():
-        group = scheduler.submit([prompt("A")], [SamplingParams(max_tokens=10_000)])
+        group = one(scheduler, "A", 10_000)
         await group.next_event()
         await asyncio.to_thread(scheduler.stop)
-        events = await drain(group)
-        return events[-1]
+        return (await drain(group))[-1]
 
     last = asyncio.run(main())
     assert isinstance(last.error, NotReady)
