@@ -17,8 +17,6 @@ target feature one position before it (see `eagle_inputs` for the alignment and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -29,18 +27,43 @@ from .dynamic_tree import Candidates, build_dynamic_tree
 from .eagle_head import EagleHead
 from .eagle_inputs import prompt_entries
 
-# The target's LM head (with its logit processing, e.g. soft-capping): features [..., H] -> [..., V].
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+class VocabProjection:
+    """Draft log-probs from the target's LM head, restricted to the head's draft vocabulary if any.
+
+    With a vocabulary of K tokens the K rows are gathered once (K x H, a small slice of the head:
+    e.g. 8k of SmolLM2's 49k rows), so a tree level reads K rows instead of the whole LM head.
+    Log-probs are normalised over the draft vocabulary; tokens outside it get -inf and are never
+    drafted (verification, not the drafter, decides the output, so this cannot change it)."""
+
+    def __init__(self, lm_head: nn.Module, softcap: float | None, vocab: torch.Tensor | None) -> None:
+        self.vocab = vocab
+        self.weight = lm_head.weight if vocab is None else lm_head.weight[vocab.to(lm_head.weight.device)]
+        self.size = lm_head.weight.shape[0]
+        self.softcap = softcap
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """features [n, H] -> float32 log-probs [n, V] over the target's whole vocabulary."""
+        logits = (features @ self.weight.T).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.vocab is None:
+            return logits.log_softmax(-1)
+        full = torch.full((len(features), self.size), float("-inf"), device=features.device)
+        return full.index_copy_(1, self.vocab.to(features.device), logits.log_softmax(-1))
 
 
 class EagleProposer:
     needs_hidden_states = True
 
-    def __init__(self, head: EagleHead, embed_tokens: nn.Module, logits: LogitsFn, tree: TreeConfig) -> None:
-        """`embed_tokens` and `logits` are the target's own (shared, not copied)."""
+    def __init__(
+        self, head: EagleHead, embed_tokens: nn.Module, lm_head: nn.Module, softcap: float | None,
+        tree: TreeConfig,
+    ) -> None:
+        """`embed_tokens` and `lm_head` are the target's own (shared, not copied); `softcap` is the
+        target's final logit soft-capping (None for most models)."""
         self.head = head
         self.embed_tokens = embed_tokens
-        self.logits = logits
+        self.projection = VocabProjection(lm_head, softcap, head.draft_vocab)
         self.tree = tree
 
     def open(self, context: DraftContext) -> EagleSession:
@@ -53,7 +76,7 @@ class EagleSession:
     def __init__(self, proposer: EagleProposer, context: DraftContext) -> None:
         self.head = proposer.head
         self.embed_tokens = proposer.embed_tokens
-        self.logits = proposer.logits
+        self.projection = proposer.projection
         self.tree = proposer.tree
         self.device = context.hidden.device
         self.dtype = context.hidden.dtype
@@ -108,8 +131,7 @@ class EagleSession:
         """Log-probs [len(nodes), V] of the children of `nodes` (all at depth `level`)."""
         if level > 0:
             self._run_level(cands, nodes, level)
-        features = torch.stack([self.features[node] for node in nodes])
-        return self.logits(features).float().log_softmax(-1)
+        return self.projection.log_probs(torch.stack([self.features[node] for node in nodes]))
 
     def _run_level(self, cands: Candidates, nodes: list[int], level: int) -> None:
         """One forward for a tree level: node = fc(e(its token), its parent's predicted feature)."""

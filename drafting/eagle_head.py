@@ -80,6 +80,10 @@ class EagleHead(nn.Module):
         if not settings.input_norm:
             self.layers[0].input_layernorm = nn.Identity()
         self.rotary_emb = rotary_cls(config=layer_config)
+        # Optional draft vocabulary [K] (token ids, sorted): drafted tokens come from these rows of the
+        # target's LM head only, which cuts the costliest matmul of a tree level on a CPU (EAGLE-3's
+        # d2t idea). None = the whole vocabulary. A buffer, so it travels with the checkpoint.
+        self.register_buffer("draft_vocab", None)
 
     def fuse(self, token_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """fc(concat(embedding of token t+1, feature at t)): [..., H] x [..., H] -> [..., H]."""
@@ -144,7 +148,8 @@ def save_head(head: EagleHead, folder: Path, dtype: torch.dtype = torch.bfloat16
         "image_mode": head.settings.image_mode.value, "pool_stride": head.settings.pool_stride,
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().to(dtype).contiguous() for k, v in head.state_dict().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+             for k, v in head.state_dict().items()}
     save_file(state, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
 
 
@@ -172,6 +177,7 @@ def load_head(
         fc_bias="fc.bias" in state,
     )
     head = EagleHead(layer_config_for(text_config, raw), settings)
+    head.draft_vocab = state.get("draft_vocab")  # set first, so load_state_dict expects the key
     kept = {k: v for k, v in state.items()
             if not k.startswith(IGNORED_PREFIXES) and not k.endswith(IGNORED_SUFFIXES)}
     missing, unexpected = head.load_state_dict(kept, strict=False)

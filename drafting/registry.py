@@ -36,5 +36,5 @@ def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadMod
     path = str(resolve(config.draft))
     if is_eagle_folder(path):
         head = load_head(path, target.config, target.dtype, target.device)
-        return EagleProposer(head, target.embed_tokens, target.logits, config.tree)
+        return EagleProposer(head, target.embed_tokens, target.lm_head, target.softcap, config.tree)
     return DraftModelProposer(load_model(path), config.tree)

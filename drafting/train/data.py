@@ -10,6 +10,7 @@ for training data (they are still the target's own outputs).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,13 @@ def cached_examples(
     examples = generate_examples(engine, specs, max_new_tokens, batch_size, desc)
     save_examples(examples, path)
     return examples
+
+
+def draft_vocabulary(examples: list[Example], size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens of `examples`, as sorted token ids [K] (K <= size).
+
+    The head drafts from these rows of the LM head only (see `eagle.VocabProjection`); ties are
+    broken by token id, so the vocabulary is a deterministic function of the data."""
+    counts = Counter(t for e in examples for t in e.token_ids[e.answer_start:])
+    ranked = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return torch.tensor(sorted(ranked), dtype=torch.long)

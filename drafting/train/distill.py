@@ -97,19 +97,21 @@ class LossParts:
 
 
 def distill_loss(
-    head: EagleHead, batch: DraftBatch, lm_weight: torch.Tensor, softcap: float | None, ce_weight: float
+    head: EagleHead, batch: DraftBatch, weight: torch.Tensor, softcap: float | None, ce_weight: float
 ) -> LossParts:
     """SmoothL1(features) + ce_weight x CE(teacher distribution, draft distribution) on loss entries.
 
-    lm_weight: [V, H] the target's (frozen) LM head weight, used in its own dtype: in bf16 the
-    vocabulary projection, the costliest matmul here, runs ~2.5x faster on this CPU."""
+    weight: [K, H] the rows of the target's (frozen) LM head for the draft vocabulary (all V rows if
+    it has none); both distributions are taken over these K tokens, the ones the head can draft.
+    The weight is used in its own dtype: in bf16 the vocabulary projection, the costliest matmul
+    here, runs ~2.5x faster on this CPU."""
     n = batch.inputs.shape[1]
     positions = torch.arange(n, device=batch.inputs.device).expand(len(batch.inputs), n)
     features = head(batch.inputs, positions, causal_mask(n, batch.inputs.device))[batch.loss_mask]
     feature_loss = F.smooth_l1_loss(features, batch.feature_targets)
-    draft_logits = _logits(features, lm_weight, softcap)
+    draft_logits = project(features, weight, softcap)
     with torch.no_grad():
-        teacher_logits = _logits(batch.feature_targets, lm_weight, softcap)
+        teacher_logits = project(batch.feature_targets, weight, softcap)
         teacher_probs = teacher_logits.softmax(-1)
     cross_entropy = -(teacher_probs * draft_logits.log_softmax(-1)).sum(-1).mean()
     correct = int((draft_logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
@@ -117,21 +119,29 @@ def distill_loss(
     return LossParts(loss, feature_loss.item(), cross_entropy.item(), correct, len(features))
 
 
-def _logits(features: torch.Tensor, lm_weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = (features.to(lm_weight.dtype) @ lm_weight.T).float()
+def project(features: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """float32 logits of `features` [M, H] over the rows of `weight` [K, H] (soft-capped if needed)."""
+    logits = (features.to(weight.dtype) @ weight.T).float()
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 @torch.no_grad()
-def top1_accuracy(
-    head: EagleHead, target, examples: list[Example], lm_weight: torch.Tensor, batch_size: int
-) -> float:
-    """Held-out draft top-1 accuracy: the share of answer entries whose draft argmax equals the
-    teacher's argmax at the same position (teacher forcing, one step ahead)."""
+def top1_accuracy(head: EagleHead, target, examples: list[Example], batch_size: int) -> float:
+    """Held-out draft top-1 accuracy: the share of answer entries whose drafted top-1 token equals the
+    teacher's argmax over its *whole* vocabulary at the same position (teacher forcing, one step
+    ahead); a teacher token outside the draft vocabulary counts as a miss."""
+    full = target.lm_head.weight
+    vocab = head.draft_vocab
+    rows = full if vocab is None else full[vocab]
     correct = count = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = draft_batch(head, target.embed_tokens, teacher_pass(target, chunk), chunk, 0.0, None)
-        parts = distill_loss(head, batch, lm_weight, target.softcap, 0.0)
-        correct, count = correct + parts.correct, count + parts.count
+        n = batch.inputs.shape[1]
+        positions = torch.arange(n).expand(len(batch.inputs), n)
+        features = head(batch.inputs, positions, causal_mask(n, batch.inputs.device))[batch.loss_mask]
+        drafted = project(features, rows, target.softcap).argmax(-1)
+        drafted = drafted if vocab is None else vocab[drafted]
+        wanted = project(batch.feature_targets, full, target.softcap).argmax(-1)
+        correct, count = correct + int((drafted == wanted).sum()), count + len(wanted)
     return correct / max(count, 1)

@@ -19,11 +19,14 @@ import torch
 from tqdm import tqdm
 
 from ..eagle_head import HeadConfig, ImageMode, new_head, save_head
-from .data import Example, cached_examples
+from .data import Example, cached_examples, draft_vocabulary
 from .distill import distill_loss, draft_batch, teacher_pass, top1_accuracy
 from .prompts import image_prompts, sample_prompts, text_prompts
 
 CHECKPOINT = "checkpoint.pt"
+# Stage 1 sees no image, so it is the same for every image mode: copied into another run folder as
+# its `checkpoint.pt`, it lets that run train stage 2 only, in another mode, with the same budget.
+STAGE1_CHECKPOINT = "stage1.pt"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class TrainConfig:
     warmup: int = 30
     feature_noise: float = 0.1
     ce_weight: float = 0.1
+    draft_vocab: int = 8192  # most frequent answer tokens the head drafts from; 0 = the whole vocabulary
     checkpoint_every: int = 50
     cache_dir: str | None = None
 
@@ -110,9 +114,12 @@ def train(engine, config: TrainConfig) -> dict:
     target.model.requires_grad_(False)
     data = build_datasets(engine, config, out)
     head = new_head(target.config, HeadConfig(config.image_mode, config.pool_stride), config.seed)
+    if config.draft_vocab:
+        head.draft_vocab = draft_vocabulary(data.train_text + data.train_images, config.draft_vocab)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
     step = _resume(out / CHECKPOINT, head, optimizer)
-    lm_weight = target.lm_head.weight.detach()
+    weight = target.lm_head.weight.detach()
+    weight = weight if head.draft_vocab is None else weight[head.draft_vocab]
     started = time.monotonic()
     bar = tqdm(range(step, config.total_steps), initial=step, total=config.total_steps, desc="train-draft")
     for step in bar:
@@ -122,7 +129,7 @@ def train(engine, config: TrainConfig) -> dict:
         noise = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         batch = draft_batch(head, target.embed_tokens, teacher_pass(target, examples), examples,
                             config.feature_noise, noise)
-        parts = distill_loss(head, batch, lm_weight, target.softcap, config.ce_weight)
+        parts = distill_loss(head, batch, weight, target.softcap, config.ce_weight)
         optimizer.zero_grad()
         parts.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -130,23 +137,25 @@ def train(engine, config: TrainConfig) -> dict:
         bar.set_postfix(feat=f"{parts.feature:.3f}", ce=f"{parts.cross_entropy:.2f}",
                         top1=f"{parts.correct / max(parts.count, 1):.2f}",
                         img=f"{config.image_share(step):.2f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 in (config.text_steps, config.total_steps):
             _save_checkpoint(out / CHECKPOINT, head, optimizer, step + 1)
-    summary = evaluate(head, target, data, lm_weight, config)
+        if step + 1 == config.text_steps:
+            _save_checkpoint(out / STAGE1_CHECKPOINT, head, optimizer, step + 1)
+    summary = evaluate(head, target, data, config)
     summary["train_seconds_this_run"] = round(time.monotonic() - started, 1)
     save_head(head, out / "head")
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def evaluate(head, target, data: Datasets, lm_weight: torch.Tensor, config: TrainConfig) -> dict:
+def evaluate(head, target, data: Datasets, config: TrainConfig) -> dict:
     """Held-out top-1 accuracy on text and image prompts (the head as it will be served)."""
     head.eval()
     summary = {"config": {k: (v.value if isinstance(v, ImageMode) else v) for k, v in asdict(config).items()}}
     for name, examples in (("text", data.eval_text), ("images", data.eval_images)):
         if examples:
             summary[f"heldout_top1_{name}"] = round(
-                top1_accuracy(head, target, examples, lm_weight, config.batch_size), 4
+                top1_accuracy(head, target, examples, config.batch_size), 4
             )
     head.train()
     return summary

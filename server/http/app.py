@@ -25,12 +25,12 @@ from ..errors import RequestError
 from .chat import serve_chat
 from .completions import serve_completion
 from .errors import APIError, from_validation_error, install_error_handlers
+from .events import NotReady
 from .generation import postprocess
 from .middleware import BodyLimit, CountResponses
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, field_path
 from .responses import ModelCard, ModelList
-from .events import NotReady
 from .scheduler import Scheduler
 from .settings import ServerSettings
 from .sse import ClientGone, unless_disconnected
@@ -104,30 +104,29 @@ async def _parse(request: Request, model: type[M]) -> M:
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request) -> Response:
+async def _generate(request: Request, body_model: type[M], serve: Any) -> Response:
+    """Parse, check readiness and model, then serve; a client that leaves cancels the work."""
     arrival = time.monotonic()
     state = _state(request)
-    req = await _parse(request, ChatCompletionRequest)
+    req = await _parse(request, body_model)
     state.ready()
     state.check_model(req.model)
     try:
-        return await unless_disconnected(request, serve_chat(state, req, arrival))
+        return await unless_disconnected(request, serve(state, req, arrival))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    """OpenAI chat completions; the body is a `ChatCompletionRequest`."""
+    return await _generate(request, ChatCompletionRequest, serve_chat)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request) -> Response:
-    arrival = time.monotonic()
-    state = _state(request)
-    req = await _parse(request, CompletionRequest)
-    state.ready()
-    state.check_model(req.model)
-    try:
-        return await unless_disconnected(request, serve_completion(state, req, arrival))
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)
+    """OpenAI (legacy) text completions; the body is a `CompletionRequest`."""
+    return await _generate(request, CompletionRequest, serve_completion)
 
 
 def _card(state: ServerState) -> ModelCard:

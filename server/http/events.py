@@ -89,3 +89,20 @@ def spec_delta(current: SpecMetrics, before: SpecMetrics) -> SpecMetrics:
         current.accepted_draft_tokens - before.accepted_draft_tokens,
         per_pos,
     )
+
+
+def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """From the worker: complete `future` on its own event loop."""
+    def resolve() -> None:
+        if future.done():  # the awaiting request was cancelled (client gone)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        future.get_loop().call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop has closed: nobody is waiting
+        pass
+

@@ -73,7 +73,8 @@ class ChoiceResult:
         result: StepResult = event.output
         self.text += result.text
         if result.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + result.logprobs
+            self.logprobs = self.logprobs if self.logprobs is not None else []
+            self.logprobs.extend(result.logprobs)
         if event.finished:
             self.finish_reason = result.finish_reason or "stop"
             self.num_tokens = event.num_output_tokens
@@ -156,17 +157,15 @@ async def stream_events(
                 break
         event = await group.next_event()
     if include_usage:
-        completion = sum(e.num_output_tokens for e in finished)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": prompt_tokens + completion}
-        yield sse_event(renderer.usage_chunk(usage, merged_metrics([e.metrics for e in finished])))
+        counts = usage(prompt_tokens, sum(e.num_output_tokens for e in finished))
+        yield sse_event(renderer.usage_chunk(counts, merged_metrics([e.metrics for e in finished])))
     yield DONE
 
 
-def usage_of(results: list[ChoiceResult], prompt_tokens: int) -> dict:
-    completion = sum(r.num_tokens for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's usage counts (a prompt shared by n choices counts once, as OpenAI counts it)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def submit(state: ServerState, prompts: list, params: list, arrival: float) -> RequestGroup:
@@ -197,4 +196,5 @@ async def respond(
         scheduler.cancel(group)
         raise
     metrics = merged_metrics([r.metrics for r in results])
-    return JSONResponse(renderer.response(results, usage_of(results, prompt_tokens), metrics))
+    counts = usage(prompt_tokens, sum(r.num_tokens for r in results))
+    return JSONResponse(renderer.response(results, counts, metrics))

@@ -27,7 +27,9 @@ from typing import Any
 
 from ..errors import RequestError
 from ..metrics import SpecMetrics
-from .events import Event, NotReady, QueueFull, RequestGroup, SchedulerObserver, SequenceRecord, spec_delta
+from .events import (
+    Event, NotReady, QueueFull, RequestGroup, SchedulerObserver, SequenceRecord, settle, spec_delta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +184,7 @@ class Scheduler:
             result, error = fn(self._engine, *args), None
         except Exception as exc:  # handed to the awaiting request, which maps it to a response
             result, error = None, exc
-        _settle(future, result, error)
+        settle(future, result, error)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -282,21 +284,5 @@ class Scheduler:
             entry.group.deliver(Event(entry.index, time.monotonic(), error=NotReady("server stopped"),
                                        finished=True))
         for _, _, future in calls:
-            _settle(future, None, NotReady("server stopped"))
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    """From the worker: complete `future` on its own event loop."""
-    def resolve() -> None:
-        if future.done():  # the awaiting request was cancelled (client gone)
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    try:
-        future.get_loop().call_soon_threadsafe(resolve)
-    except RuntimeError:  # the loop has closed: nobody is waiting
-        pass
+            settle(future, None, NotReady("server stopped"))
 

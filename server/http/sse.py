@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,13 +19,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .errors import error_body
+
 DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def sse_event(payload: dict) -> bytes:
     """One `data:` event; compact JSON never contains a raw newline, so one line is one event."""
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+INTERNAL_ERROR = sse_event(error_body("internal server error", "server_error", None, "internal_error"))
 
 
 class ClientGone(Exception):
@@ -56,8 +63,14 @@ class EventStream(Response):
     async def _pump(self, send: Send, scope: anyio.CancelScope) -> None:
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self._events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in self._events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except OSError:
+                raise
+            except Exception:  # a bug while rendering: the headers are out, so end the stream cleanly
+                logger.exception("the event stream failed")
+                await send({"type": "http.response.body", "body": INTERNAL_ERROR + DONE, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # servers on ASGI 2.4 report a gone client by failing the send
             pass

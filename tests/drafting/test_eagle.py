@@ -21,10 +21,12 @@ TEXT_PROMPTS = ["the quick brown fox", "Summarise: the cat sat on the mat. The m
 TREE = TreeConfig(depth=4, top_k=3, nodes=10)
 
 
-def head_dir(tmp_path_factory, model_dir, mode: ImageMode, seed: int = 0):
+def head_dir(tmp_path_factory, model_dir, mode: ImageMode, vocab: list[int] | None = None):
     engine = Engine.from_config(EngineConfig(model=str(model_dir), dtype="float64"))
     folder = tmp_path_factory.mktemp(f"head-{mode.value}")
-    save_head(new_head(engine.target.config, HeadConfig(image_mode=mode), seed), folder)
+    head = new_head(engine.target.config, HeadConfig(image_mode=mode))
+    head.draft_vocab = None if vocab is None else torch.tensor(vocab)
+    save_head(head, folder)
     return folder
 
 
@@ -66,7 +68,8 @@ def test_greedy_text_model(tiny_model_dirs, tmp_path_factory, family, tree_mode)
 @pytest.mark.parametrize("mode", list(ImageMode))
 def test_greedy_llava_with_image(tiny_model_dirs, tmp_path_factory, mode):
     model_dir = tiny_model_dirs["llava"]
-    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, mode))
+    vocab = list(range(0, 380, 3)) if mode is ImageMode.DECOUPLED else None  # and a draft vocabulary
+    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, mode, vocab))
     prompt = image_prompt(engine)
     assert prompt.num_images == 1
     out = engine.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import LlamaConfig
 
-from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle import EagleProposer, VocabProjection
 from specserve.drafting.eagle_head import (
     HeadConfig, ImageMode, is_eagle_folder, load_head, new_head, save_head,
 )
@@ -29,14 +29,17 @@ def small_config() -> LlamaConfig:
 def test_round_trip_keeps_weights_settings_and_outputs(tmp_path):
     settings = HeadConfig(image_mode=ImageMode.DECOUPLED_POOLED, pool_stride=4)
     head = new_head(small_config(), settings, seed=3)
+    head.draft_vocab = torch.tensor([0, 3, 7, 49])
     save_head(head, tmp_path)
     loaded = load_head(tmp_path, small_config(), torch.float32, "cpu")
     assert loaded.settings == settings
+    assert loaded.draft_vocab.tolist() == [0, 3, 7, 49] and loaded.draft_vocab.dtype == torch.long
     for key, value in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.to(torch.bfloat16).float()), key
     x = torch.randn(1, 5, H)
     mask = torch.zeros(1, 1, 5, 5).masked_fill_(~torch.ones(5, 5, dtype=torch.bool).tril(), -1e9)
     rounded = new_head(small_config(), settings)
+    rounded.draft_vocab = torch.zeros(4, dtype=torch.long)
     rounded.load_state_dict(loaded.state_dict())
     torch.testing.assert_close(loaded(x, torch.arange(5)[None], mask), rounded(x, torch.arange(5)[None], mask))
 
@@ -149,3 +152,20 @@ def test_pool_run_grid_and_fallback():
 def test_image_runs():
     assert image_runs(torch.tensor([0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)) == [(1, 3), (4, 5), (6, 7)]
     assert image_runs(torch.zeros(3, dtype=torch.bool)) == []
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_vocab_projection_renormalises_over_the_draft_vocabulary(softcap):
+    lm_head = torch.nn.Linear(H, 50, bias=False)
+    features = torch.randn(3, H)
+    vocab = torch.tensor([1, 4, 30])
+    with torch.no_grad():
+        got = VocabProjection(lm_head, softcap, vocab).log_probs(features)
+        full = lm_head(features)
+        full = torch.tanh(full / softcap) * softcap if softcap else full
+        everything = VocabProjection(lm_head, softcap, None).log_probs(features)
+    torch.testing.assert_close(got[:, vocab], full[:, vocab].log_softmax(-1))
+    outside = torch.ones(50, dtype=torch.bool)
+    outside[vocab] = False
+    assert torch.isneginf(got[:, outside]).all()
+    torch.testing.assert_close(everything, full.log_softmax(-1))

@@ -14,6 +14,7 @@ from .model import build_model, build_processor
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny-vlm"
 VISION_FILE = "vision_projector.safetensors"
 LORA_FILE = "lm_lora.safetensors"
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
 def assemble(dest: Path, smollm2_dir: Path, assets: Path = ASSETS) -> None:
@@ -26,9 +27,10 @@ def assemble(dest: Path, smollm2_dir: Path, assets: Path = ASSETS) -> None:
     processor = build_processor(smollm2_dir)
     model = build_model(smollm2_dir, processor.image_token_id)
     vision = {k: v.float() for k, v in load_file(assets / VISION_FILE).items()}
-    missing, unexpected = model.load_state_dict(vision, strict=False)
-    if unexpected or any(not k.startswith("model.language_model.") for k in missing):
-        raise ValueError(f"{VISION_FILE} does not fit: missing {missing}, unexpected {unexpected}")
+    expected = {k for k in model.state_dict() if k.startswith(VISION_PREFIXES)}
+    if set(vision) != expected:
+        raise ValueError(f"{VISION_FILE} does not fit: it differs from the model in {set(vision) ^ expected}")
+    model.load_state_dict(vision, strict=False)
     if (assets / LORA_FILE).exists():
         merge_factors(model, load_file(assets / LORA_FILE))
     model.generation_config = GenerationConfig(

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPVisionModel, LlavaProcessor
 
-from .assemble import ASSETS, LORA_FILE, VISION_FILE
+from .assemble import ASSETS, LORA_FILE, VISION_FILE, VISION_PREFIXES
 from .data import COLORS, NUM_PLACES, SHAPES, SIZES, ImageRecord, load_split
 from .lora import add_lora, export_factors
 from .model import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_model, build_processor, vision_config
@@ -33,17 +33,18 @@ class TrainConfig:
     """Hyper-parameters of both stages (the defaults are the committed run)."""
 
     seed: int = 0
-    stage1_epochs: int = 12
+    stage1_epochs: int = 10
     stage1_batch: int = 64
     stage1_lr: float = 2e-3
-    stage2_steps: int = 320
-    qa_batch: int = 32
-    text_batch: int = 12  # captions and descriptions are ~5x longer than answers
+    stage2_steps: int = 240
+    qa_batch: int = 24
+    text_batch: int = 8  # captions and descriptions are ~3x longer than answers
     stage2_lr: float = 1e-3
     warmup: int = 20
     lora_rank: int = 8  # 0 = frozen language model
     lora_alpha: float = 16.0
-    task_weights: tuple[float, float, float] = (0.6, 0.15, 0.25)  # qa, caption, describe
+    task_weights: tuple[float, float, float] = (0.65, 0.1, 0.25)  # qa, caption, describe
+    save_every: int = 40
 
 
 def pixel_values(processor: LlavaProcessor, records: list[ImageRecord]) -> torch.Tensor:
@@ -81,7 +82,8 @@ def train_vision(pixels: torch.Tensor, records: list[ImageRecord], cfg: TrainCon
             opt.step()
             sched.step()
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            hits = [(lg.argmax(-1) == targets[batch, i]).float().mean().item() for i, lg in enumerate(logits)]
+            bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{hits[0]:.2f}", color=f"{hits[1]:.2f}")
     bar.close()
     return tower
 
@@ -129,8 +131,11 @@ def answer_loss(model: nn.Module, ids: torch.Tensor, is_target: torch.Tensor, pi
 
 
 def train_language_side(model: nn.Module, batcher: Batcher, pixels: torch.Tensor,
-                        records: list[ImageRecord], cfg: TrainConfig) -> None:
-    """Stage 2: projector (+ LoRA) through SmolLM2 on a seeded mix of QA, captions and descriptions."""
+                        records: list[ImageRecord], cfg: TrainConfig, out: Path) -> None:
+    """Stage 2: projector (+ LoRA) through SmolLM2 on a seeded mix of QA, captions and descriptions.
+
+    The assets are written to `out` every `cfg.save_every` steps and at the end.
+    """
     rng = random.Random(cfg.seed)
     qa = qa_samples(records)
     rng.shuffle(qa)
@@ -138,8 +143,10 @@ def train_language_side(model: nn.Module, batcher: Batcher, pixels: torch.Tensor
     if cfg.lora_rank:
         params += add_lora(model.model.language_model.layers, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.stage2_steps))))
+    # Warmup, then inverse-sqrt decay: the schedule does not depend on the step count, so the
+    # checkpoint saved at step k is exactly what a run with `stage2_steps=k` produces.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / cfg.warmup, math.sqrt(cfg.warmup / (s + 1))))
     running = {"qa": 0.0, "caption": 0.0, "describe": 0.0}
     bar = tqdm(range(cfg.stage2_steps), desc="stage 2 (projector + LoRA)")
     for step in bar:
@@ -157,13 +164,15 @@ def train_language_side(model: nn.Module, batcher: Batcher, pixels: torch.Tensor
         sched.step()
         running[task] = 0.9 * running[task] + 0.1 * loss.item() if running[task] else loss.item()
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.stage2_steps:
+            save_assets(model, out)
+            tqdm.write(f"saved assets after step {step + 1}")
 
 
 def save_assets(model: nn.Module, out: Path) -> None:
     """The trained parts in bf16: vision tower + projector, and the LoRA factors (if any)."""
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items()
-             if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, out / VISION_FILE)
     factors = export_factors(model.model.language_model.layers, "model.language_model.layers.")
     if factors:
@@ -181,8 +190,7 @@ def train(smollm2_dir: Path, out: Path, cfg: TrainConfig) -> None:
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
-    train_language_side(model, Batcher(processor), pixels, records, cfg)
-    save_assets(model, out)
+    train_language_side(model, Batcher(processor), pixels, records, cfg, out)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -30,8 +30,11 @@ from specserve.server.engine import Engine
 # ---- servers ---------------------------------------------------------------------------------
 @dataclass
 class RunningServer:
+    """A live server: its app, base URL, and clients for it."""
+
     app: FastAPI
     url: str
+    client: httpx.Client | None = None  # a shared keep-alive client, for modules that want one
 
     @property
     def state(self):
@@ -81,7 +84,7 @@ def run_server(app: FastAPI) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
-def launch() -> Callable[[FastAPI], contextmanager]:
+def launch() -> Callable[[FastAPI], AbstractContextManager[RunningServer]]:
     """`with launch(app) as server:` runs a real server for a module-scoped fixture."""
     return run_server
 

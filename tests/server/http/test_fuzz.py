@@ -85,7 +85,7 @@ COMPLETION = _PLAIN[1] | _WILD[1]
 def server(launch, make_engine):
     with launch(create_app(make_engine(), SETTINGS)) as running:
         with running.http(timeout=30) as http:
-            running.client = http
+            running.client = http  # one keep-alive connection for all examples
             yield running
 
 

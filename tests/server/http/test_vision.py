@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -105,3 +107,36 @@ def test_too_many_images_is_400(server):
         # and it still serves
         ok = http.post("/v1/chat/completions", json={**body, "messages": image_message(url)})
     assert ok.status_code == 200
+
+
+def test_remote_image_when_the_server_allows_it(launch, make_engine, reference):
+    """With allow_remote_images, an http URL (here a loopback file server) works like inline data."""
+    png = io.BytesIO()
+    PICTURE.save(png, format="PNG")
+
+    class OnePicture(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png.getvalue())))
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), OnePicture)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}/picture.png"
+    settings = ServerSettings(allow_remote_images=True, remote_image_timeout_s=5)
+    try:
+        with launch(create_app(make_engine("llava"), settings)) as server:
+            remote = server.openai().chat.completions.create(
+                model=server.state.model_name, messages=image_message(url), max_tokens=8, temperature=0)
+    finally:
+        files.shutdown()
+        files.server_close()
+    expected = reference.generate(
+        reference.prepare_chat([{"role": "user", "content": [
+            {"type": "image", "image": PICTURE}, {"type": "text", "text": "what is in the picture?"}]}]),
+        SamplingParams(max_tokens=8))
+    assert remote.choices[0].message.content == expected.text

@@ -1,0 +1,182 @@
+"""MSD image-position modes, measured: EAGLE/MSD heads trained the same way, one per `ImageMode`.
+
+    python benchmarks/msd_modes.py --model tiny-vlm --dtype bfloat16 \
+        --heads server/store/assets/tiny-vlm-msd /tmp/msd-fused/head /tmp/msd-text_only/head ...
+
+For held-out multimodal description prompts (easy-vqa test images, a wording training never saw)
+and held-out text prompts (topics training never saw), at T=0 and T=1 (seeded), batch 1: mean
+accepted length (incl. the bonus token), per-position acceptance and walltime speedup over plain
+autoregressive decoding (the same engine with no drafter). Speedup = tokens/s of the method over
+tokens/s of AR; wall time covers whole requests, prefill and vision encoding included. Methods run
+interleaved per prompt, so drift in machine load hits all of them alike. Writes msd_modes.{json,md,svg}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specserve.drafting.train.data import chat_prompt
+from specserve.drafting.train.prompts import image_prompts, sample_prompts, text_prompts
+from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
+from specserve.server.engine import Engine
+from specserve.server.metrics import SpecMetrics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Cell:
+    """One method on one prompt set at one temperature."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def engines(args: argparse.Namespace) -> dict[str, Engine]:
+    """AR first, then one engine per head, all sharing one loaded target."""
+    tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes)
+    base = Engine.from_config(EngineConfig(model=args.model, dtype=args.dtype, tree=tree))
+    found = {"ar": base}
+    for head in args.heads:
+        config = EngineConfig(model=args.model, draft=str(head), dtype=args.dtype, tree=tree)
+        engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
+        found[engine.proposer.head.settings.image_mode.value] = engine
+    return found
+
+
+def run_set(found: dict[str, Engine], prompts, temperature: float, max_tokens: int) -> dict[str, Cell]:
+    cells = {name: Cell() for name in found}
+    for index, prompt in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1000 + index)
+        for name, engine in found.items():
+            started = time.perf_counter()
+            out = engine.generate(prompt, params)
+            cell = cells[name]
+            cell.seconds += time.perf_counter() - started
+            cell.tokens += len(out.token_ids)
+            cell.metrics.merge(out.metrics)
+            cell.outputs.append(out.token_ids)
+    return cells
+
+
+def summarise(cells: dict[str, Cell]) -> dict[str, dict]:
+    ar = cells["ar"]
+    rows = {}
+    for name, cell in cells.items():
+        rows[name] = {
+            "tokens": cell.tokens, "seconds": round(cell.seconds, 2),
+            "tokens_per_second": round(cell.tokens_per_second, 2),
+            "speedup": round(cell.tokens_per_second / ar.tokens_per_second, 3),
+            "outputs_equal_ar": sum(a == b for a, b in zip(cell.outputs, ar.outputs)),
+            **({} if name == "ar" else cell.metrics.to_dict()),
+        }
+    return rows
+
+
+def markdown(results: dict, args: argparse.Namespace) -> str:
+    lines = [
+        "# MSD image-position modes (batch 1)", "",
+        f"Target `{args.model}` in {args.dtype}, {torch.get_num_threads()} CPU thread(s); tree depth "
+        f"{args.tree_depth}, top-k {args.tree_top_k}, {args.tree_nodes} nodes; max {args.max_tokens} "
+        "new tokens. Accepted length includes the bonus token; speedup = tokens/s over plain AR "
+        "decoding, whole requests (prefill and vision encoding included).", "",
+        "| prompts | T | method | mean accepted length | acceptance per position | speedup | tok/s "
+        "| outputs == AR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, rows in results["sets"].items():
+        prompts, temp = key.split("@")
+        for name, row in rows.items():
+            tau = row.get("mean_accepted_length", 1.0)
+            per_pos = " ".join(f"{p:.2f}" for p in row.get("per_position_acceptance", []))
+            count = results["prompt_counts"][prompts]
+            lines.append(f"| {prompts} | {temp} | {name} | {tau:.2f} | {per_pos} | {row['speedup']:.2f}x "
+                         f"| {row['tokens_per_second']:.1f} | {row['outputs_equal_ar']}/{count} |")
+    return "\n".join(lines) + "\n"
+
+
+def svg_plot(results: dict) -> str:
+    """Two bar panels (mean accepted length, speedup): one group per mode, one bar per condition."""
+    sets = list(results["sets"])
+    modes = [m for m in next(iter(results["sets"].values())) if m != "ar"]
+    colours = ["#1f77b4", "#aec7e8", "#d62728", "#ff9896"]
+    width, height, pad = 360, 220, 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 40}" height="{height + 90}" '
+             'font-family="sans-serif" font-size="11">']
+    for panel, (metric, label, top) in enumerate([("mean_accepted_length", "mean accepted length", 6.0),
+                                                   ("speedup", "walltime speedup vs AR", 4.0)]):
+        x0 = 20 + panel * (width + 20)
+        parts.append(f'<text x="{x0 + width / 2}" y="15" text-anchor="middle">{label}</text>')
+        parts.append(f'<line x1="{x0 + pad}" y1="{height}" x2="{x0 + width}" y2="{height}" stroke="black"/>')
+        group = (width - pad) / len(modes)
+        bar = group / (len(sets) + 1)
+        for g, mode in enumerate(modes):
+            gx = x0 + pad + g * group
+            parts.append(f'<text x="{gx + group / 2}" y="{height + 14}" text-anchor="middle">{mode}</text>')
+            for s, key in enumerate(sets):
+                value = results["sets"][key][mode].get(metric, 0.0)
+                h = (height - 30) * min(value / top, 1.0)
+                parts.append(f'<rect x="{gx + s * bar + bar / 2:.1f}" y="{height - h:.1f}" width="{bar:.1f}" '
+                             f'height="{h:.1f}" fill="{colours[s % 4]}"><title>{key}: {value}</title></rect>')
+                parts.append(f'<text x="{gx + s * bar + bar:.1f}" y="{height - h - 3:.1f}" '
+                             f'text-anchor="middle" font-size="8">{value:.2f}</text>')
+    for s, key in enumerate(sets):
+        parts.append(f'<rect x="{20 + s * 150}" y="{height + 35}" width="10" height="10" fill="{colours[s % 4]}"/>')
+        parts.append(f'<text x="{34 + s * 150}" y="{height + 44}">{key.replace("@", ", T=")}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-vlm")
+    parser.add_argument("--heads", nargs="+", required=True, help="head folders, one per image mode")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--image-prompts", type=int, default=12)
+    parser.add_argument("--text-prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--tree-depth", type=int, default=6)
+    parser.add_argument("--tree-top-k", type=int, default=4)
+    parser.add_argument("--tree-nodes", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--name", default="msd_modes", help="results file stem")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    found = engines(args)
+    base = found["ar"]
+    prompt_sets = {
+        "images": [chat_prompt(base, s) for s in image_prompts(True, args.image_prompts, args.seed)],
+        "text": [chat_prompt(base, s) for s in sample_prompts(text_prompts(True), args.text_prompts, args.seed)],
+    }
+    results = {"args": vars(args), "threads": torch.get_num_threads(),
+               "prompt_counts": {k: len(v) for k, v in prompt_sets.items()}, "sets": {}}
+    for temperature in args.temperatures:
+        for set_name, prompts in prompt_sets.items():
+            cells = run_set(found, prompts, temperature, args.max_tokens)
+            results["sets"][f"{set_name}@{temperature:g}"] = summarise(cells)
+            print(f"{set_name} T={temperature:g}: " + ", ".join(
+                f"{k} tau={v.get('mean_accepted_length', 1):.2f} x{v['speedup']:.2f}"
+                for k, v in results["sets"][f"{set_name}@{temperature:g}"].items()), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(results, args))
+    (RESULTS / f"{args.name}.svg").write_text(svg_plot(results))
+
+
+if __name__ == "__main__":
+    main()

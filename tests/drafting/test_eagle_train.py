@@ -1,0 +1,109 @@
+"""Training of EAGLE/MSD heads: schedule, draft vocabulary, batches; a tiny end-to-end run with resume
+(slow) and greedy losslessness of every image mode on tiny-vlm (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle_head import ImageMode, new_head, save_head, HeadConfig
+from specserve.drafting.train import add_train_parser
+from specserve.drafting.train.data import Example, draft_vocabulary
+from specserve.drafting.train.loop import Datasets, TrainConfig, pick_batch
+from specserve.drafting.train.prompts import PromptSpec
+from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
+from specserve.server.engine import Engine
+
+
+def example(ids: list[int], answer_start: int, image: bool = False) -> Example:
+    return Example(PromptSpec("p", "x.png" if image else None), ids, answer_start, None)
+
+
+def test_image_share_rises_in_stage_two_only():
+    config = TrainConfig(model="m", out="o", text_steps=10, mm_steps=5, image_share_start=0.2)
+    shares = [config.image_share(step) for step in range(15)]
+    assert shares[:10] == [0.0] * 10
+    assert shares[10] == pytest.approx(0.2) and shares[14] == pytest.approx(1.0)
+    assert shares[10:] == sorted(shares[10:])
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    config = TrainConfig(model="m", out="o", text_steps=50, mm_steps=50, lr=1.0, warmup=10)
+    assert config.learning_rate(0) == pytest.approx(0.1)
+    assert config.learning_rate(9) == pytest.approx(1.0)
+    assert config.learning_rate(99) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_draft_vocabulary_takes_the_most_frequent_answer_tokens():
+    data = [example([1, 2, 9, 9, 8], 2), example([9, 9, 7, 8, 7, 5], 2)]  # answers 9 9 8 / 7 8 7 5
+    assert draft_vocabulary(data, 2).tolist() == [7, 8]  # 8 and 9 twice, 7 twice: 7 and 8 win by id
+    assert draft_vocabulary(data, 3).tolist() == [7, 8, 9]
+    assert draft_vocabulary(data, 10).tolist() == [5, 7, 8, 9]  # prompt tokens 1, 2 never count
+
+
+def test_batches_are_seeded_by_step_and_follow_the_share():
+    text = [example([1, 2, 3], 1) for _ in range(5)]
+    images = [example([4, 5, 6], 1, image=True) for _ in range(5)]
+    data = Datasets(text, images, [], [])
+    config = TrainConfig(model="m", out="o", text_steps=2, mm_steps=3, image_share_start=1.0, batch_size=6)
+    assert all(e.pixel_values is None and e.spec.image is None for e in pick_batch(data, config, 1))
+    assert all(e.spec.image is not None for e in pick_batch(data, config, 2))
+    assert [id(e) for e in pick_batch(data, config, 3)] == [id(e) for e in pick_batch(data, config, 3)]
+
+
+@pytest.mark.slow
+def test_tiny_training_run_resumes_and_serves(tiny_model_dirs, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    out = tmp_path / "run"
+    argv = ["train-draft", "--model", str(tiny_model_dirs["llava"]), "--out", str(out), "--dtype", "float32",
+            "--text-examples", "4", "--image-examples", "4", "--eval-text", "2", "--eval-images", "2",
+            "--max-new-tokens", "10", "--text-steps", "2", "--mm-steps", "2", "--batch-size", "2",
+            "--checkpoint-every", "1", "--warmup", "1", "--draft-vocab", "64"]
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= summary["heldout_top1_images"] <= 1.0 and 0.0 <= summary["heldout_top1_text"] <= 1.0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    first = (out / "head" / "model.safetensors").read_bytes()
+    args = parser.parse_args(argv)  # resume: the checkpoint is at the last step, nothing more to train
+    assert args.run(args) == 0
+    assert (out / "head" / "model.safetensors").read_bytes() == first
+    engine = Engine.from_config(EngineConfig(str(tiny_model_dirs["llava"]), draft=str(out / "head")))
+    assert isinstance(engine.proposer, EagleProposer) and len(engine.proposer.head.draft_vocab) <= 64
+    out = engine.generate(engine.prepare_text("the quick brown fox"), SamplingParams(max_tokens=8))
+    assert len(out.token_ids) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(store_cache):
+    from specserve.server.store.pull import pull
+
+    return pull("tiny-vlm", store_cache, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(ImageMode))
+def test_tiny_vlm_greedy_lossless_in_every_mode(tiny_vlm_dir, tmp_path, mode):
+    """Random heads (losslessness must not depend on head quality), float32, an easy-vqa-like image."""
+    base = Engine.from_config(EngineConfig(str(tiny_vlm_dir), dtype="float32"))
+    save_head(new_head(base.target.config, HeadConfig(image_mode=mode)), tmp_path)
+    config = EngineConfig(str(tiny_vlm_dir), draft=str(tmp_path), dtype="float32",
+                          tree=TreeConfig(depth=5, top_k=4, nodes=16))
+    engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
+    image = Image.new("RGB", (64, 64), (250, 250, 240))
+    image.paste((0, 0, 255), (10, 12, 40, 44))
+    prompt = engine.prepare_chat([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "Describe the image."}]}])
+    out = engine.generate(prompt, SamplingParams(max_tokens=48))
+    ids = torch.tensor([prompt.token_ids])
+    expected = base.target.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt.pixel_values,
+        do_sample=False, max_new_tokens=48,
+    )[0, ids.shape[1]:].tolist()
+    assert out.token_ids == expected
