@@ -36,6 +36,8 @@ from .eagle_head import EagleHead, ImageMode
 class PromptEntries:
     inputs: torch.Tensor  # [n, H] drafter inputs
     sources: torch.Tensor  # [n] long: target position j of the token each entry consumes; -1 if pooled
+    token_embeds: torch.Tensor  # [n, H] what fc fused with the feature (training re-fuses with its own)
+    fused: torch.Tensor  # [n] bool: the entry went through fc (False for visual entries in decoupled modes)
 
 
 def prompt_entries(
@@ -52,13 +54,15 @@ def prompt_entries(
     image = image_mask[1:]
     # inputs_embeds equals the token embedding at text positions, so only text_only re-embeds
     tokens = embed_tokens(token_ids[1:]) if mode is ImageMode.TEXT_ONLY else inputs_embeds[1:]
-    inputs = head.fuse(tokens.to(hidden.dtype), hidden[:-1])
+    tokens = tokens.to(hidden.dtype)
+    inputs = head.fuse(tokens, hidden[:-1])
     if mode in (ImageMode.TEXT_ONLY, ImageMode.FUSED):
-        return PromptEntries(inputs, sources)
+        return PromptEntries(inputs, sources, tokens, torch.ones_like(image))
     inputs = torch.where(image[:, None], inputs_embeds[1:].to(inputs.dtype), inputs)
+    entries = PromptEntries(inputs, sources, tokens, ~image)
     if mode is ImageMode.DECOUPLED:
-        return PromptEntries(inputs, sources)
-    return pool_image_runs(PromptEntries(inputs, sources), image, head.settings.pool_stride)
+        return entries
+    return pool_image_runs(entries, image, head.settings.pool_stride)
 
 
 def pool_image_runs(entries: PromptEntries, image: torch.Tensor, stride: int) -> PromptEntries:
@@ -67,17 +71,19 @@ def pool_image_runs(entries: PromptEntries, image: torch.Tensor, stride: int) ->
     A run of side^2 entries with side divisible by `stride` is a raster-order patch grid and is
     average-pooled over stride x stride squares; any other run is pooled over consecutive groups of
     stride^2 entries (the last group may be shorter)."""
-    pieces, sources, start = [], [], 0
-    for begin, end in image_runs(image):
-        pieces.append(entries.inputs[start:begin])
-        sources.append(entries.sources[start:begin])
-        pooled = pool_run(entries.inputs[begin:end], stride)
-        pieces.append(pooled)
-        sources.append(torch.full((len(pooled),), -1, dtype=torch.long, device=pooled.device))
+    keep = {name: [] for name in ("inputs", "sources", "token_embeds", "fused")}
+    start = 0
+    for begin, end in image_runs(image) + [(len(image), len(image))]:
+        for name in keep:
+            keep[name].append(getattr(entries, name)[start:begin])
+        if begin < end:
+            pooled = pool_run(entries.inputs[begin:end], stride)
+            keep["inputs"].append(pooled)
+            keep["sources"].append(torch.full((len(pooled),), -1, device=pooled.device))
+            keep["token_embeds"].append(torch.zeros_like(pooled))
+            keep["fused"].append(torch.zeros(len(pooled), dtype=torch.bool, device=pooled.device))
         start = end
-    pieces.append(entries.inputs[start:])
-    sources.append(entries.sources[start:])
-    return PromptEntries(torch.cat(pieces), torch.cat(sources))
+    return PromptEntries(**{name: torch.cat(parts) for name, parts in keep.items()})
 
 
 def pool_run(run: torch.Tensor, stride: int) -> torch.Tensor:

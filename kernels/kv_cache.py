@@ -19,6 +19,8 @@ def compact_kv(
 ) -> Tensor:
     """[B, H, prefix_len + K, D]: the prefix, then the rows of the accepted nodes in path order.
 
+    The rows are moved in place and the result is a view of `tensor`: only the K accepted rows are
+    copied, never the prefix (copying the whole cache every step would cost as much as the cache).
     All rows of a batch keep the same K: a batch whose rows accepted different numbers of tokens
     must be compacted row by row (or the caller pads the shorter paths and masks those slots), since
     one tensor cannot hold ragged sequence lengths.
@@ -28,22 +30,24 @@ def compact_kv(
         rows [p0, p1, n0, n1, n2, n3, n4], accepted_nodes [[0, 1, 4]] -> [p0, p1, n0, n1, n4]
     """
     batch, heads, _, dim = tensor.shape
+    keep = accepted_nodes.shape[1]
     index = (prefix_len + accepted_nodes)[:, None, :, None].expand(batch, heads, -1, dim)
-    return torch.cat([tensor[:, :, :prefix_len], tensor.gather(2, index)], dim=2)
+    # gather first (a copy), then write: a destination slot may be another row's source
+    tensor[:, :, prefix_len : prefix_len + keep] = tensor.gather(2, index)
+    return tensor[:, :, : prefix_len + keep]
 
 
 def compact_cache(cache: DynamicCache, prefix_len: int, accepted_nodes: Tensor) -> None:
     """Apply `compact_kv` in place to every layer of a transformers `DynamicCache`.
 
-    accepted_nodes: [B, K] as for `compact_kv` (e.g. `AcceptResult.accepted_nodes[:, :n + 1]`).
+    accepted_nodes: [B, K] as for `compact_kv` (e.g. `AcceptResult.accepted_nodes[:, :n + 1]`); the
+    caller slices off the -1 padding (checking it here would cost a host sync every step).
     Afterwards `cache.get_seq_length() == prefix_len + K`, ready for the next forward. The layers'
     tensors are replaced rather than cropped: in transformers 5.x `crop` takes only a negative count
     of tokens to drop, which cannot express "keep these scattered rows".
     Only full-attention `DynamicLayer`s are supported; sliding-window and linear-attention layers
     keep extra state that a row gather would corrupt, so they raise TypeError.
     """
-    if bool((accepted_nodes < 0).any()):
-        raise ValueError("accepted_nodes must not contain -1 padding: slice each row to its accepted length")
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:
             raise TypeError(f"compact_cache supports DynamicLayer only, got {type(layer).__name__}")

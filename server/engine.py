@@ -97,7 +97,9 @@ class Engine:
             self.eos_token_ids, generator,
         )
 
+    @torch.inference_mode()
     def step(self, seq: Sequence) -> StepOutput:
+        """Advance `seq` by one target forward (prefill, or one speculative step)."""
         if seq.finished:
             raise ValueError("the sequence has finished")
         if seq.cache is None:

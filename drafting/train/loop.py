@@ -53,6 +53,7 @@ class TrainConfig:
     warmup: int = 30
     feature_noise: float = 0.1
     ce_weight: float = 0.1
+    passes: int = 3  # tree depths unrolled in training (1 = EAGLE-1's teacher forcing only)
     draft_vocab: int = 8192  # most frequent answer tokens the head drafts from; 0 = the whole vocabulary
     checkpoint_every: int = 50
     cache_dir: str | None = None
@@ -129,13 +130,13 @@ def train(engine, config: TrainConfig) -> dict:
         noise = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         batch = draft_batch(head, target.embed_tokens, teacher_pass(target, examples), examples,
                             config.feature_noise, noise)
-        parts = distill_loss(head, batch, weight, target.softcap, config.ce_weight)
+        parts = distill_loss(head, batch, weight, target.softcap, config.ce_weight, config.passes)
         optimizer.zero_grad()
         parts.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
         bar.set_postfix(feat=f"{parts.feature:.3f}", ce=f"{parts.cross_entropy:.2f}",
-                        top1=f"{parts.correct / max(parts.count, 1):.2f}",
+                        top1="/".join(f"{c / max(parts.count, 1):.2f}" for c in parts.correct),
                         img=f"{config.image_share(step):.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 in (config.text_steps, config.total_steps):
             _save_checkpoint(out / CHECKPOINT, head, optimizer, step + 1)
@@ -149,14 +150,13 @@ def train(engine, config: TrainConfig) -> dict:
 
 
 def evaluate(head, target, data: Datasets, config: TrainConfig) -> dict:
-    """Held-out top-1 accuracy on text and image prompts (the head as it will be served)."""
+    """Held-out top-1 accuracy on text and image prompts, per tree depth 1..passes."""
     head.eval()
     summary = {"config": {k: (v.value if isinstance(v, ImageMode) else v) for k, v in asdict(config).items()}}
     for name, examples in (("text", data.eval_text), ("images", data.eval_images)):
         if examples:
-            summary[f"heldout_top1_{name}"] = round(
-                top1_accuracy(head, target, examples, config.batch_size), 4
-            )
+            accuracy = top1_accuracy(head, target, examples, config.batch_size, config.passes)
+            summary[f"heldout_top1_{name}"] = [round(a, 4) for a in accuracy]  # per tree depth
     head.train()
     return summary
 

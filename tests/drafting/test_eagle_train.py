@@ -13,7 +13,10 @@ from PIL import Image
 from specserve.drafting.eagle import EagleProposer
 from specserve.drafting.eagle_head import ImageMode, new_head, save_head, HeadConfig
 from specserve.drafting.train import add_train_parser
+from specserve.drafting.base import DraftContext
+from specserve.drafting.dynamic_tree import Candidates
 from specserve.drafting.train.data import Example, draft_vocabulary
+from specserve.drafting.train.distill import draft_batch, pass_mask, teacher_pass, unrolled_features
 from specserve.drafting.train.loop import Datasets, TrainConfig, pick_batch
 from specserve.drafting.train.prompts import PromptSpec
 from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
@@ -56,6 +59,36 @@ def test_batches_are_seeded_by_step_and_follow_the_share():
     assert [id(e) for e in pick_batch(data, config, 3)] == [id(e) for e in pick_batch(data, config, 3)]
 
 
+def test_pass_mask_rows_see_root_context_and_ancestors():
+    allowed = pass_mask(4, 2, torch.device("cpu"))[0, 0] == 0  # [4, 12]: pass 0 | pass 1 | pass 2
+    assert allowed[3].int().tolist() == [1, 1, 0, 0] + [0, 0, 1, 0] + [0, 0, 0, 1]  # root = entry 1
+    assert allowed[1].int().tolist() == [0, 0, 0, 0] + [1, 0, 0, 0] + [0, 1, 0, 0]  # root = entry -1
+    assert (pass_mask(3, 0, torch.device("cpu"))[0, 0] == 0).int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+def test_unrolled_passes_equal_the_sessions_tree_levels(tiny_model_dirs):
+    """Pass k of training must compute exactly what the session computes for a depth-k tree node."""
+    engine = Engine.from_config(EngineConfig(str(tiny_model_dirs["llama"]), dtype="float64"))
+    head = new_head(engine.target.config, HeadConfig()).double()
+    ids = engine.prepare_text("the quick brown fox jumps over the lazy dog").token_ids
+    teacher = teacher_pass(engine.target, [example(ids, 0)])
+    batch = draft_batch(head, engine.target.embed_tokens, teacher, [example(ids, 0)], 0.0, None)
+    with torch.no_grad():
+        passes = unrolled_features(head, batch, 3)  # rows = entries with sources 1..L-2
+    p = 5  # the session's prompt is ids[:p]; its root is ids[p], drafted chain ids[p+1], ids[p+2]
+    hidden = teacher.hidden[0]
+    proposer = EagleProposer(head, engine.target.embed_tokens, engine.target.lm_head, None, TreeConfig())
+    session = proposer.open(DraftContext(ids[:p], SamplingParams(), None, hidden[:p],
+                                         teacher.inputs_embeds[0, :p], teacher.image_mask[0, :p]))
+    chain = Candidates(ids[p : p + 3], [-1, 0, 1], [0.0] * 3, [0, 1, 2])
+    with torch.inference_mode():
+        session.features = {0: session._catch_up(ids[p])}
+        session._run_level(chain, [1], 1)
+        session._run_level(chain, [2], 2)
+    for depth in range(3):  # the node at depth d consumes ids[p + d]: the entry with source p + d
+        torch.testing.assert_close(session.features[depth], passes[depth][p + depth - 1], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.slow
 def test_tiny_training_run_resumes_and_serves(tiny_model_dirs, tmp_path):
     parser = argparse.ArgumentParser()
@@ -68,7 +101,8 @@ def test_tiny_training_run_resumes_and_serves(tiny_model_dirs, tmp_path):
     args = parser.parse_args(argv)
     assert args.run(args) == 0
     summary = json.loads((out / "eval.json").read_text())
-    assert 0.0 <= summary["heldout_top1_images"] <= 1.0 and 0.0 <= summary["heldout_top1_text"] <= 1.0
+    for name in ("heldout_top1_images", "heldout_top1_text"):
+        assert len(summary[name]) == 3 and all(0.0 <= a <= 1.0 for a in summary[name])  # per tree depth
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
     first = (out / "head" / "model.safetensors").read_bytes()
     args = parser.parse_args(argv)  # resume: the checkpoint is at the last step, nothing more to train

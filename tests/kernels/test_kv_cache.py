@@ -23,11 +23,14 @@ def test_compact_kv_worked_example():
     assert torch.equal(out[:, 0], out[:, 1])
 
 
-def test_compact_cache_rejects_padding_and_sliding_layers():
-    cache = DynamicCache()
-    cache.update(named_rows(1, 5), named_rows(1, 5), layer_idx=0)
-    with pytest.raises(ValueError, match="padding"):
-        compact_cache(cache, 2, torch.tensor([[0, -1]]))
+def test_compact_kv_copies_no_prefix_rows():
+    rows = named_rows(1, 7)
+    out = compact_kv(rows, prefix_len=2, accepted_nodes=torch.tensor([[0, 2]]))
+    assert out.data_ptr() == rows.data_ptr()  # a view: the prefix was not copied
+    assert out[0, 0, :, 0].tolist() == [0, 1, 2, 4]
+
+
+def test_compact_cache_rejects_sliding_layers():
     sliding = DynamicCache()
     sliding.layers = [DynamicSlidingWindowLayer(sliding_window=16)]
     with pytest.raises(TypeError, match="DynamicSlidingWindowLayer"):
