@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts of the set")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tree-depth", type=int, default=5)
     parser.add_argument("--tree-top-k", type=int, default=4)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     methods, results, base = build(args)
     prompts = [
         torch.tensor([base.prepare_chat([{"role": "user", "content": text}]).token_ids])
-        for text in PROMPT_SETS[args.prompts]
+        for text in PROMPT_SETS[args.prompts][: args.num_prompts]
     ]
     measure(methods, results, prompts, args.max_new_tokens, args.repeats)
     table = report(args, results)
