@@ -1,0 +1,299 @@
+"""Serving benchmark: streaming clients against `specserve serve` on loopback, one server per drafter,
+a concurrency sweep, side by side in one run.
+
+    python benchmarks/serving.py --model smollm2-135m --drafts none ngram --concurrency 1 4 8 --threads 1
+
+Each client sends `--requests-per-client` streamed chat requests back to back (greedy, `ignore_eos`,
+so each makes `--max-tokens` tokens; every other one carries a PNG if the model takes images). TTFT =
+sent -> first chunk with a choice; ITL = gaps between chunks (one per engine step that made text, so
+several tokens when drafts are accepted); e2e = sent -> `[DONE]`; TPOT = (e2e - TTFT) / (tokens - 1).
+
+Overhead: first the same requests run in this process through `Engine.step` (same model, drafter,
+dtype, threads); replaying their output through a fresh detokenizer times detokenization alone.
+Engine time per token = (decode time - detokenization) / (tokens - 1). Per-token overhead (1 client)
+= client TPOT / engine time per token - 1: HTTP, SSE, event loop, scheduler, detokenization. Wall
+overhead = wall time / engine time of the same requests - 1. `/metrics` TPOT is worker-side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from prompts import PROMPT_SETS
+from specserve.server.config import EngineConfig, SamplingParams
+from specserve.server.detokenizer import IncrementalDetokenizer
+from specserve.server.engine import Engine
+
+RESULTS = Path(__file__).parent / "results"
+HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server
+STARTUP_TIMEOUT_S = 900  # a first start may pull the model into the store
+COLOURS = ["red", "blue", "green", "orange"]
+QUESTION = "What colour is the circle in the image?"
+TPOT_SERIES = "vllm:time_per_output_token_seconds"
+
+
+@dataclass
+class RequestResult:
+    item: int  # index into the workload
+    error: str | None = None
+    ttft: float | None = None
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    verify_steps: int = 0  # from the finishing chunk's `spec_decode`
+    accepted: int = 0  # accepted draft tokens, likewise
+
+
+@dataclass
+class EngineTiming:
+    prefill: float
+    decode: float  # decode steps, detokenization included
+    detok: float  # detokenization of the decode-phase tokens alone
+    tokens: int
+
+
+def workload(texts: list[str], multimodal: bool) -> list[tuple[object, object]]:
+    """(HTTP content, engine content) per request; images interleave with text so short runs send both."""
+    items: list[tuple[object, object]] = []
+    for i, text in enumerate(texts):
+        items.append((text, text))
+        if multimodal:
+            image, buffer = Image.new("RGB", (96, 96), "white"), io.BytesIO()
+            ImageDraw.Draw(image).ellipse((20, 20, 76, 76), fill=COLOURS[i % len(COLOURS)])
+            image.save(buffer, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+            items.append(([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
+                          [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]))
+    return items
+
+
+def time_request(engine: Engine, content: object, params: SamplingParams) -> EngineTiming:
+    prompt = engine.prepare_chat([{"role": "user", "content": content}])
+    seq, start = engine.start(prompt, params), time.perf_counter()
+    engine.step(seq)  # prefill: the first token
+    prefilled = time.perf_counter()
+    while not seq.finished:  # bounded: every step emits >= 1 token, up to max_tokens
+        engine.step(seq)
+    decoded = time.perf_counter()
+    engine.release(seq)
+    # Detokenization runs inside `step` (Sequence.emit) but is server overhead, not decoding.
+    detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt.token_ids + seq.output_ids[:1])
+    replay = time.perf_counter()
+    for token in seq.output_ids[1:]:
+        detokenizer.add(token)
+    detok = time.perf_counter() - replay
+    return EngineTiming(prefilled - start, decoded - prefilled, detok, len(seq.output_ids))
+
+
+@contextlib.contextmanager
+def running_server(args, draft: str) -> Iterator[str]:
+    """`specserve serve` for `draft` on a free loopback port; its base URL until the block ends."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
+               "serve", "--model", args.model, "--draft", draft, "--dtype", args.dtype, "--host", HOST,
+               "--port", str(port), "--log-level", "warning"]
+    env = dict(os.environ)
+    if args.threads:  # `serve` has no thread option; torch sizes its intra-op pool from this
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline, base = time.monotonic() + STARTUP_TIMEOUT_S, f"http://{HOST}:{port}"
+            while time.monotonic() < deadline and server.poll() is None:
+                with contextlib.suppress(httpx.TransportError):  # not listening yet
+                    if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                        break
+                time.sleep(1)
+            else:
+                tail = "\n".join(Path(log.name).read_text(errors="replace").splitlines()[-20:])
+                raise RuntimeError(f"the server did not become healthy (exit code {server.poll()}):\n{tail}")
+            yield base
+        finally:
+            server.terminate()  # uvicorn shuts down gracefully on SIGTERM
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=60)
+            server.kill()  # a no-op once it has exited
+            server.wait(timeout=30)
+
+
+def worker_tpot(base: str) -> np.ndarray:
+    """[sum, count] of the worker-side TPOT histogram on /metrics."""
+    lines = httpx.get(f"{base}/metrics", timeout=30).text.splitlines()
+    return np.array([sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(TPOT_SERIES + suffix))
+                     for suffix in ("_sum", "_count")])
+
+
+async def stream_one(client: httpx.AsyncClient, args, item: int, content: object) -> RequestResult:
+    """One streamed chat request; a failure is recorded in the result, never raised."""
+    body = {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result = RequestResult(item)
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now, chunk = time.perf_counter(), json.loads(line[len("data: "):])
+                if "error" in chunk:  # the server's way to fail a stream it has started
+                    raise ValueError(f"stream error: {chunk['error'].get('message')}")
+                if chunk["choices"]:
+                    if result.ttft is None:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+                    if chunk["choices"][0].get("finish_reason") and (spec := chunk.get("spec_decode")):
+                        result.verify_steps, result.accepted = spec["verify_steps"], spec["accepted_draft_tokens"]
+                if chunk.get("usage"):
+                    result.tokens = chunk["usage"]["completion_tokens"]
+        result.e2e = time.perf_counter() - start
+        if result.ttft is None or result.tokens == 0:
+            raise ValueError("the stream ended without tokens or usage")
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def run_level(base: str, args, items: list, concurrency: int, per_client: int) -> tuple[list, float]:
+    """`concurrency` clients, each sending `per_client` requests back to back; (results, wall time)."""
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout, limits=limits) as client:
+        async def one_client(c: int) -> list[RequestResult]:
+            results = []
+            for item in [(c * per_client + j) % len(items) for j in range(per_client)]:
+                try:
+                    request = stream_one(client, args, item, items[item][0])
+                    results.append(await asyncio.wait_for(request, args.request_timeout))
+                except TimeoutError:
+                    results.append(RequestResult(item, error=f"no answer within {args.request_timeout} s"))
+            return results
+
+        start = time.perf_counter()
+        per_client_results = await asyncio.gather(*(one_client(c) for c in range(concurrency)))
+        wall = time.perf_counter() - start
+    return [r for results in per_client_results for r in results], wall
+
+
+def percentiles(values: list[float]) -> list[float] | None:
+    return [float(v) for v in np.percentile(values, [50, 90, 99])] if values else None
+
+
+def summarise(results: list[RequestResult], wall: float, timings: list[EngineTiming], worker) -> dict:
+    """One concurrency level; the overheads compare with the engine's time for the same requests."""
+    ok = [r for r in results if r.error is None]
+    ref, steps = [timings[r.item] for r in ok], sum(r.verify_steps for r in ok)
+    tpots = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    ttft, client_tpot = percentiles([r.ttft for r in ok]), float(np.mean(tpots)) if tpots else None
+    ref_tokens = max(1, sum(t.tokens - 1 for t in ref))
+    engine_tpot = sum(t.decode - t.detok for t in ref) / ref_tokens
+    return {
+        "requests": len(results), "errors": len(results) - len(ok), "raw": [asdict(r) for r in results],
+        "error_messages": sorted({r.error for r in results if r.error})[:5],
+        "ttft_s": ttft, "tpot_s": percentiles(tpots), "itl_s": percentiles([g for r in ok for g in r.itls]),
+        "e2e_s": percentiles([r.e2e for r in ok]), "ttft_p99_over_p50": ttft[2] / ttft[0] if ttft else None,
+        "output_tokens_per_s": sum(r.tokens for r in ok) / wall, "wall_s": wall,
+        "mean_accepted_length": 1 + sum(r.accepted for r in ok) / steps if steps else None,
+        "engine_tpot_s": engine_tpot, "detok_per_token_s": sum(t.detok for t in ref) / ref_tokens,
+        "worker_tpot_mean_s": worker[0] / worker[1] if worker[1] else None, "client_tpot_mean_s": client_tpot,
+        "overhead_per_token": client_tpot / engine_tpot - 1 if client_tpot and engine_tpot else None,
+        "overhead_wall": wall / sum(t.prefill + t.decode - t.detok for t in ref) - 1 if ref else None,
+    }
+
+
+def _fmt(values, spec: str = ".0f", scale: float = 1000.0) -> str:
+    """'a / b / c' (milliseconds by default); '-' for what could not be measured."""
+    values = values if isinstance(values, list) or values is None else [values]
+    return " / ".join(format(v * scale, spec) for v in values) if values else "-"
+
+
+def report(args, runs: dict) -> str:
+    lines = [
+        f"# Serving: {args.model}, {args.dtype}, streamed chat over loopback HTTP", "",
+        f"Command: `python benchmarks/serving.py {' '.join(args.argv)}`  ",
+        f"{args.requests_per_client} requests per client, {args.max_tokens} tokens each, greedy, `{args.prompts}` "
+        f"prompts, server threads {args.threads or 'default'}. ms, p50 / p90 / p99 (p99 ~ max here); ITL per chunk "
+        "(<= 1 per engine step); accepted length incl. bonus; definitions in the script's docstring.", "",
+        "| drafter | clients | requests | errors | TTFT | TTFT p99/p50 | TPOT | ITL | e2e | output tok/s | mean "
+        "accepted length | engine ms/token | worker TPOT | client TPOT | overhead per token | wall overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for draft, run in runs.items():
+        for c, s in run["levels"].items():
+            lines.append(
+                f"| {draft} | {c} | {s['requests']} | {s['errors']} | {_fmt(s['ttft_s'])} | "
+                f"{_fmt(s['ttft_p99_over_p50'], '.2f', 1)} | {_fmt(s['tpot_s'], '.1f')} | "
+                f"{_fmt(s['itl_s'], '.1f')} | {_fmt(s['e2e_s'])} | {s['output_tokens_per_s']:.1f} | "
+                f"{_fmt(s['mean_accepted_length'], '.2f', 1)} | {_fmt(s['engine_tpot_s'], '.1f')} | "
+                f"{_fmt(s['worker_tpot_mean_s'], '.1f')} | {_fmt(s['client_tpot_mean_s'], '.1f')} | "
+                f"{_fmt(s['overhead_per_token'] if c == 1 else None, '+.1%', 1)} | "  # per token: 1 client only
+                f"{_fmt(s['overhead_wall'], '+.1%', 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_drafter(args, draft: str, texts: list[str]) -> dict:
+    """The engine's own timings, then a server for `draft` and the sweep against it."""
+    engine = Engine.from_config(EngineConfig(args.model, draft=draft, dtype=args.dtype))
+    items, params = workload(texts, engine.is_multimodal), SamplingParams(args.max_tokens, ignore_eos=True)
+    time_request(engine, items[0][1], params)  # warm-up: first calls pay for allocations
+    timings = [time_request(engine, content, params) for _, content in items]
+    del engine  # frees its memory before the server loads its own copy
+    levels = {}
+    with running_server(args, draft) as base:
+        asyncio.run(run_level(base, args, items, 1, 1))  # warm-up: the server's first calls allocate
+        for concurrency in args.concurrency:
+            before = worker_tpot(base)
+            results, wall = asyncio.run(run_level(base, args, items, concurrency, args.requests_per_client))
+            levels[concurrency] = summarise(results, wall, timings, worker_tpot(base) - before)
+    return {"engine": [asdict(t) for t in timings], "levels": levels}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--drafts", nargs="+", default=["none", "ngram"], help="one server per drafter")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the server (OMP_NUM_THREADS) and of the in-process engine")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    runs = {draft: run_drafter(args, draft, PROMPT_SETS[args.prompts]) for draft in args.drafts}
+    table = report(args, runs)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"serving-{Path(args.model).name}.md").write_text(table)
+    (args.out / f"serving-{Path(args.model).name}.json").write_text(json.dumps(runs, indent=2))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The serving benchmark (`benchmarks/serving.py`): its summary on literal requests, and one whole run
+(engine reference, `specserve serve` subprocess, streamed text and image requests) on the tiny LLaVA
+model. No timing thresholds: the checks are counts and orderings that hold on any machine."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def serving():
+    # The benchmark scripts import their siblings (`prompts`) as top-level modules.
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("serving")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_summary_of_literal_requests(serving):
+    Result, Timing = serving.RequestResult, serving.EngineTiming
+    results = [
+        Result(0, ttft=0.1, e2e=1.1, itls=[0.5, 0.5], tokens=11, verify_steps=4, accepted=6),  # TPOT 0.1
+        Result(1, ttft=0.3, e2e=2.3, itls=[1.0, 1.0], tokens=11, verify_steps=6, accepted=4),  # TPOT 0.2
+        Result(0, error="HTTPStatusError: 429"),
+    ]
+    timings = [Timing(prefill=0.05, decode=0.6, detok=0.1, tokens=11), Timing(0.05, 1.1, 0.1, 11)]
+    s = serving.summarise(results, wall=2.5, timings=timings, worker=[0.4, 2])
+
+    assert (s["requests"], s["errors"], s["error_messages"]) == (3, 1, ["HTTPStatusError: 429"])
+    assert s["ttft_s"][0] == pytest.approx(0.2) and s["ttft_s"][2] == pytest.approx(0.298)
+    assert s["tpot_s"][0] == pytest.approx(0.15) and s["itl_s"][0] == pytest.approx(0.75)
+    assert s["output_tokens_per_s"] == pytest.approx(22 / 2.5)
+    assert s["mean_accepted_length"] == pytest.approx(1 + 10 / 10)
+    # The engine's decode time without detokenization: (0.5 + 1.0) s over 20 decode tokens.
+    assert s["engine_tpot_s"] == pytest.approx(0.075) and s["detok_per_token_s"] == pytest.approx(0.01)
+    assert s["client_tpot_mean_s"] == pytest.approx(0.15) and s["worker_tpot_mean_s"] == pytest.approx(0.2)
+    assert s["overhead_per_token"] == pytest.approx(1.0)
+    assert s["overhead_wall"] == pytest.approx(2.5 / 1.6 - 1)
+
+
+def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_path):
+    model = tiny_model_dirs["llava"]
+    runs = serving.main(["--model", str(model), "--drafts", "ngram", "--concurrency", "1", "2",
+                         "--requests-per-client", "2", "--max-tokens", str(MAX_TOKENS), "--threads", "1",
+                         "--out", str(tmp_path)])
+
+    assert json.loads((tmp_path / "serving-llava.json").read_text()).keys() == {"ngram"}
+    table = (tmp_path / "serving-llava.md").read_text()
+    assert "| ngram | 1 | 2 | 0 |" in table and "| ngram | 2 | 4 | 0 |" in table
+    run = runs["ngram"]
+    # Every other workload item carries an image (the model is a VLM); the engine ran each item once.
+    assert len(run["engine"]) == 2 * len(serving.PROMPT_SETS["summarise-edit"])
+    assert all(t["tokens"] == MAX_TOKENS and t["decode"] >= t["detok"] >= 0 for t in run["engine"])
+    for concurrency, level in run["levels"].items():
+        assert (level["requests"], level["errors"]) == (2 * concurrency, 0), level["error_messages"]
+        assert {r["item"] for r in level["raw"]} >= {0, 1}  # a text request and an image request
+        for r in level["raw"]:
+            assert r["tokens"] == MAX_TOKENS  # ignore_eos: usage counts every requested token
+            assert 0 < r["ttft"] <= r["e2e"]
+            assert 1 <= len(r["itls"]) + 1 <= MAX_TOKENS  # one chunk per step that made text
+            assert r["verify_steps"] >= 1 and 0 <= r["accepted"] <= MAX_TOKENS - 1
+        assert level["ttft_s"][0] <= level["ttft_s"][1] <= level["ttft_s"][2]
+        assert level["mean_accepted_length"] >= 1 and level["output_tokens_per_s"] > 0
+        assert level["worker_tpot_mean_s"] > 0 and level["overhead_wall"] is not None
