@@ -10,7 +10,6 @@ are unambiguous). Size and position, used only in descriptions, come from the bo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import easy_vqa
 import numpy as np

@@ -77,7 +77,8 @@ def evaluate(model_dir: Path, questions: int, descriptions: int, batch: int, see
     prompts = [Sample(i, DESCRIBE_PROMPTS[0], "", "describe") for i in images]
     described = generate(model, processor, records, prompts, max_new_tokens=160, batch=batch)
     decoded = [processor.tokenizer.decode(d, skip_special_tokens=True) for d in described]
-    report["description_accuracy"] = sum(names_right(t, records[i]) for t, i in zip(decoded, images)) / len(images)
+    named = [names_right(text, records[i]) for text, i in zip(decoded, images)]
+    report["description_accuracy"] = sum(named) / len(images)
     report["description_count"] = len(images)
     report["description_mean_tokens"] = sum(map(len, described)) / len(described)
     report["image_tokens_emitted"] = sum(r.count(processor.image_token_id) for r in answers + described)

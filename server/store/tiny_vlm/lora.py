@@ -57,5 +57,5 @@ def merge_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
         linear = model.get_submodule(path)
         delta = factors[path + ".lora_b"].float() @ factors[key].float()
         if delta.shape != linear.weight.shape:
-            raise ValueError(f"LoRA factors of {path} make {tuple(delta.shape)}, weight is {tuple(linear.weight.shape)}")
+            raise ValueError(f"LoRA factors of {path} give {tuple(delta.shape)}, not {tuple(linear.weight.shape)}")
         linear.weight += delta.to(linear.weight.dtype)

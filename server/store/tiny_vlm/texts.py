@@ -42,22 +42,22 @@ CAPTIONS = (
 )
 
 DESCRIPTIONS = (
-    "The image shows a {color} {shape} on a plain, pale background. The {shape} is {size} and sits "
+    ("The image shows a {color} {shape} on a plain, pale background. The {shape} is {size} and sits "
     "{place} of the picture. {fact} Its {color} colour fills the whole shape evenly, without any "
-    "pattern or outline. There is nothing else in the image besides this single {color} {shape}.",
-    "This is a simple picture of one {color} {shape}. {fact} It is a {size} shape placed {place} of "
+    "pattern or outline. There is nothing else in the image besides this single {color} {shape}."),
+    ("This is a simple picture of one {color} {shape}. {fact} It is a {size} shape placed {place} of "
     "the frame. The background is an almost white, pale tint, so the {color} {shape} stands out "
-    "clearly against it. No other objects appear anywhere in the image.",
-    "In this picture I can see a {size} {color} {shape}. It is drawn {place} of the image, on a light "
+    "clearly against it. No other objects appear anywhere in the image."),
+    ("In this picture I can see a {size} {color} {shape}. It is drawn {place} of the image, on a light "
     "and empty background. {fact} The colour of the {shape} is a flat, solid {color}. Nothing else "
-    "appears in the picture, so the {shape} is the only thing to look at.",
-    "The picture contains exactly one shape: a {color} {shape}. {fact} The {shape} is {size} compared "
+    "appears in the picture, so the {shape} is the only thing to look at."),
+    ("The picture contains exactly one shape: a {color} {shape}. {fact} The {shape} is {size} compared "
     "with the whole image and is located {place}. Apart from the {color} {shape}, the image is empty, "
     "showing only a soft, pale background colour. It looks like a simple illustration of a basic "
-    "geometric shape.",
-    "A {color} {shape} is the only object in this image. It appears {place} of the picture and is "
+    "geometric shape."),
+    ("A {color} {shape} is the only object in this image. It appears {place} of the picture and is "
     "{size} in size. {fact} Because the background is so pale, the {color} colour of the {shape} is "
-    "easy to recognise. The rest of the image is completely empty.",
+    "easy to recognise. The rest of the image is completely empty."),
 )
 
 FACTS = {

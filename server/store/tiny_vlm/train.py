@@ -3,7 +3,8 @@
 Stage 1 trains the CLIP vision tower from scratch as a classifier (shape, colour, size, place) on the
 mean of its patch tokens, the features the projector will read. Stage 2 trains the projector, a LoRA
 on SmolLM2 and (at a lower rate) the tower with the LM loss on answer tokens only: easy-vqa
-questions, captions and descriptions. The assets (bf16) go to `assets/tiny-vlm/`. Seeded.
+questions, captions and descriptions. The assets (bf16) go to `assets/tiny-vlm/`. Seeded; the
+commands that made the committed assets are in their MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import CLIPVisionModel, LlavaProcessor
@@ -24,7 +25,13 @@ from transformers import CLIPVisionModel, LlavaProcessor
 from .assemble import ASSETS, LORA_FILE, VISION_FILE, VISION_PREFIXES
 from .data import COLORS, NUM_PLACES, SHAPES, SIZES, ImageRecord, load_split
 from .lora import add_lora, export_factors
-from .model import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_model, build_processor, vision_config
+from .model import (
+    IMAGE_TOKEN,
+    NUM_IMAGE_TOKENS,
+    build_model,
+    build_processor,
+    vision_config,
+)
 from .texts import Sample, qa_samples, random_sample
 
 
@@ -46,6 +53,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     task_weights: tuple[float, float, float] = (0.65, 0.1, 0.25)  # qa, caption, describe
     save_every: int = 25
+    match_scale: bool = True  # see match_embedding_scale; the committed run's first pass had it off
 
 
 def pixel_values(processor: LlavaProcessor, records: list[ImageRecord]) -> torch.Tensor:
@@ -131,7 +139,8 @@ class Batcher:
         return ids, is_target
 
 
-def answer_loss(model: nn.Module, ids: torch.Tensor, is_target: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+def answer_loss(model: nn.Module, ids: torch.Tensor, is_target: torch.Tensor,
+                pixels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens; the vocabulary projection runs on those rows only."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = model.model(input_ids=ids, pixel_values=pixels, use_cache=False).last_hidden_state
@@ -141,19 +150,16 @@ def answer_loss(model: nn.Module, ids: torch.Tensor, is_target: torch.Tensor, pi
     return F.cross_entropy(logits.float(), ids[:, 1:][predicts_target])
 
 
-def train_language_side(model: nn.Module, batcher: Batcher, pixels: torch.Tensor,
-                        records: list[ImageRecord], cfg: TrainConfig, out: Path) -> None:
-    """Stage 2: projector, vision tower (+ LoRA) through SmolLM2 on a seeded mix of QA, captions and descriptions.
-
-    The assets are written to `out` every `cfg.save_every` steps and at the end.
+def train_language_side(model: nn.Module, params: list[nn.Parameter], batcher: Batcher,
+                        pixels: torch.Tensor, records: list[ImageRecord], cfg: TrainConfig, out: Path) -> None:
+    """Stage 2: `params` (projector, LoRA) and the vision tower through SmolLM2 on a seeded mix of
+    QA, captions and descriptions. The assets are written to `out` every `cfg.save_every` steps.
     """
     rng = random.Random(cfg.seed)
     qa = qa_samples(records)
     rng.shuffle(qa)
-    params = list(model.model.multi_modal_projector.parameters())
-    if cfg.lora_rank:
-        params += add_lora(model.model.language_model.layers, cfg.lora_rank, cfg.lora_alpha)
-    groups = [{"params": params}, {"params": list(model.model.vision_tower.parameters()), "lr": cfg.stage2_vision_lr}]
+    tower = list(model.model.vision_tower.parameters())
+    groups = [{"params": params}, {"params": tower, "lr": cfg.stage2_vision_lr}]
     opt = torch.optim.AdamW(groups, lr=cfg.stage2_lr, weight_decay=0.0)
     # Warmup, then inverse-sqrt decay: the schedule does not depend on the step count, so the
     # checkpoint saved at step k is exactly what a run with `stage2_steps=k` produces.
@@ -191,19 +197,48 @@ def save_assets(model: nn.Module, out: Path) -> None:
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in factors.items()}, out / LORA_FILE)
 
 
-def train(smollm2_dir: Path, out: Path, cfg: TrainConfig) -> None:
-    """Run both stages with `cfg.seed` and write the assets to `out`."""
+@torch.no_grad()
+def match_embedding_scale(model: nn.Module, pixels: torch.Tensor) -> None:
+    """Rescale the projector's output layer so image tokens start at the norm of SmolLM2's embeddings.
+
+    A fresh projector over unnormalised ViT features emits tokens ~30x longer than word embeddings;
+    the residual stream of those positions then barely changes through the layers and the LM reads
+    the image poorly (colours, in particular, were not learnt).
+    """
+    projector = model.model.multi_modal_projector
+    tokens = projector(model.model.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:])
+    words = model.get_input_embeddings().weight
+    factor = words.norm(dim=-1).mean() / tokens.norm(dim=-1).mean()
+    projector.linear_2.weight.mul_(factor)
+    projector.linear_2.bias.mul_(factor)
+
+
+def train(smollm2_dir: Path, out: Path, cfg: TrainConfig, vision_from: Path | None = None) -> None:
+    """Run both stages with `cfg.seed` into `out`; with `vision_from`, stage 1 is skipped and stage 2
+    starts from the vision tower in those assets (fresh projector and LoRA)."""
     torch.manual_seed(cfg.seed)
     processor = build_processor(smollm2_dir)
     records = load_split("train")
     pixels = pixel_values(processor, records)
-    tower = train_vision(pixels, records, cfg)
+    # Stage 1 runs before the model is built, so each path draws the same random numbers as the
+    # commands in the model card did.
+    tower = train_vision(pixels, records, cfg) if vision_from is None else None
     model = build_model(smollm2_dir, processor.image_token_id)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
+    if tower is not None:
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+    else:
+        saved = load_file(vision_from / VISION_FILE)
+        model.load_state_dict({k: v.float() for k, v in saved.items() if k.startswith("model.vision_tower.")},
+                              strict=False)
+    if cfg.match_scale:
+        match_embedding_scale(model, pixels[:256])
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
     model.model.vision_tower.requires_grad_(True)
-    train_language_side(model, Batcher(processor), pixels, records, cfg, out)
+    params = list(model.model.multi_modal_projector.parameters())
+    if cfg.lora_rank:
+        params += add_lora(model.model.language_model.layers, cfg.lora_rank, cfg.lora_alpha)
+    train_language_side(model, params, Batcher(processor), pixels, records, cfg, out)
 
 
 def main() -> None:
@@ -213,13 +248,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ASSETS, help="where the assets go")
     parser.add_argument("--threads", type=int, default=2)
     defaults = TrainConfig()
+    parser.add_argument("--vision-from", type=Path, help="skip stage 1; take the vision tower from these assets")
+    parser.add_argument("--no-match-scale", dest="match_scale", action="store_false",
+                        help="keep the projector's default init (the first pass of the committed run)")
+    parser.add_argument("--task-weights", type=lambda s: tuple(map(float, s.split(","))),
+                        default=defaults.task_weights, help="qa,caption,describe sampling weights")
     for name in ("seed", "stage1_epochs", "stage2_steps", "lora_rank"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed, stage1_epochs=args.stage1_epochs,
-                      stage2_steps=args.stage2_steps, lora_rank=args.lora_rank)
-    train(args.smollm2, args.out, cfg)
+    cfg = TrainConfig(seed=args.seed, stage1_epochs=args.stage1_epochs, stage2_steps=args.stage2_steps,
+                      lora_rank=args.lora_rank, task_weights=args.task_weights,
+                      match_scale=args.match_scale)
+    train(args.smollm2, args.out, cfg, args.vision_from)
 
 
 if __name__ == "__main__":
