@@ -1,4 +1,4 @@
-"""The `specserve` command: `generate`, `serve`, `models`."""
+"""The `specserve` command: `generate`, `serve`, `models`, `train-draft`."""
 
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
     add_models_parser(sub).set_defaults(run=run_models)
+
+    from ..drafting.train.cli import add_train_parser
+
+    add_train_parser(sub)  # `train-draft`: sets its own `run`
     return parser
 
 
