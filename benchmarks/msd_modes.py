@@ -8,7 +8,9 @@ and held-out text prompts (topics training never saw), at T=0 and T=1 (seeded), 
 accepted length (incl. the bonus token), per-position acceptance and walltime speedup over plain
 autoregressive decoding (the same engine with no drafter). Speedup = tokens/s of the method over
 tokens/s of AR; wall time covers whole requests, prefill and vision encoding included. Methods run
-interleaved per prompt, so drift in machine load hits all of them alike. Writes msd_modes.{json,md,svg}.
+interleaved per prompt, so drift in machine load hits all of them alike. The engines profile their
+steps: each row also splits a verify step into draft / verify / other time and gives the ideal and
+step-achieved speedups (`step_timing.py`). Writes msd_modes.{json,md,png} into `--out`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+import step_timing
+from plots import Panel, save_bar_chart
 from specserve.drafting.train.data import chat_prompt
 from specserve.drafting.train.prompts import image_prompts, sample_prompts, text_prompts
 from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
@@ -47,10 +51,10 @@ class Cell:
 def engines(args: argparse.Namespace) -> dict[str, Engine]:
     """AR first, then one engine per head, all sharing one loaded target."""
     tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes)
-    base = Engine.from_config(EngineConfig(model=args.model, dtype=args.dtype, tree=tree))
+    base = Engine.from_config(EngineConfig(model=args.model, dtype=args.dtype, tree=tree, profile=True))
     found = {"ar": base}
     for head in args.heads:
-        config = EngineConfig(model=args.model, draft=str(head), dtype=args.dtype, tree=tree)
+        config = EngineConfig(model=args.model, draft=str(head), dtype=args.dtype, tree=tree, profile=True)
         engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
         found[engine.proposer.head.settings.image_mode.value] = engine
     return found
@@ -81,6 +85,7 @@ def summarise(cells: dict[str, Cell]) -> dict[str, dict]:
             "speedup": round(cell.tokens_per_second / ar.tokens_per_second, 3),
             "outputs_equal_ar": sum(a == b for a, b in zip(cell.outputs, ar.outputs)),
             **({} if name == "ar" else cell.metrics.to_dict()),
+            **step_timing.step_report(cell.metrics, ar.metrics),
         }
     return rows
 
@@ -88,13 +93,17 @@ def summarise(cells: dict[str, Cell]) -> dict[str, dict]:
 def markdown(results: dict, args: argparse.Namespace) -> str:
     lines = [
         "# MSD image-position modes (batch 1)", "",
-        f"Target `{args.model}` in {args.dtype}, {torch.get_num_threads()} CPU thread(s); tree depth "
+        f"Target `{args.model}` in {args.dtype}, {results['threads']} CPU thread(s); tree depth "
         f"{args.tree_depth}, top-k {args.tree_top_k}, {args.tree_nodes} nodes; max {args.max_tokens} "
         "new tokens. Accepted length includes the bonus token; speedup = tokens/s over plain AR "
-        "decoding, whole requests (prefill and vision encoding included).", "",
-        "| prompts | T | method | mean accepted length | acceptance per position | speedup | tok/s "
-        "| outputs == AR |",
-        "|---|---|---|---|---|---|---|---|",
+        "decoding, whole requests (prefill and vision encoding included). At T=0 every output should "
+        "equal AR's (bf16 near-ties aside); at T=1 methods draw different random numbers, so outputs "
+        "differ by design (the tests check that the distributions match).  ",
+        f"Heads: {', '.join(str(h) for h in args.heads)}.  ",
+        step_timing.NOTE, "",
+        "| prompts | T | method | mean accepted length | acceptance per position | speedup | "
+        + " | ".join(step_timing.COLUMNS) + " | tok/s | outputs == AR |",
+        "|" + "---|" * (8 + len(step_timing.COLUMNS)),
     ]
     for key, rows in results["sets"].items():
         prompts, temp = key.split("@")
@@ -102,44 +111,27 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
             tau = row.get("mean_accepted_length", 1.0)
             per_pos = " ".join(f"{p:.2f}" for p in row.get("per_position_acceptance", []))
             count = results["prompt_counts"][prompts]
-            lines.append(f"| {prompts} | {temp} | {name} | {tau:.2f} | {per_pos} | {row['speedup']:.2f}x "
-                         f"| {row['tokens_per_second']:.1f} | {row['outputs_equal_ar']}/{count} |")
+            same = f"{row['outputs_equal_ar']}/{count}" if float(temp) == 0 else "sampled"
+            lines.append(f"| {prompts} | {temp} | {name} | {tau:.2f} | {per_pos} | {row['speedup']:.2f}x | "
+                         + " | ".join(step_timing.cells(row))
+                         + f" | {row['tokens_per_second']:.1f} | {same} |")
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(results: dict) -> str:
-    """Two bar panels (mean accepted length, speedup): one group per mode, one bar per condition."""
-    sets = list(results["sets"])
+def plot(path: Path, results: dict, args: argparse.Namespace) -> None:
+    """Mean accepted length and speedup of each mode, one bar per prompt set and temperature."""
     modes = [m for m in next(iter(results["sets"].values())) if m != "ar"]
-    colours = ["#1f77b4", "#aec7e8", "#d62728", "#ff9896"]
-    width, height, pad = 360, 220, 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 40}" height="{height + 90}" '
-             'font-family="sans-serif" font-size="11">']
-    for panel, (metric, label, top) in enumerate([("mean_accepted_length", "mean accepted length", 6.0),
-                                                   ("speedup", "walltime speedup vs AR", 4.0)]):
-        x0 = 20 + panel * (width + 20)
-        parts.append(f'<text x="{x0 + width / 2}" y="15" text-anchor="middle">{label}</text>')
-        parts.append(f'<line x1="{x0 + pad}" y1="{height}" x2="{x0 + width}" y2="{height}" stroke="black"/>')
-        group = (width - pad) / len(modes)
-        bar = group / (len(sets) + 1)
-        for g, mode in enumerate(modes):
-            gx = x0 + pad + g * group
-            parts.append(f'<text x="{gx + group / 2}" y="{height + 14}" text-anchor="middle">{mode}</text>')
-            for s, key in enumerate(sets):
-                value = results["sets"][key][mode].get(metric, 0.0)
-                h = (height - 30) * min(value / top, 1.0)
-                parts.append(f'<rect x="{gx + s * bar + bar / 2:.1f}" y="{height - h:.1f}" width="{bar:.1f}" '
-                             f'height="{h:.1f}" fill="{colours[s % 4]}"><title>{key}: {value}</title></rect>')
-                parts.append(f'<text x="{gx + s * bar + bar:.1f}" y="{height - h - 3:.1f}" '
-                             f'text-anchor="middle" font-size="8">{value:.2f}</text>')
-    for s, key in enumerate(sets):
-        parts.append(f'<rect x="{20 + s * 150}" y="{height + 35}" width="10" height="10" fill="{colours[s % 4]}"/>')
-        parts.append(f'<text x="{34 + s * 150}" y="{height + 44}">{key.replace("@", ", T=")}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+
+    def panel(metric: str, title: str) -> Panel:
+        series = {key.replace("@", ", T="): [rows[mode][metric] for mode in modes]
+                  for key, rows in results["sets"].items()}
+        return Panel(title, modes, series, baseline=1.0)
+
+    save_bar_chart(path, f"MSD image-position modes: {Path(args.model).name}, {args.dtype}",
+                   [panel("mean_accepted_length", "mean accepted length"), panel("speedup", "walltime speedup vs AR")])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-vlm")
     parser.add_argument("--heads", nargs="+", required=True, help="head folders, one per image mode")
@@ -154,7 +146,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--name", default="msd_modes", help="results file stem")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     found = engines(args)
@@ -163,6 +156,8 @@ def main() -> None:
         "images": [chat_prompt(base, s) for s in image_prompts(True, args.image_prompts, args.seed)],
         "text": [chat_prompt(base, s) for s in sample_prompts(text_prompts(True), args.text_prompts, args.seed)],
     }
+    for engine in found.values():  # warm-up: first calls pay for allocations and kernel selection
+        engine.generate(prompt_sets["images"][0], SamplingParams(max_tokens=8))
     results = {"args": vars(args), "threads": torch.get_num_threads(),
                "prompt_counts": {k: len(v) for k, v in prompt_sets.items()}, "sets": {}}
     for temperature in args.temperatures:
@@ -172,10 +167,11 @@ def main() -> None:
             print(f"{set_name} T={temperature:g}: " + ", ".join(
                 f"{k} tau={v.get('mean_accepted_length', 1):.2f} x{v['speedup']:.2f}"
                 for k, v in results["sets"][f"{set_name}@{temperature:g}"].items()), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(results, args))
-    (RESULTS / f"{args.name}.svg").write_text(svg_plot(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")  # str: Path args
+    (args.out / f"{args.name}.md").write_text(markdown(results, args))
+    plot(args.out / f"{args.name}.png", results, args)
+    return results
 
 
 if __name__ == "__main__":

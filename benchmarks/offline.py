@@ -4,11 +4,16 @@ and specserve with each drafter, on the same model, prompts and machine, in one 
     python benchmarks/offline.py --model smollm2-135m --prompts summarise-edit --drafts none ngram
     python benchmarks/offline.py --model qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b \
         --prompts code-prose --drafts none ngram qwen2.5-coder-0.5b
+    python benchmarks/offline.py --model tiny-vlm --prompts images --drafts none ngram tiny-vlm-msd
 
 Throughput = generated tokens / wall time of the whole request, prefill included. Every method runs
 every prompt `--repeats` times (interleaved, so drift in machine load hits all methods alike); the
 table reports min / median / max tokens/s over repeats, the speedup of medians over AR, and checks
-that each method's output equals AR's token for token.
+that each method's output equals AR's token for token. The specserve engines profile their steps:
+the table splits a verify step into draft / verify / other time and sets the measured speedup next to
+two bounds from those times (`step_timing.py`); they need `none` among `--drafts`. `--prompts images`
+asks a vision-language model (tiny-vlm) held-out description prompts on easy-vqa test images.
+Writes `<name>.md`, `.json` and `.png` into `--out`.
 """
 
 from __future__ import annotations
@@ -16,19 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import step_timing
+from plots import Panel, save_bar_chart
 from prompts import PROMPT_SETS
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
+from specserve.drafting.train.data import chat_prompt
+from specserve.drafting.train.prompts import PromptSpec, image_prompts
+from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
 from specserve.server.engine import Engine
 from specserve.server.metrics import SpecMetrics
-from specserve.server.target import TargetModel, load_model
+from specserve.server.outputs import PromptInput
+from specserve.server.target import TargetModel
 
 RESULTS = Path(__file__).parent / "results"
+IMAGE_SET = "images"  # held-out description prompts on easy-vqa test images, for tiny-vlm
+IMAGE_PROMPTS, IMAGE_SEED = 5, 1
+AR_DRAFT = "specserve-none"  # the engine's own plain decoding: t_ar of the speedup bounds
 
 
 @dataclass
@@ -42,23 +56,28 @@ class MethodResult:
 def hf_methods(target: TargetModel, draft_model, tree: TreeConfig) -> dict:
     model = target.model
 
-    def run(ids, max_new, **kwargs):
+    def run(prompt: PromptInput, max_new, **kwargs):
+        ids = torch.tensor([prompt.token_ids], device=target.device)
+        if prompt.pixel_values is not None:  # the engine's own input: processor-expanded ids and pixels
+            kwargs["pixel_values"] = prompt.pixel_values.to(target.device, target.dtype)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new, **kwargs)
         return out[0, ids.shape[1]:].tolist()
 
-    methods = {
-        "hf-ar": lambda ids, n: run(ids, n),
-        "hf-prompt-lookup": lambda ids, n: run(ids, n, prompt_lookup_num_tokens=tree.depth),
-    }
+    methods = {"hf-ar": lambda prompt, n: run(prompt, n)}
+    # HF prompt lookup fails on LLaVA (transformers 5: "Image features and image tokens do not match"):
+    # it copies the prompt's image placeholders into its candidates, which its first forward runs with
+    # the prompt and the pixels, so there are more placeholders than image features.
+    if not target.is_multimodal:
+        methods["hf-prompt-lookup"] = lambda prompt, n: run(prompt, n, prompt_lookup_num_tokens=tree.depth)
     if draft_model is not None:
-        methods["hf-assisted"] = lambda ids, n: run(ids, n, assistant_model=draft_model)
+        methods["hf-assisted"] = lambda prompt, n: run(prompt, n, assistant_model=draft_model)
     return methods
 
 
 def engine_method(engine: Engine, result: MethodResult):
-    def run(ids, max_new):
-        out = engine.generate(engine.prepare_text(ids[0].tolist()), SamplingParams(max_tokens=max_new))
+    def run(prompt: PromptInput, max_new):
+        out = engine.generate(prompt, SamplingParams(max_tokens=max_new))
         result.metrics.merge(out.metrics)
         return out.token_ids
 
@@ -66,7 +85,7 @@ def engine_method(engine: Engine, result: MethodResult):
 
 
 def build(args) -> tuple[dict, dict[str, MethodResult], Engine]:
-    tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes)
+    tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes, TreeMode(args.tree_mode))
     base = Engine.from_config(EngineConfig(args.model, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir))
     draft_model = None
     if args.draft_model:
@@ -74,15 +93,25 @@ def build(args) -> tuple[dict, dict[str, MethodResult], Engine]:
     methods = hf_methods(base.target, draft_model, tree)
     results = {name: MethodResult(name) for name in methods}
     for draft in args.drafts:
-        config = EngineConfig(args.model, draft=draft, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir)
-        engine = Engine(config, base.target, base.tokenizer)
+        config = EngineConfig(args.model, draft=draft, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir,
+                              profile=True)
+        engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
         name = f"specserve-{Path(draft).name}"
         results[name] = MethodResult(name)
         methods[name] = engine_method(engine, results[name])
     return methods, results, base
 
 
-def measure(methods, results, prompts: list[torch.Tensor], max_new: int, repeats: int) -> None:
+def load_prompts(engine: Engine, name: str, count: int | None) -> list[PromptInput]:
+    """The first `count` prompts of a text set, or `count` held-out image prompts, as chat turns."""
+    if name == IMAGE_SET:
+        specs = image_prompts(True, count or IMAGE_PROMPTS, IMAGE_SEED)
+    else:
+        specs = [PromptSpec(text) for text in PROMPT_SETS[name][:count]]
+    return [chat_prompt(engine, spec) for spec in specs]
+
+
+def measure(methods, results, prompts: list[PromptInput], max_new: int, repeats: int) -> None:
     for run in methods.values():  # warm-up: first calls pay for allocations and kernel selection
         run(prompts[0], 8)
     for result in results.values():
@@ -90,9 +119,9 @@ def measure(methods, results, prompts: list[torch.Tensor], max_new: int, repeats
     for repeat in range(repeats):
         for name, run in methods.items():
             tokens, seconds = 0, 0.0
-            for ids in prompts:
+            for prompt in prompts:
                 start = time.perf_counter()
-                out = run(ids, max_new)
+                out = run(prompt, max_new)
                 seconds += time.perf_counter() - start
                 tokens += len(out)
                 if repeat == 0:
@@ -112,72 +141,98 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> str:
     return f"{same}/{len(reference)}{note}"
 
 
-def report(args, results: dict[str, MethodResult]) -> str:
+def step_reports(results: dict[str, MethodResult]) -> dict[str, dict]:
+    """Per method, its profiled step split and speedup bounds ({} for the HF methods)."""
+    ar = results[AR_DRAFT].metrics if AR_DRAFT in results else None
+    return {name: step_timing.step_report(r.metrics, ar) for name, r in results.items()}
+
+
+def report(args, results: dict[str, MethodResult], steps: dict[str, dict]) -> str:
     ar = results["hf-ar"]
     ar_median = statistics.median(ar.throughputs)
     peers = [r for n, r in results.items() if n.startswith("hf-") and n != "hf-ar"]
     best_peer = max((statistics.median(r.throughputs) for r in peers), default=ar_median)
+    columns = ["method", "tok/s min", "median", "max", "vs best HF peer", "vs AR", *step_timing.COLUMNS,
+               "mean accepted length", "per-position acceptance", "outputs equal to AR"]
     lines = [
         f"# Offline decoding: {args.model}, prompts `{args.prompts}`, {args.dtype}, greedy, batch 1",
         "",
         f"Command: `python benchmarks/offline.py {' '.join(args.argv)}`  ",
         f"{args.max_new_tokens} new tokens max per prompt, {len(ar.outputs)} prompts, {args.repeats} repeats, "
-        f"{torch.get_num_threads()} torch threads; tokens/s include prefill. "
-        "Mean accepted length includes the bonus token.",
+        f"{torch.get_num_threads()} torch threads; tokens/s include prefill; vs AR = measured speedup of "
+        "median tokens/s over HF `generate`. Mean accepted length includes the bonus token.  ",
+        step_timing.NOTE,
         "",
-        "| method | tok/s min | median | max | vs AR | vs best HF peer | mean accepted length | "
-        "per-position acceptance | outputs equal to AR |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for name, r in results.items():
         med = statistics.median(r.throughputs)
         m = r.metrics
         tau = f"{m.mean_accepted_length:.2f}" if m.verify_steps else "-"
         pos = ", ".join(f"{p:.2f}" for p in m.per_position_acceptance) if m.verify_steps else "-"
-        same = agreement(r.outputs, ar.outputs)
-        lines.append(
-            f"| {name} | {min(r.throughputs):.2f} | {med:.2f} | {max(r.throughputs):.2f} | "
-            f"{med / ar_median:.2f}x | {med / best_peer:.2f}x | {tau} | {pos} | {same} |"
-        )
+        row = [name, f"{min(r.throughputs):.2f}", f"{med:.2f}", f"{max(r.throughputs):.2f}",
+               f"{med / best_peer:.2f}x", f"{med / ar_median:.2f}x", *step_timing.cells(steps[name]),
+               tau, pos, agreement(r.outputs, ar.outputs)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
+def plot(path: Path, title: str, results: dict[str, MethodResult], steps: dict[str, dict]) -> None:
+    """Tokens/s of every method; the speedup bounds next to the measured speedup of each specserve one."""
+    medians = {name: statistics.median(r.throughputs) for name, r in results.items()}
+    throughput = Panel(
+        "tokens/s", list(results), {"median, min-max over repeats": list(medians.values())},
+        ranges={"median, min-max over repeats": [(min(r.throughputs), max(r.throughputs)) for r in results.values()]},
+    )
+    profiled = [name for name, step in steps.items() if step]
+    speedup = Panel("speedup", profiled, {
+        "ideal (steps without overhead)": [steps[n]["ideal_speedup"] for n in profiled],
+        "step-achieved": [steps[n]["step_speedup"] for n in profiled],
+        "measured (vs HF AR)": [medians[n] / medians["hf-ar"] for n in profiled],
+    }, baseline=1.0)
+    save_bar_chart(path, title, [throughput, speedup])
 
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--draft-model", default=None, help="draft LM for HF assisted generation")
     parser.add_argument("--drafts", nargs="+", default=["none", "ngram"], help="specserve drafters to run")
-    parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
+    parser.add_argument("--prompts", default="summarise-edit", choices=[*sorted(PROMPT_SETS), IMAGE_SET])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts of the set")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help=f"use the first N prompts of a text set; N images (default {IMAGE_PROMPTS})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tree-depth", type=int, default=5)
     parser.add_argument("--tree-top-k", type=int, default=4)
     parser.add_argument("--tree-nodes", type=int, default=16)
+    parser.add_argument("--tree-mode", default=TreeMode.DYNAMIC.value, choices=[m.value for m in TreeMode],
+                        help="tree shape of the model drafters (n-gram always proposes its trie)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--name", default=None, help="results file stem")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods, results, base = build(args)
-    prompts = [
-        torch.tensor([base.prepare_chat([{"role": "user", "content": text}]).token_ids])
-        for text in PROMPT_SETS[args.prompts][: args.num_prompts]
-    ]
+    prompts = load_prompts(base, args.prompts, args.num_prompts)
     measure(methods, results, prompts, args.max_new_tokens, args.repeats)
-    table = report(args, results)
+    steps = step_reports(results)
+    table = report(args, results, steps)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"offline-{Path(args.model).name}-{args.prompts}"
-    (RESULTS / f"{stem}.md").write_text(table)
-    raw = {n: {"throughputs": r.throughputs, "spec": r.metrics.to_dict()} for n, r in results.items()}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(raw, indent=2))
+    (args.out / f"{stem}.md").write_text(table)
+    raw = {n: {"throughputs": r.throughputs, "spec": r.metrics.to_dict(), "step": steps[n]}
+           for n, r in results.items()}
+    (args.out / f"{stem}.json").write_text(json.dumps(raw, indent=2))
+    plot(args.out / f"{stem}.png", f"{Path(args.model).name}, prompts {args.prompts}, {args.dtype}", results, steps)
+    return raw
 
 
 if __name__ == "__main__":

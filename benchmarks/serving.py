@@ -13,6 +13,9 @@ dtype, threads); replaying their output through a fresh detokenizer times detoke
 Engine time per token = (decode time - detokenization) / (tokens - 1). Per-token overhead (1 client)
 = client TPOT / engine time per token - 1: HTTP, SSE, event loop, scheduler, detokenization. Wall
 overhead = wall time / engine time of the same requests - 1. `/metrics` TPOT is worker-side.
+
+Writes serving-<model>.{md,json,png} into `--out`; the plot sets output tokens/s and TTFT p50 / p99 of
+the drafters side by side per concurrency level.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from plots import Panel, save_bar_chart
 from prompts import PROMPT_SETS
 from specserve.server.config import EngineConfig, SamplingParams
 from specserve.server.detokenizer import IncrementalDetokenizer
@@ -47,7 +51,7 @@ RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server
 STARTUP_TIMEOUT_S = 900  # a first start may pull the model into the store
 COLOURS = ["red", "blue", "green", "orange"]
-QUESTION = "What colour is the circle in the image?"
+QUESTION = "Describe the image in detail."
 TPOT_SERIES = "vllm:time_per_output_token_seconds"
 
 
@@ -253,6 +257,24 @@ def report(args, runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(path: Path, args, runs: dict) -> None:
+    """Output tokens/s and TTFT p50 / p99 per concurrency level, one bar per drafter (`none`: no speculation)."""
+    groups = [f"{c} client{'s' if c > 1 else ''}" for c in args.concurrency]
+
+    def panel(title: str, value) -> Panel:
+        return Panel(title, groups, {draft: [value(run["levels"][c]) for c in args.concurrency]
+                                     for draft, run in runs.items()})
+
+    def ttft_ms(index: int):  # index into [p50, p90, p99]
+        return lambda level: level["ttft_s"][index] * 1000 if level["ttft_s"] else None
+
+    save_bar_chart(path, f"Serving {Path(args.model).name}, {args.dtype}, streamed over loopback", [
+        panel("output tokens/s", lambda level: level["output_tokens_per_s"]),
+        panel("TTFT p50 (ms)", ttft_ms(0)),
+        panel("TTFT p99 (ms)", ttft_ms(2)),
+    ])
+
+
 def run_drafter(args, draft: str, texts: list[str]) -> dict:
     """The engine's own timings, then a server for `draft` and the sweep against it."""
     engine = Engine.from_config(EngineConfig(args.model, draft=draft, dtype=args.dtype))
@@ -292,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"serving-{Path(args.model).name}.md").write_text(table)
     (args.out / f"serving-{Path(args.model).name}.json").write_text(json.dumps(runs, indent=2))
+    plot(args.out / f"serving-{Path(args.model).name}.png", args, runs)
     return runs
 
 

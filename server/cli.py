@@ -15,8 +15,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `generate` and `serve`."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="store alias, HF folder, .gguf file or hub id (default: %(default)s)")
-    parser.add_argument("--draft", default="ngram",
-                        help="'none', 'ngram', or a draft model (alias, folder, .gguf, hub id)")
+    parser.add_argument("--draft", default="auto",
+                        help="'auto' (the store's drafter for --model, e.g. tiny-vlm-msd; else ngram), "
+                             "'none', 'ngram', an EAGLE/MSD head folder, or a draft model (alias, "
+                             "folder, .gguf, hub id) (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tree-depth", type=int, default=TreeConfig.depth)

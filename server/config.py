@@ -36,7 +36,8 @@ class EngineConfig:
     """Everything needed to build an `Engine`.
 
     `model` and `draft` accept a model-store alias, a local HF folder, a `.gguf` file or a hub id.
-    `draft` may also be `"ngram"` (prompt lookup) or `"none"` (plain autoregressive decoding).
+    `draft` may also be `"ngram"` (prompt lookup), `"none"` (plain autoregressive decoding) or
+    `"auto"` (the store's drafter for a store-alias model, e.g. tiny-vlm's MSD head; else ngram).
     """
 
     model: str
@@ -47,6 +48,7 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's own context length
     cache_dir: str | None = None  # model store location; None = the store's default
     calibrate_tree: bool = False  # pick tree.nodes from measured verify cost at load time
+    profile: bool = False  # time drafting, verification and whole steps into each request's SpecMetrics
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -25,8 +25,10 @@ from .config import EngineConfig, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .errors import RequestError
 from .outputs import GenerationOutput, PromptInput, StepOutput, TokenLogprob
+from .profiling import Stopwatch
 from .prompts import PromptBuilder
 from .sequence import Sequence
+from .store.registry import default_draft
 from .store.resolve import hub_error_message, resolve_model
 from .target import CausalLMAdapter, TargetModel, load_model
 
@@ -41,6 +43,8 @@ class Engine:
         proposer: Proposer | None = None,
     ) -> None:
         """`proposer` overrides the drafter that `config.draft` names (for embedding custom drafters)."""
+        if config.draft == "auto":
+            config = replace(config, draft=default_draft(config.model))
         self.config = config
         self.target = target
         self.tokenizer = tokenizer
@@ -52,6 +56,7 @@ class Engine:
         self.model_name = config.model
         self.max_model_len = min(config.max_model_len or target.max_context, target.max_context)
         self.eos_token_ids = _eos_ids(target.model, tokenizer)
+        self.stopwatch = Stopwatch(config.profile, target.device)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -104,7 +109,8 @@ class Engine:
             raise ValueError("the sequence has finished")
         if seq.cache is None:
             return self._prefill(seq)
-        return self._speculative_step(seq)
+        with self.stopwatch.adds_to(seq.metrics, "step_seconds"):
+            return self._speculative_step(seq)
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's KV memory (target and drafter); safe to call twice."""
@@ -156,10 +162,12 @@ class Engine:
 
     def _speculative_step(self, seq: Sequence) -> StepOutput:
         # 1. propose: a draft tree rooted at the last emitted token
-        proposal = seq.draft.propose(seq.root_token)
+        with self.stopwatch.adds_to(seq.metrics, "draft_seconds"):
+            proposal = seq.draft.propose(seq.root_token)
         tree = proposal.tree
         # 2. verify: the target scores every tree node in one forward
-        out = self.target.verify(tree, seq.cache, seq.prefix_len)
+        with self.stopwatch.adds_to(seq.metrics, "verify_seconds"):
+            out = self.target.verify(tree, seq.cache, seq.prefix_len)
         # 3. accept: the longest path the target agrees with, plus a bonus token (one host sync)
         result = self._accept(proposal, out.logits, seq)
         path, emitted = _to_host(result)
@@ -168,7 +176,8 @@ class Engine:
         seq.prefix_len += len(path)
         # 5. update the drafter with what entered the cache (root + accepted drafts)
         hidden = out.hidden[0, path] if self.proposer.needs_hidden_states else None
-        seq.draft.commit([seq.root_token] + emitted[:-1], hidden)
+        with self.stopwatch.adds_to(seq.metrics, "draft_seconds"):
+            seq.draft.commit([seq.root_token] + emitted[:-1], hidden)
         seq.root_token = emitted[-1]
         seq.metrics.observe(tree.num_nodes - 1, len(path) - 1)
         # 6. emit: accepted drafts + bonus; stop conditions may cut the run

@@ -9,6 +9,9 @@ Definitions (as EAGLE, MSD, vLLM and SGLang use them):
 - per-position acceptance rate[i] = verify steps whose depth-(i+1) node was accepted / verify steps.
 
 Tokens emitted by prefill (the first token) are not counted: no draft was verified for it.
+
+With `EngineConfig.profile` the engine also sums the wall time of its verify steps, split into drafting
+(the drafter's propose + commit), verification (the target's tree forward) and the rest of the step.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ class SpecMetrics:
     proposed_draft_tokens: int = 0
     accepted_draft_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    # Summed wall time of verify steps; stays 0 unless the engine profiles.
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    step_seconds: float = 0.0
 
     def observe(self, num_proposed: int, num_accepted: int) -> None:
         """Record one verify step that checked `num_proposed` draft nodes and accepted a path of
@@ -38,6 +45,9 @@ class SpecMetrics:
         self.verify_steps += other.verify_steps
         self.proposed_draft_tokens += other.proposed_draft_tokens
         self.accepted_draft_tokens += other.accepted_draft_tokens
+        self.draft_seconds += other.draft_seconds
+        self.verify_seconds += other.verify_seconds
+        self.step_seconds += other.step_seconds
         for pos, count in enumerate(other.accepted_per_position):
             if pos < len(self.accepted_per_position):
                 self.accepted_per_position[pos] += count
@@ -72,4 +82,20 @@ class SpecMetrics:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "accepted_per_position": list(self.accepted_per_position),
             "per_position_acceptance": [round(r, 4) for r in self.per_position_acceptance],
+        }
+
+    def timing_dict(self) -> dict:
+        """Milliseconds per verify step: drafting, verification, other (acceptance, KV compaction, host
+        sync, emit, Python bookkeeping) and the whole step, plus other's share of the step. Empty if the
+        steps were not profiled. Kept out of `to_dict`, which is the API's `spec_decode` object."""
+        if self.step_seconds == 0.0:
+            return {}
+        per_step = 1000.0 / self.verify_steps
+        other = self.step_seconds - self.draft_seconds - self.verify_seconds
+        return {
+            "draft_ms": self.draft_seconds * per_step,
+            "verify_ms": self.verify_seconds * per_step,
+            "other_ms": other * per_step,
+            "step_ms": self.step_seconds * per_step,
+            "other_share": other / self.step_seconds,
         }

@@ -56,6 +56,9 @@ class TrainConfig:
     passes: int = 3  # tree depths unrolled in training (1 = EAGLE-1's teacher forcing only)
     draft_vocab: int = 8192  # most frequent answer tokens the head drafts from; 0 = the whole vocabulary
     checkpoint_every: int = 50
+    # Stop after this step of the schedule (0 = at the end): the schedule stays that of the whole
+    # run, so stopping at N gives exactly the first N steps of it (equal budgets for comparisons).
+    stop_at: int = 0
     cache_dir: str | None = None
 
     @property
@@ -122,7 +125,8 @@ def train(engine, config: TrainConfig) -> dict:
     weight = target.lm_head.weight.detach()
     weight = weight if head.draft_vocab is None else weight[head.draft_vocab]
     started = time.monotonic()
-    bar = tqdm(range(step, config.total_steps), initial=step, total=config.total_steps, desc="train-draft")
+    end = config.stop_at or config.total_steps
+    bar = tqdm(range(step, end), initial=step, total=end, desc="train-draft")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate(step)
@@ -138,7 +142,7 @@ def train(engine, config: TrainConfig) -> dict:
         bar.set_postfix(feat=f"{parts.feature:.3f}", ce=f"{parts.cross_entropy:.2f}",
                         top1="/".join(f"{c / max(parts.count, 1):.2f}" for c in parts.correct),
                         img=f"{config.image_share(step):.2f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 in (config.text_steps, config.total_steps):
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 in (config.text_steps, end):
             _save_checkpoint(out / CHECKPOINT, head, optimizer, step + 1)
         if step + 1 == config.text_steps:
             _save_checkpoint(out / STAGE1_CHECKPOINT, head, optimizer, step + 1)

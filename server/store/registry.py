@@ -1,7 +1,7 @@
 """The model-store catalogue: which models exist, where their bytes come from and how to check them.
 
-Pure data. `pull.py` dispatches on the type of an entry's `source` (`GgufWheels` or `Assembled`),
-never on the alias, so adding a model means adding one `ModelEntry` here.
+Pure data. `pull.py` dispatches on the type of an entry's `source` (`GgufWheels`, `Assembled` or
+`Packaged`), never on the alias, so adding a model means adding one `ModelEntry` here.
 
 Trust: every wheel is pinned to an exact version, and the GGUF joined from a wheel's members is
 checked against a sha256 recorded here (the wheels' own RECORD hashes only catch on-disk corruption,
@@ -55,16 +55,25 @@ class Assembled:
 
 
 @dataclass(frozen=True)
+class Packaged:
+    """A small model folder committed inside this package (a draft head of a few MB): nothing to
+    pull, it is used in place."""
+
+    folder: str  # relative to server/store/
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One model of the store."""
 
     alias: str
     description: str
     license: str
-    source: GgufWheels | Assembled
+    source: GgufWheels | Assembled | Packaged
     dtype: str  # dtype of the converted safetensors
     tokenizer_sha256: str | None = None  # of the converted tokenizer.json; None = not checked
     optional: bool = False  # benchmarks only: nothing in the tests or the default server needs it
+    default_draft: str = "ngram"  # the drafter `--draft auto` picks for this model
 
 
 def _split_wheels(name_prefix: str, version: str, count: int) -> tuple[Wheel, ...]:
@@ -132,10 +141,25 @@ _ENTRIES = (
             inputs=("tiny_vlm", "assets/tiny-vlm"),
         ),
         dtype="float32",
+        default_draft="tiny-vlm-msd",
+    ),
+    ModelEntry(
+        alias="tiny-vlm-msd",
+        description="MSD draft head for tiny-vlm (one decoder layer, visual tokens decoupled), bf16",
+        license="Apache-2.0",
+        source=Packaged("assets/tiny-vlm-msd"),
+        dtype="bfloat16",
     ),
 )
 
 CATALOGUE: types.MappingProxyType[str, ModelEntry] = types.MappingProxyType({e.alias: e for e in _ENTRIES})
+
+
+def default_draft(model: str) -> str:
+    """What `--draft auto` means for `model`: its entry's drafter for a store alias, else n-gram
+    prompt lookup (it needs no weights, so it works for any model)."""
+    entry = CATALOGUE.get(model)
+    return entry.default_draft if entry is not None else "ngram"
 
 
 def get_entry(alias: str) -> ModelEntry:

@@ -4,25 +4,17 @@ model. No timing thresholds: the checks are counts and orderings that hold on an
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def serving():
-    # The benchmark scripts import their siblings (`prompts`) as top-level modules.
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("serving")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def serving(benchmark_script):
+    return benchmark_script("serving")
 
 
 def test_summary_of_literal_requests(serving):
@@ -54,6 +46,7 @@ def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_pat
                          "--out", str(tmp_path)])
 
     assert json.loads((tmp_path / "serving-llava.json").read_text()).keys() == {"ngram"}
+    assert Image.open(tmp_path / "serving-llava.png").format == "PNG"
     table = (tmp_path / "serving-llava.md").read_text()
     assert "| ngram | 1 | 2 | 0 |" in table and "| ngram | 2 | 4 | 0 |" in table
     run = runs["ngram"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from specserve.drafting.train.loop import Datasets, TrainConfig, pick_batch
 from specserve.drafting.train.prompts import PromptSpec
 from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
 from specserve.server.engine import Engine
+
+TRAINED_HEAD = Path(__file__).resolve().parents[2] / "server" / "store" / "assets" / "tiny-vlm-msd"
 
 
 def example(ids: list[int], answer_start: int, image: bool = False) -> Example:
@@ -114,6 +117,26 @@ def test_tiny_training_run_resumes_and_serves(tiny_model_dirs, tmp_path):
     assert len(out.token_ids) > 0
 
 
+def test_a_run_stopped_early_and_resumed_equals_an_uninterrupted_one(tiny_model_dirs, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+
+    def run(out, *extra):
+        argv = ["train-draft", "--model", str(tiny_model_dirs["llava"]), "--out", str(out), "--dtype",
+                "float32", "--text-examples", "4", "--image-examples", "4", "--eval-text", "1",
+                "--eval-images", "1", "--max-new-tokens", "6", "--text-steps", "2", "--mm-steps", "2",
+                "--batch-size", "2", "--warmup", "1", "--draft-vocab", "64", *extra]
+        args = parser.parse_args(argv)
+        assert args.run(args) == 0
+        return torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+
+    assert run(tmp_path / "split", "--stop-at", "3") == 3
+    assert run(tmp_path / "split") == 4
+    assert run(tmp_path / "whole") == 4
+    heads = [(tmp_path / name / "head" / "model.safetensors").read_bytes() for name in ("split", "whole")]
+    assert heads[0] == heads[1]
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm_dir(store_cache):
     from specserve.server.store.pull import pull
@@ -122,12 +145,15 @@ def tiny_vlm_dir(store_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(ImageMode))
+@pytest.mark.parametrize("mode", [*ImageMode, "trained"])
 def test_tiny_vlm_greedy_lossless_in_every_mode(tiny_vlm_dir, tmp_path, mode):
-    """Random heads (losslessness must not depend on head quality), float32, an easy-vqa-like image."""
+    """Random heads (losslessness must not depend on head quality) and the committed trained head,
+    float32, an easy-vqa-like image."""
     base = Engine.from_config(EngineConfig(str(tiny_vlm_dir), dtype="float32"))
-    save_head(new_head(base.target.config, HeadConfig(image_mode=mode)), tmp_path)
-    config = EngineConfig(str(tiny_vlm_dir), draft=str(tmp_path), dtype="float32",
+    folder = TRAINED_HEAD if mode == "trained" else tmp_path
+    if mode != "trained":
+        save_head(new_head(base.target.config, HeadConfig(image_mode=mode)), folder)
+    config = EngineConfig(str(tiny_vlm_dir), draft=str(folder), dtype="float32",
                           tree=TreeConfig(depth=5, top_k=4, nodes=16))
     engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
     image = Image.new("RGB", (64, 64), (250, 250, 240))
@@ -141,3 +167,5 @@ def test_tiny_vlm_greedy_lossless_in_every_mode(tiny_vlm_dir, tmp_path, mode):
         do_sample=False, max_new_tokens=48,
     )[0, ids.shape[1]:].tolist()
     assert out.token_ids == expected
+    if mode == "trained":
+        assert out.metrics.mean_accepted_length > 2.0  # the trained head must actually draft well

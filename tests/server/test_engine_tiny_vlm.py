@@ -7,8 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle_head import ImageMode
 from specserve.server.config import EngineConfig, SamplingParams
 from specserve.server.engine import Engine
+from specserve.server.metrics import SpecMetrics
 from specserve.server.store.pull import pull
 from specserve.server.store.tiny_vlm.data import load_split
 from specserve.server.store.tiny_vlm.texts import DESCRIBE_PROMPTS
@@ -21,11 +24,18 @@ def tiny_vlm_dir(store_cache, smollm2_dir):
     return pull("tiny-vlm", store_cache, progress=False)
 
 
-@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_auto_draft_on_tiny_vlm_is_its_msd_head(tiny_vlm_dir, store_cache):
+    engine = Engine.from_config(EngineConfig("tiny-vlm", draft="auto", cache_dir=str(store_cache)))
+    assert engine.config.draft == "tiny-vlm-msd"
+    assert isinstance(engine.proposer, EagleProposer)
+    assert engine.proposer.head.settings.image_mode is ImageMode.DECOUPLED
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram", "tiny-vlm-msd"])
 def test_tiny_vlm_greedy_speculative_equals_generate(tiny_vlm_dir, draft):
     engine = Engine.from_config(EngineConfig(str(tiny_vlm_dir), draft=draft, dtype="float32"))
     split = load_split("test")
-    accepted = 0
+    metrics = SpecMetrics()
     for index in (0, 1):
         image = Image.open(split[index].path).convert("RGB")
         prompt = engine.prepare_chat([{"role": "user", "content": [
@@ -39,6 +49,8 @@ def test_tiny_vlm_greedy_speculative_equals_generate(tiny_vlm_dir, draft):
             do_sample=False, max_new_tokens=MAX_NEW,
         )[0, ids.shape[1]:].tolist()
         assert out.token_ids == expected
-        accepted += out.metrics.accepted_draft_tokens
+        metrics.merge(out.metrics)
     if draft == "ngram":
-        assert accepted > 0
+        assert metrics.accepted_draft_tokens > 0
+    if draft == "tiny-vlm-msd":  # trained on the target's own descriptions: most drafts land
+        assert metrics.mean_accepted_length > 3.0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from specserve.server.config import DTYPES
 from specserve.server.store.errors import UnknownModelError
-from specserve.server.store.registry import CATALOGUE, GgufWheels, _split_wheels, get_entry
+from specserve.drafting.eagle_head import SETTINGS_KEY, ImageMode, is_eagle_folder
+from specserve.server.store.pull import pull
+from specserve.server.store.registry import CATALOGUE, GgufWheels, Packaged, _split_wheels, default_draft, get_entry
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -39,6 +42,22 @@ def test_tiny_vlm_is_assembled_from_smollm2() -> None:
     assert source.base == "smollm2-135m"
     assert source.function == "specserve.server.store.tiny_vlm.assemble:assemble"
     assert source.inputs == ("tiny_vlm", "assets/tiny-vlm")
+
+
+def test_tiny_vlm_drafts_with_its_packaged_msd_head(tmp_path) -> None:
+    assert default_draft("tiny-vlm") == "tiny-vlm-msd"
+    assert isinstance(CATALOGUE["tiny-vlm-msd"].source, Packaged)
+    folder = pull("tiny-vlm-msd", tmp_path)  # used in place: nothing is written to the cache
+    assert list(tmp_path.iterdir()) == []
+    assert is_eagle_folder(folder)
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10_000_000  # small enough to commit
+    settings = json.loads((folder / "config.json").read_text())[SETTINGS_KEY]
+    assert settings["image_mode"] == ImageMode.DECOUPLED.value
+
+
+def test_auto_draft_is_ngram_for_models_outside_the_store() -> None:
+    assert default_draft("smollm2-135m") == "ngram"
+    assert default_draft("/some/folder") == "ngram"
 
 
 def test_split_wheels_names_parts_in_order() -> None:

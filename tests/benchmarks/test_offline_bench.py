@@ -1,0 +1,45 @@
+"""The offline benchmark (`benchmarks/offline.py`), one whole small run per prompt kind on tiny models:
+the step-time columns, the JSON, the PNG, and specserve's outputs equal to HF `generate` (float32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def offline(benchmark_script):
+    return benchmark_script("offline")
+
+
+@pytest.mark.parametrize(("family", "prompts", "drafts"), [
+    ("llava", "images", ["none", "ngram"]),  # easy-vqa test images; HF generate gets the same pixels
+    ("llama", "code-prose", ["ngram"]),  # no `none`: no AR step time, so no speedup bounds
+])
+def test_a_whole_run_on_a_tiny_model(offline, benchmark_script, tiny_model_dirs, tmp_path, family, prompts, drafts):
+    columns = benchmark_script("step_timing").COLUMNS
+    offline.main(["--model", str(tiny_model_dirs[family]), "--prompts", prompts, "--num-prompts", "1",
+                  "--drafts", *drafts, "--repeats", "1", "--max-new-tokens", "8", "--dtype", "float32",
+                  "--threads", "1", "--out", str(tmp_path), "--name", "run"])
+
+    assert Image.open(tmp_path / "run.png").format == "PNG"
+    lines = (tmp_path / "run.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    assert all(f"| {column} |" in header for column in columns)
+    methods = ["hf-ar", *(f"specserve-{draft}" for draft in drafts)]
+    rows = [line for line in lines if line.startswith(tuple(f"| {method} |" for method in methods))]
+    assert len(rows) == len(methods) and all(row.endswith("| 1/1 |") for row in rows)  # outputs == HF AR's
+
+    raw = json.loads((tmp_path / "run.json").read_text())
+    assert raw["hf-ar"]["step"] == {}
+    for draft in drafts:
+        step = raw[f"specserve-{draft}"]["step"]
+        assert step["draft_ms"] > 0 and step["verify_ms"] > 0 and 0 <= step["other_share"] < 1
+        if "none" in drafts:
+            assert step["ideal_speedup"] >= step["step_speedup"] > 0
+        else:
+            assert step["ideal_speedup"] is None and step["step_speedup"] is None
+    if "none" in drafts:  # plain decoding against itself: the same steps, one token each
+        assert raw["specserve-none"]["step"]["step_speedup"] == pytest.approx(1.0)
