@@ -3,6 +3,8 @@ easy-vqa image in the prompt (the trained model writes long descriptions, where 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -20,20 +22,26 @@ MAX_NEW = 64
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm_dir(store_cache, smollm2_dir):
-    return pull("tiny-vlm", store_cache, progress=False)
+def base(store_cache, smollm2_dir) -> Engine:
+    """tiny-vlm loaded once (float32, no drafter); each test builds its engine on this target."""
+    folder = pull("tiny-vlm", store_cache, progress=False)
+    return Engine.from_config(EngineConfig(str(folder), dtype="float32"))
 
 
-def test_auto_draft_on_tiny_vlm_is_its_msd_head(tiny_vlm_dir, store_cache):
-    engine = Engine.from_config(EngineConfig("tiny-vlm", draft="auto", cache_dir=str(store_cache)))
+def engine_with(base: Engine, config: EngineConfig) -> Engine:
+    return Engine(config, base.target, base.tokenizer, base.prompts.processor)
+
+
+def test_auto_draft_on_tiny_vlm_is_its_msd_head(base, store_cache):
+    engine = engine_with(base, replace(base.config, model="tiny-vlm", draft="auto", cache_dir=str(store_cache)))
     assert engine.config.draft == "tiny-vlm-msd"
     assert isinstance(engine.proposer, EagleProposer)
     assert engine.proposer.head.settings.image_mode is ImageMode.DECOUPLED
 
 
 @pytest.mark.parametrize("draft", ["none", "ngram", "tiny-vlm-msd"])
-def test_tiny_vlm_greedy_speculative_equals_generate(tiny_vlm_dir, draft):
-    engine = Engine.from_config(EngineConfig(str(tiny_vlm_dir), draft=draft, dtype="float32"))
+def test_tiny_vlm_greedy_speculative_equals_generate(base, draft):
+    engine = engine_with(base, replace(base.config, draft=draft))
     split = load_split("test")
     metrics = SpecMetrics()
     for index in (0, 1):
