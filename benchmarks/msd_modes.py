@@ -56,7 +56,10 @@ def engines(args: argparse.Namespace) -> dict[str, Engine]:
     for head in args.heads:
         config = EngineConfig(model=args.model, draft=str(head), dtype=args.dtype, tree=tree, profile=True)
         engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
-        found[engine.proposer.head.settings.image_mode.value] = engine
+        mode = engine.proposer.head.settings.image_mode.value
+        if mode in found:
+            raise ValueError(f"two heads use image mode {mode!r}; --heads takes one head per mode")
+        found[mode] = engine
     return found
 
 

@@ -23,18 +23,19 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 import step_timing
 from plots import Panel, save_bar_chart
+from specserve.drafting.draft_model import DraftModelProposer
 from prompts import PROMPT_SETS
 from specserve.drafting.train.data import chat_prompt
 from specserve.drafting.train.prompts import PromptSpec, image_prompts
 from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
-from specserve.server.engine import Engine
+from specserve.server.engine import Engine, load_draft_model
 from specserve.server.metrics import SpecMetrics
 from specserve.server.outputs import PromptInput
 from specserve.server.target import TargetModel
@@ -43,6 +44,7 @@ RESULTS = Path(__file__).parent / "results"
 IMAGE_SET = "images"  # held-out description prompts on easy-vqa test images, for tiny-vlm
 IMAGE_PROMPTS, IMAGE_SEED = 5, 1
 AR_DRAFT = "specserve-none"  # the engine's own plain decoding: t_ar of the speedup bounds
+INT8 = "-int8"  # name suffix of the methods drafting with the int8 draft LM
 
 
 @dataclass
@@ -53,7 +55,8 @@ class MethodResult:
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
 
 
-def hf_methods(target: TargetModel, draft_model, tree: TreeConfig) -> dict:
+def hf_methods(target: TargetModel, assistants: dict[str, torch.nn.Module], tree: TreeConfig) -> dict:
+    """HF `generate` plain, with prompt lookup, and with each assistant model (name suffix -> model)."""
     model = target.model
 
     def run(prompt: PromptInput, max_new, **kwargs):
@@ -70,8 +73,8 @@ def hf_methods(target: TargetModel, draft_model, tree: TreeConfig) -> dict:
     # the prompt and the pixels, so there are more placeholders than image features.
     if not target.is_multimodal:
         methods["hf-prompt-lookup"] = lambda prompt, n: run(prompt, n, prompt_lookup_num_tokens=tree.depth)
-    if draft_model is not None:
-        methods["hf-assisted"] = lambda prompt, n: run(prompt, n, assistant_model=draft_model)
+    for suffix, assistant in assistants.items():
+        methods[f"hf-assisted{suffix}"] = lambda prompt, n, a=assistant: run(prompt, n, assistant_model=a)
     return methods
 
 
@@ -87,16 +90,22 @@ def engine_method(engine: Engine, result: MethodResult):
 def build(args) -> tuple[dict, dict[str, MethodResult], Engine]:
     tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes, TreeMode(args.tree_mode))
     base = Engine.from_config(EngineConfig(args.model, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir))
-    draft_model = None
+    assistants = {}
     if args.draft_model:
-        draft_model = base._load_draft_model(args.draft_model)
-    methods = hf_methods(base.target, draft_model, tree)
+        assistants[""] = load_draft_model(args.draft_model, base.config)
+        if args.draft_quantization == "int8":
+            int8 = replace(base.config, draft_quantization="int8")
+            assistants[INT8] = load_draft_model(args.draft_model, int8)
+    methods = hf_methods(base.target, assistants, tree)
     results = {name: MethodResult(name) for name in methods}
-    for draft in args.drafts:
+    engines = {f"specserve-{Path(draft).name}": (draft, None) for draft in args.drafts}
+    if INT8 in assistants:  # the same int8 model as HF's assistant, shared
+        engines[f"specserve-{Path(args.draft_model).name}{INT8}"] = (
+            args.draft_model, DraftModelProposer(assistants[INT8], tree))
+    for name, (draft, proposer) in engines.items():
         config = EngineConfig(args.model, draft=draft, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir,
                               profile=True)
-        engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
-        name = f"specserve-{Path(draft).name}"
+        engine = Engine(config, base.target, base.tokenizer, base.prompts.processor, proposer)
         results[name] = MethodResult(name)
         methods[name] = engine_method(engine, results[name])
     return methods, results, base
@@ -198,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--draft-model", default=None, help="draft LM for HF assisted generation")
+    parser.add_argument("--draft-quantization", default="none", choices=["none", "int8"],
+                        help="int8: also run --draft-model as a dynamic int8 draft LM, in HF assisted "
+                             "generation and in specserve (CPU only)")
     parser.add_argument("--drafts", nargs="+", default=["none", "ngram"], help="specserve drafters to run")
     parser.add_argument("--prompts", default="summarise-edit", choices=[*sorted(PROMPT_SETS), IMAGE_SET])
     parser.add_argument("--dtype", default="bfloat16")

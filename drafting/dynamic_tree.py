@@ -57,7 +57,8 @@ def build_dynamic_tree(
     root_token: int, expand: ExpandFn, top_k: int, depth: int, budget: int, device: torch.device
 ) -> DraftTree:
     """Grow candidates for `depth` levels (expanding the `top_k` best nodes of each new level by
-    their `top_k` best children), then keep the `budget` best draft nodes by path score."""
+    their `top_k` best children), then keep the `budget` best draft nodes by path score. Growth
+    stops early once deeper nodes could no longer be kept (same tree, fewer `expand` calls)."""
     cands = Candidates([root_token], [-1], [0.0], [0])
     frontier = [0]
     for level in range(depth):
@@ -68,10 +69,24 @@ def build_dynamic_tree(
         new_nodes: list[int] = []
         for row, parent in enumerate(frontier):
             new_nodes += cands.add_children(parent, top_tok[row], top_logp[row])
-        if level + 1 < depth:
-            new_nodes.sort(key=lambda i: -cands.scores[i])
-            frontier = new_nodes[:top_k]
+        if level + 1 == depth:
+            break
+        new_nodes.sort(key=lambda i: -cands.scores[i])
+        frontier = new_nodes[:top_k]
+        if _cannot_place(cands, frontier, budget):
+            break  # the deeper levels could not change the kept tree: skip their draft forwards
     return select_best(cands, budget, device)
+
+
+def _cannot_place(cands: Candidates, frontier: list[int], budget: int) -> bool:
+    """True if no descendant of `frontier` could be among the `budget` best nodes.
+
+    A descendant scores at most its frontier ancestor, and loses ties to every existing node (it is
+    deeper), so it is out if the best frontier score does not beat the budget-th best score so far."""
+    if len(cands.scores) - 1 < budget:
+        return False
+    kth_best = sorted(cands.scores[1:], reverse=True)[budget - 1]
+    return cands.scores[frontier[0]] <= kth_best
 
 
 def select_best(cands: Candidates, budget: int, device: torch.device) -> DraftTree:

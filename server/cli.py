@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..drafting.static_trees import PRESETS
-from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig, TreeMode
+from .config import DRAFT_QUANTIZATIONS, DTYPES, EngineConfig, SamplingParams, TreeConfig, TreeMode
 
 DEFAULT_MODEL = "tiny-vlm"
 
@@ -29,6 +29,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-mode", default=TreeConfig.mode.value, choices=[m.value for m in TreeMode])
     parser.add_argument("--tree-preset", default=TreeConfig.preset, choices=sorted(PRESETS),
                         help="tree shape for --tree-mode static")
+    parser.add_argument("--draft-quantization", default="none", choices=DRAFT_QUANTIZATIONS,
+                        help="'int8': run a draft LM as dynamic int8 weights and activations (CPU only; "
+                             "cheaper drafts, the same output) (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--cache-dir", default=None,
                         help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
@@ -41,6 +44,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
         max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
+        draft_quantization=args.draft_quantization,
     )
 
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+DRAFT_QUANTIZATIONS = ("none", "int8")
 
 
 class TreeMode(enum.Enum):
@@ -49,10 +50,14 @@ class EngineConfig:
     cache_dir: str | None = None  # model store location; None = the store's default
     calibrate_tree: bool = False  # pick tree.nodes from measured verify cost at load time
     profile: bool = False  # time drafting, verification and whole steps into each request's SpecMetrics
+    draft_quantization: str = "none"  # "int8": a draft LM runs as dynamic int8 (CPU; drafting.quantize)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.draft_quantization not in DRAFT_QUANTIZATIONS:
+            raise ValueError(f"draft_quantization must be one of {DRAFT_QUANTIZATIONS}, "
+                             f"got {self.draft_quantization!r}")
 
 
 @dataclass(frozen=True)

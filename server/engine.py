@@ -16,6 +16,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from ..drafting.base import DraftContext, DraftProposal, Proposer
+from ..drafting.quantize import quantize_draft_model
 from ..drafting.registry import make_proposer
 from ..kernels.acceptance import AcceptResult, chain_sample_accept, greedy_accept, tree_sample_accept
 from ..kernels.kv_cache import compact_cache
@@ -50,7 +51,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, processor, target.is_multimodal)
         self.proposer = proposer or make_proposer(
-            config, target, self._load_draft_model,
+            config, target, lambda spec: load_draft_model(spec, config),
             lambda spec: resolve_model(spec, Path(config.cache_dir) if config.cache_dir else None),
         )
         self.model_name = config.model
@@ -69,9 +70,6 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = AutoProcessor.from_pretrained(path) if target.is_multimodal else None
         return cls(config, target, tokenizer, processor)
-
-    def _load_draft_model(self, spec: str) -> torch.nn.Module:
-        return _load(spec, self.config.cache_dir, self.config.dtype, self.config.device)[1].model
 
     @property
     def is_multimodal(self) -> bool:
@@ -226,6 +224,13 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+def load_draft_model(spec: str, config: EngineConfig) -> torch.nn.Module:
+    """The draft LM `spec` in `config`'s dtype and device, or as dynamic int8 if `config` asks (CPU)."""
+    if config.draft_quantization == "int8":
+        return quantize_draft_model(_load(spec, config.cache_dir, "float32", config.device)[1].model)
+    return _load(spec, config.cache_dir, config.dtype, config.device)[1].model
 
 
 def _load(spec: str, cache_dir: str | None, dtype: str, device: str) -> tuple[str, CausalLMAdapter]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from PIL import Image
 from transformers import AutoConfig
 
@@ -32,3 +34,13 @@ def test_a_whole_run_with_a_random_head(benchmark_script, tiny_model_dirs, tmp_p
     table = (tmp_path / "out" / "msd_modes.md").read_text()
     assert all(f"| {column} |" in table for column in columns)
     assert "| images | 0 | fused |" in table and "| text | 0 | ar |" in table
+
+
+def test_two_heads_with_one_mode_are_refused(benchmark_script, tiny_model_dirs, tmp_path):
+    model = tiny_model_dirs["llava"]
+    for name in ("a", "b"):
+        save_head(new_head(AutoConfig.from_pretrained(model).text_config, HeadConfig(image_mode=ImageMode.FUSED)),
+                  tmp_path / name)
+    with pytest.raises(ValueError, match="image mode 'fused'"):
+        benchmark_script("msd_modes").main(["--model", str(model), "--heads", str(tmp_path / "a"),
+                                            str(tmp_path / "b"), "--dtype", "float32", "--out", str(tmp_path)])

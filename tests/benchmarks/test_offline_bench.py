@@ -43,3 +43,20 @@ def test_a_whole_run_on_a_tiny_model(offline, benchmark_script, tiny_model_dirs,
             assert step["ideal_speedup"] is None and step["step_speedup"] is None
     if "none" in drafts:  # plain decoding against itself: the same steps, one token each
         assert raw["specserve-none"]["step"]["step_speedup"] == pytest.approx(1.0)
+
+
+def test_int8_draft_model_rows(offline, tiny_model_dirs, tmp_path):
+    # --draft-quantization int8 adds HF assisted generation and specserve with the same int8 draft LM
+    draft = tiny_model_dirs["qwen2"]
+    raw = offline.main(["--model", str(tiny_model_dirs["llama"]), "--draft-model", str(draft),
+                        "--draft-quantization", "int8", "--prompts", "code-prose", "--num-prompts", "1",
+                        "--drafts", "none", str(draft), "--tree-mode", "chain", "--tree-depth", "3",
+                        "--repeats", "1", "--max-new-tokens", "8", "--dtype", "float32", "--threads", "1",
+                        "--out", str(tmp_path), "--name", "run"])
+    methods = ["hf-ar", "hf-prompt-lookup", "hf-assisted", "hf-assisted-int8", "specserve-none",
+               f"specserve-{draft.name}", f"specserve-{draft.name}-int8"]
+    assert list(raw) == methods
+    table = (tmp_path / "run.md").read_text()
+    for method in methods:
+        assert any(line.startswith(f"| {method} |") and line.endswith("| 1/1 |") for line in table.splitlines())
+    assert raw[f"specserve-{draft.name}-int8"]["step"]["draft_ms"] > 0  # it drafted, and was profiled

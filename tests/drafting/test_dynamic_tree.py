@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from specserve.drafting.dynamic_tree import build_dynamic_tree
+from specserve.drafting.dynamic_tree import Candidates, build_dynamic_tree, select_best
 
 V = 8
 
@@ -45,6 +45,49 @@ def test_chain_when_top_k_is_one():
     tree = build_dynamic_tree(1, table_expand(table), top_k=1, depth=4, budget=4, device=torch.device("cpu"))
     assert tree.tokens[0].tolist() == [1, 4, 7, 2, 5]
     assert tree.parents[0].tolist() == [-1, 0, 1, 2, 3]
+
+
+def full_growth_tree(root, expand, top_k, depth, budget):
+    """Reference: grow every level (no early stop), then keep the best `budget` nodes."""
+    cands = Candidates([root], [-1], [0.0], [0])
+    frontier = [0]
+    for level in range(depth):
+        top_logp, top_tok = expand(cands, frontier, level).clamp(max=0.0).topk(top_k, dim=-1)
+        new = [n for row, parent in enumerate(frontier)
+               for n in cands.add_children(parent, top_tok[row].tolist(), top_logp[row].tolist())]
+        frontier = sorted(new, key=lambda i: -cands.scores[i])[:top_k]
+    return select_best(cands, budget, torch.device("cpu"))
+
+
+def test_early_stop_keeps_the_full_growth_tree_and_skips_forwards():
+    generator = torch.Generator().manual_seed(0)
+    skipped = 0
+    for trial in range(200):
+        # peaked or flat random children, with ties from rounding to 1 decimal
+        sharpness = 6.0 if trial % 2 else 0.5
+        logits = (torch.randn(V, V, generator=generator) * sharpness).round(decimals=1)
+        table = {t: dict(enumerate(logits[t].softmax(-1).tolist())) for t in range(V)}
+        top_k, depth, budget = 1 + trial % 3, 2 + trial % 5, 1 + trial % 9
+        calls = []
+        expand = table_expand(table)
+        tree = build_dynamic_tree(0, lambda c, f, lvl: calls.append(lvl) or expand(c, f, lvl),
+                                  top_k, depth, budget, torch.device("cpu"))
+        reference = full_growth_tree(0, expand, top_k, depth, budget)
+        assert tree.tokens.tolist() == reference.tokens.tolist()
+        assert tree.parents.tolist() == reference.parents.tolist()
+        skipped += depth - len(calls)
+    assert skipped > 0  # the early stop fires on some of these trees
+
+
+def test_early_stop_on_a_flat_first_level():
+    # root -> 4 equally likely children; budget 3 is filled at level 0, deeper nodes score lower
+    table = {0: {1: 0.25, 2: 0.25, 3: 0.25, 4: 0.25}, **{t: {5: 0.9} for t in range(1, 5)}}
+    levels = []
+    expand = table_expand(table)
+    tree = build_dynamic_tree(0, lambda c, f, lvl: levels.append(lvl) or expand(c, f, lvl),
+                              top_k=4, depth=5, budget=3, device=torch.device("cpu"))
+    assert levels == [0]
+    assert tree.parents[0].tolist() == [-1, 0, 0, 0]  # three of the four tied children
 
 
 def test_static_preset_docstring_example():

@@ -56,8 +56,10 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def engine_for(path, draft: str = "none", tree: TreeConfig = TreeConfig(), proposer=None) -> Engine:
-    config = EngineConfig(model=str(path), draft=draft, dtype="float64", tree=tree)
+def engine_for(path, draft: str = "none", tree: TreeConfig = TreeConfig(), proposer=None,
+               draft_quantization: str = "none") -> Engine:
+    config = EngineConfig(model=str(path), draft=draft, dtype="float64", tree=tree,
+                          draft_quantization=draft_quantization)
     if proposer is None:
         return Engine.from_config(config)
     base = Engine.from_config(EngineConfig(model=str(path), dtype="float64"))
@@ -85,6 +87,15 @@ def test_greedy_with_draft_model(tiny_model_dirs, mode):
     # same tokenizer, different family and weights: a real but imperfect drafter
     tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode, preset="small-8")
     engine = engine_for(tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"]), tree)
+    assert_greedy_equal(engine)
+
+
+@pytest.mark.parametrize("mode", [TreeMode.CHAIN, TreeMode.DYNAMIC])
+def test_greedy_with_int8_draft_model(tiny_model_dirs, mode):
+    # the int8 draft LM (float32 activations) proposes for a float64 target: output unchanged
+    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode)
+    engine = engine_for(tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"]), tree, draft_quantization="int8")
+    assert isinstance(engine.proposer.model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
     assert_greedy_equal(engine)
 
 
