@@ -30,11 +30,11 @@ import torch
 
 import step_timing
 from plots import Panel, save_bar_chart
-from specserve.drafting.draft_model import DraftModelProposer
 from prompts import PROMPT_SETS
+from specserve.drafting.draft_model import DraftModelProposer
 from specserve.drafting.train.data import chat_prompt
 from specserve.drafting.train.prompts import PromptSpec, image_prompts
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
+from specserve.server.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams, TreeConfig, TreeMode
 from specserve.server.engine import Engine, load_draft_model
 from specserve.server.metrics import SpecMetrics
 from specserve.server.outputs import PromptInput
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--draft-model", default=None, help="draft LM for HF assisted generation")
-    parser.add_argument("--draft-quantization", default="none", choices=["none", "int8"],
+    parser.add_argument("--draft-quantization", default="none", choices=DRAFT_QUANTIZATIONS,
                         help="int8: also run --draft-model as a dynamic int8 draft LM, in HF assisted "
                              "generation and in specserve (CPU only)")
     parser.add_argument("--drafts", nargs="+", default=["none", "ngram"], help="specserve drafters to run")

@@ -30,19 +30,15 @@ def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadMod
     A folder in the EAGLE-1/MSD head layout (recognised by its weight keys, not its name) becomes an
     EAGLE proposer sharing the target's embeddings and LM head; any other model is a draft LM."""
     if config.draft == "none":
-        return _no_quantization(config, NoDraftProposer(target.device))
-    if config.draft == "ngram":
-        return _no_quantization(config, NgramProposer(config.tree, target.device))
-    path = str(resolve(config.draft))
-    if is_eagle_folder(path):
+        proposer = NoDraftProposer(target.device)
+    elif config.draft == "ngram":
+        proposer = NgramProposer(config.tree, target.device)
+    elif is_eagle_folder(path := str(resolve(config.draft))):
         head = load_head(path, target.config, target.dtype, target.device)
-        return _no_quantization(config, EagleProposer(head, target.embed_tokens, target.lm_head, target.softcap,
-                                                      config.tree))
-    return DraftModelProposer(load_model(path), config.tree)
-
-
-def _no_quantization(config: EngineConfig, proposer: Proposer) -> Proposer:
-    """`draft_quantization` shrinks a draft LM; asking for it with another drafter is a mistake."""
+        proposer = EagleProposer(head, target.embed_tokens, target.lm_head, target.softcap, config.tree)
+    else:
+        return DraftModelProposer(load_model(path), config.tree)
+    # `draft_quantization` shrinks a draft LM; asking for it with another drafter is a mistake
     if config.draft_quantization != "none":
         raise ValueError(f"draft_quantization={config.draft_quantization!r} applies to a draft LM, "
                          f"not to the drafter {config.draft!r}")

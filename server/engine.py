@@ -228,9 +228,9 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
 
 def load_draft_model(spec: str, config: EngineConfig) -> torch.nn.Module:
     """The draft LM `spec` in `config`'s dtype and device, or as dynamic int8 if `config` asks (CPU)."""
-    if config.draft_quantization == "int8":
-        return quantize_draft_model(_load(spec, config.cache_dir, "float32", config.device)[1].model)
-    return _load(spec, config.cache_dir, config.dtype, config.device)[1].model
+    int8 = config.draft_quantization == "int8"
+    model = _load(spec, config.cache_dir, "float32" if int8 else config.dtype, config.device)[1].model
+    return quantize_draft_model(model) if int8 else model
 
 
 def _load(spec: str, cache_dir: str | None, dtype: str, device: str) -> tuple[str, CausalLMAdapter]:
