@@ -11,7 +11,11 @@ from PIL import Image
 from specserve.server.store.tiny_vlm.assemble import assemble
 from specserve.server.store.tiny_vlm.data import COLORS, SHAPES, load_split
 from specserve.server.store.tiny_vlm.evaluate import generate, names_right
-from specserve.server.store.tiny_vlm.model import NUM_IMAGE_TOKENS
+from specserve.server.store.tiny_vlm.model import (
+    NUM_IMAGE_TOKENS,
+    build_model,
+    build_processor,
+)
 from specserve.server.store.tiny_vlm.texts import (
     DESCRIBE_PROMPTS,
     DESCRIPTIONS,
@@ -19,6 +23,7 @@ from specserve.server.store.tiny_vlm.texts import (
     description,
     qa_samples,
 )
+from specserve.server.store.tiny_vlm.train import WordAlignment, pixel_values
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
@@ -86,3 +91,27 @@ def test_description_names_shape_and_colour(tiny_vlm, test_split):
     text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
     assert names_right(text, test_split[1]), text
     assert len(tokens) >= 40 and model.config.image_token_index not in tokens
+
+
+def test_word_alignment_puts_the_label_words_into_the_image_tokens(smollm2_dir, test_split):
+    """Stage 2's auxiliary loss: trained alone on a few images, their mean projected tokens end up
+    closest to the embeddings of their own colour and shape words."""
+    processor = build_processor(smollm2_dir)
+    records = test_split[:24]
+    pixels = pixel_values(processor, records)
+    torch.manual_seed(0)
+    model = build_model(smollm2_dir, processor.image_token_id)
+    align = WordAlignment(model, processor.tokenizer, records)
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    images = list(range(len(records)))
+    first = align(model, pixels, images).item()
+    for _ in range(100):
+        loss = align(model, pixels, images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10
+    colour, shape = align.scores(model, pixels)
+    assert [COLORS[i] for i in colour.argmax(-1)] == [r.color for r in records]
+    assert [SHAPES[i] for i in shape.argmax(-1)] == [r.shape for r in records]
