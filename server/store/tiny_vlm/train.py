@@ -55,6 +55,7 @@ class TrainConfig:
     save_every: int = 25
     match_scale: bool = True  # see match_embedding_scale; the committed run's first pass had it off
     aux_weight: float = 0.0  # WordAlignment's weight; 0 = off (the committed run)
+    match_repeat: int = 1  # see repeat_matches; 1 = easy-vqa's own mix
 
 
 def pixel_values(processor: LlavaProcessor, records: list[ImageRecord]) -> torch.Tensor:
@@ -186,13 +187,29 @@ class WordAlignment:
         return F.cross_entropy(colour, targets[:, 1]) + F.cross_entropy(shape, targets[:, 0])
 
 
+def repeat_matches(qa: list[Sample], records: list[ImageRecord], times: int) -> list[Sample]:
+    """`qa` with each yes/no question that names the image's own shape or colour repeated `times`.
+
+    In easy-vqa most yes/no questions ask about a shape or colour the image does *not* have (82% of
+    "is there not ..." questions are answered "yes"), so a model can score well on the prior alone
+    and answer "no" to "is there a red shape?" about a red one. Repeating the matching cases makes
+    the answer depend on comparing the asked word with the image.
+    """
+    def matches(sample: Sample) -> bool:
+        record = records[sample.image]
+        words = set(sample.prompt.rstrip("?").split())
+        return sample.target in ("yes", "no") and bool(words & {record.shape, record.color})
+
+    return [s for s in qa for _ in range(times if matches(s) else 1)]
+
+
 def train_language_side(model: nn.Module, params: list[nn.Parameter], batcher: Batcher,
                         pixels: torch.Tensor, records: list[ImageRecord], cfg: TrainConfig, out: Path) -> None:
     """Stage 2: `params` (projector, LoRA) and the vision tower through SmolLM2 on a seeded mix of
     QA, captions and descriptions. The assets are written to `out` every `cfg.save_every` steps.
     """
     rng = random.Random(cfg.seed)
-    qa = qa_samples(records)
+    qa = repeat_matches(qa_samples(records), records, cfg.match_repeat)
     rng.shuffle(qa)
     tower = list(model.model.vision_tower.parameters())
     groups = [{"params": params}, {"params": tower, "lr": cfg.stage2_vision_lr}]
@@ -298,13 +315,14 @@ def main() -> None:
                         default=defaults.task_weights, help="qa,caption,describe sampling weights")
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight,
                         help="weight of the shape/colour word-alignment loss on the projected tokens")
-    for name in ("seed", "stage1_epochs", "stage2_steps", "lora_rank"):
+    for name in ("seed", "stage1_epochs", "stage2_steps", "lora_rank", "match_repeat"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(seed=args.seed, stage1_epochs=args.stage1_epochs, stage2_steps=args.stage2_steps,
                       lora_rank=args.lora_rank, task_weights=args.task_weights,
-                      match_scale=args.match_scale, aux_weight=args.aux_weight)
+                      match_scale=args.match_scale, aux_weight=args.aux_weight,
+                      match_repeat=args.match_repeat)
     train(args.smollm2, args.out, cfg, args.vision_from)
 
 

@@ -23,7 +23,7 @@ from specserve.server.store.tiny_vlm.texts import (
     description,
     qa_samples,
 )
-from specserve.server.store.tiny_vlm.train import WordAlignment, pixel_values
+from specserve.server.store.tiny_vlm.train import WordAlignment, pixel_values, repeat_matches
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
@@ -115,3 +115,17 @@ def test_word_alignment_puts_the_label_words_into_the_image_tokens(smollm2_dir, 
     colour, shape = align.scores(model, pixels)
     assert [COLORS[i] for i in colour.argmax(-1)] == [r.color for r in records]
     assert [SHAPES[i] for i in shape.argmax(-1)] == [r.shape for r in records]
+
+
+def test_repeat_matches_repeats_only_yes_no_questions_about_the_images_own_labels(test_split):
+    record = test_split[0]
+    other = next(c for c in COLORS if c != record.color)
+    qa = [
+        Sample(0, f"is there a {record.color} shape?", "yes", "qa"),
+        Sample(0, f"is there not a {record.shape}?", "no", "qa"),
+        Sample(0, f"is there a {other} shape?", "no", "qa"),
+        Sample(0, "what color is the shape?", record.color, "qa"),
+    ]
+    repeated = repeat_matches(qa, test_split, 3)
+    assert [repeated.count(s) for s in qa] == [3, 3, 1, 1]
+    assert repeat_matches(qa, test_split, 1) == qa
