@@ -50,6 +50,15 @@ def export_factors(root: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def load_factors(root: nn.Module, factors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Put exported factors back into the `LoraLinear`s under `root` (the inverse of `export_factors`)."""
+    for name, module in root.named_modules():
+        if isinstance(module, LoraLinear):
+            module.lora_a.copy_(factors[f"{prefix}{name}.lora_a"])
+            module.lora_b.copy_(factors[f"{prefix}{name}.lora_b"].float() / module.scale)
+
+
+@torch.no_grad()
 def merge_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
     """Add `B @ A` (computed in float32) to the weight of each linear layer named in `factors`."""
     for key in sorted(k for k in factors if k.endswith(".lora_a")):

@@ -24,7 +24,7 @@ from transformers import CLIPVisionModel, LlavaProcessor
 
 from .assemble import ASSETS, LORA_FILE, VISION_FILE, VISION_PREFIXES
 from .data import COLORS, NUM_PLACES, SHAPES, SIZES, ImageRecord, load_split
-from .lora import add_lora, export_factors
+from .lora import add_lora, export_factors, load_factors
 from .model import (
     IMAGE_TOKEN,
     NUM_IMAGE_TOKENS,
@@ -107,6 +107,9 @@ def train_vision(pixels: torch.Tensor, records: list[ImageRecord], cfg: TrainCon
             bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{hits[0]:.2f}", color=f"{hits[1]:.2f}")
     bar.close()
     return tower
+
+
+LORA_PREFIX = "model.language_model.layers."  # LoRA factor keys, as `assemble` merges them
 
 
 class Batcher:
@@ -252,7 +255,7 @@ def save_assets(model: nn.Module, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIXES)}
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, out / VISION_FILE)
-    factors = export_factors(model.model.language_model.layers, "model.language_model.layers.")
+    factors = export_factors(model.model.language_model.layers, LORA_PREFIX)
     if factors:
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in factors.items()}, out / LORA_FILE)
 
@@ -273,31 +276,37 @@ def match_embedding_scale(model: nn.Module, pixels: torch.Tensor) -> None:
     projector.linear_2.bias.mul_(factor)
 
 
-def train(smollm2_dir: Path, out: Path, cfg: TrainConfig, vision_from: Path | None = None) -> None:
-    """Run both stages with `cfg.seed` into `out`; with `vision_from`, stage 1 is skipped and stage 2
-    starts from the vision tower in those assets (fresh projector and LoRA)."""
+def train(smollm2_dir: Path, out: Path, cfg: TrainConfig, vision_from: Path | None = None,
+          resume_from: Path | None = None) -> None:
+    """Run both stages with `cfg.seed` into `out`. With `vision_from`, stage 1 is skipped and stage 2
+    starts from the vision tower in those assets (fresh projector and LoRA); with `resume_from`, stage
+    2 continues from all the assets there (tower, projector, LoRA; the optimizer starts afresh)."""
     torch.manual_seed(cfg.seed)
     processor = build_processor(smollm2_dir)
     records = load_split("train")
     pixels = pixel_values(processor, records)
+    start = vision_from or resume_from
     # Stage 1 runs before the model is built, so each path draws the same random numbers as the
     # commands in the model card did.
-    tower = train_vision(pixels, records, cfg) if vision_from is None else None
+    tower = train_vision(pixels, records, cfg) if start is None else None
     model = build_model(smollm2_dir, processor.image_token_id)
     if tower is not None:
         model.model.vision_tower.load_state_dict(tower.state_dict())
     else:
-        saved = load_file(vision_from / VISION_FILE)
-        model.load_state_dict({k: v.float() for k, v in saved.items() if k.startswith("model.vision_tower.")},
-                              strict=False)
-    if cfg.match_scale:
+        keep = VISION_PREFIXES if resume_from else ("model.vision_tower.",)
+        saved = load_file(start / VISION_FILE)
+        model.load_state_dict({k: v.float() for k, v in saved.items() if k.startswith(keep)}, strict=False)
+    if cfg.match_scale and resume_from is None:
         match_embedding_scale(model, pixels[:256])
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
     model.model.vision_tower.requires_grad_(True)
     params = list(model.model.multi_modal_projector.parameters())
     if cfg.lora_rank:
-        params += add_lora(model.model.language_model.layers, cfg.lora_rank, cfg.lora_alpha)
+        layers = model.model.language_model.layers
+        params += add_lora(layers, cfg.lora_rank, cfg.lora_alpha)
+        if resume_from:
+            load_factors(layers, load_file(resume_from / LORA_FILE), LORA_PREFIX)
     train_language_side(model, params, Batcher(processor), pixels, records, cfg, out)
 
 
@@ -309,21 +318,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     defaults = TrainConfig()
     parser.add_argument("--vision-from", type=Path, help="skip stage 1; take the vision tower from these assets")
+    parser.add_argument("--resume-from", type=Path, help="skip stage 1; continue stage 2 from these assets")
     parser.add_argument("--no-match-scale", dest="match_scale", action="store_false",
                         help="keep the projector's default init (the first pass of the committed run)")
     parser.add_argument("--task-weights", type=lambda s: tuple(map(float, s.split(","))),
                         default=defaults.task_weights, help="qa,caption,describe sampling weights")
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight,
                         help="weight of the shape/colour word-alignment loss on the projected tokens")
-    for name in ("seed", "stage1_epochs", "stage2_steps", "lora_rank", "match_repeat"):
+    for name in ("seed", "stage1_epochs", "stage2_steps", "lora_rank", "match_repeat", "qa_batch"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(seed=args.seed, stage1_epochs=args.stage1_epochs, stage2_steps=args.stage2_steps,
                       lora_rank=args.lora_rank, task_weights=args.task_weights,
                       match_scale=args.match_scale, aux_weight=args.aux_weight,
-                      match_repeat=args.match_repeat)
-    train(args.smollm2, args.out, cfg, args.vision_from)
+                      match_repeat=args.match_repeat, qa_batch=args.qa_batch)
+    train(args.smollm2, args.out, cfg, args.vision_from, args.resume_from)
 
 
 if __name__ == "__main__":
