@@ -83,7 +83,6 @@ def test_answers_easy_vqa_test_questions(tiny_vlm, test_split):
     assert correct >= 7, list(zip(texts, [q.target for q in questions]))
 
 
-@pytest.mark.xfail(strict=True, reason="tiny-vlm misnames colours (35% colour QA); see its MODEL_CARD.md")
 def test_description_names_shape_and_colour(tiny_vlm, test_split):
     model, processor = tiny_vlm
     prompt = [Sample(1, DESCRIBE_PROMPTS[0], "", "describe")]
