@@ -37,7 +37,8 @@ from .texts import Sample, qa_samples, random_sample
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of both stages (the defaults are the committed run)."""
+    """Hyper-parameters of both stages (the model card gives the flags of each command behind the
+    committed assets)."""
 
     seed: int = 0
     stage1_epochs: int = 20
@@ -53,8 +54,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     task_weights: tuple[float, float, float] = (0.65, 0.1, 0.25)  # qa, caption, describe
     save_every: int = 25
-    match_scale: bool = True  # see match_embedding_scale; the committed run's first pass had it off
-    aux_weight: float = 0.0  # WordAlignment's weight; 0 = off (the committed run)
+    match_scale: bool = True  # see match_embedding_scale; command 1 in the model card had it off
+    aux_weight: float = 0.0  # WordAlignment's weight; 0 = off
     match_repeat: int = 1  # see repeat_matches; 1 = easy-vqa's own mix
 
 
@@ -234,16 +235,17 @@ def train_language_side(model: nn.Module, params: list[nn.Parameter], batcher: B
         ids, is_target = batcher(batch)
         images = [s.image for s in batch]
         loss = answer_loss(model, ids, is_target, pixels[images])
-        lm = loss.item()
+        logged = {task: loss.item()}
         if align is not None:
             aux = align(model, pixels[images], images)
-            running["aux"] = 0.9 * running["aux"] + 0.1 * aux.item() if running["aux"] else aux.item()
+            logged["aux"] = aux.item()
             loss = loss + cfg.aux_weight * aux
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        running[task] = 0.9 * running[task] + 0.1 * lm if running[task] else lm
+        for key, value in logged.items():  # running averages for the progress bar
+            running[key] = 0.9 * running[key] + 0.1 * value if running[key] else value
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.stage2_steps:
             save_assets(model, out)
