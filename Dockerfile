@@ -14,12 +14,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     SPECSERVE_CACHE=/models
 
 WORKDIR /opt/specserve
-# torch is pinned by a range (the project's own), not one version: CUDA users pick their build.
+# torch at the version of the lock (constraints.txt, the versions CI tested), as a CPU or CUDA build.
+COPY constraints.txt ./
 # hadolint ignore=DL3013
 RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
-        pip install --index-url "$TORCH_CPU_INDEX" "$TORCH_SPEC"; \
+        pip install -c constraints.txt --index-url "$TORCH_CPU_INDEX" "$TORCH_SPEC"; \
     else \
-        pip install "$TORCH_SPEC"; \
+        pip install -c constraints.txt "$TORCH_SPEC"; \
     fi
 
 COPY pyproject.toml README.md __init__.py ./
@@ -27,7 +28,7 @@ COPY kernels ./kernels
 COPY drafting ./drafting
 COPY server ./server
 # Install, then pull the built-in default model at build time, so the container starts offline.
-RUN pip install . \
+RUN pip install -c constraints.txt . \
     && specserve models pull tiny-vlm --quiet \
     && useradd --uid 10001 --create-home specserve \
     && chown -R 10001 /models

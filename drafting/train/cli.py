@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from dataclasses import fields
@@ -43,6 +44,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train (resuming from `--out` if it holds a checkpoint); prints the held-out evaluation."""
+    if importlib.util.find_spec("easy_vqa") is None:  # the image prompts: easy-vqa's train split
+        sys.stderr.write("specserve: error: train-draft needs the 'train' extra: "
+                         "pip install 'specserve[train]' (from a checkout: pip install -e '.[train]')\n")
+        return 2
     from ...server.config import EngineConfig
     from ...server.engine import Engine
     from .loop import train

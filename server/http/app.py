@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -162,9 +163,13 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE)
 
 
-def create_app(engine_or_factory: Any, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(
+    engine_or_factory: Any, settings: ServerSettings | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
     """An app serving an `Engine`, or a zero-argument factory that builds one (called on the worker
-    thread, so the app answers /health with 503 while the model loads)."""
+    thread, so the app answers /health with 503 while the model loads). `on_load_failure(reason)`
+    hears a failed load (the CLI exits); without it the app answers 503 with the reason."""
     settings = settings or ServerSettings()
     # The gauges read the scheduler when scraped; the scheduler reports steps to the metrics.
     prometheus = PrometheusMetrics(
@@ -173,7 +178,7 @@ def create_app(engine_or_factory: Any, settings: ServerSettings | None = None) -
         waiting=lambda: state.scheduler.num_waiting,
     )
     scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
-                          postprocess=postprocess, observer=prometheus)
+                          postprocess=postprocess, observer=prometheus, on_load_failure=on_load_failure)
     state = ServerState(settings, scheduler, prometheus, int(time.time()))
 
     @asynccontextmanager

@@ -51,7 +51,10 @@ class Scheduler:
     def __init__(
         self, engine_or_factory: Any, *, max_active: int, max_queue: int,
         postprocess: Callable[[Any, Any], Any] | None = None, observer: SchedulerObserver | None = None,
+        on_load_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_load_failure(reason)` is called (on the worker) when the factory raises: `specserve
+        serve` then exits. Without it the failure is logged and every request answers 503."""
         # An engine has `step`; anything else callable is a factory that builds one on the worker.
         is_engine = hasattr(engine_or_factory, "step")
         self._engine = engine_or_factory if is_engine else None
@@ -59,6 +62,7 @@ class Scheduler:
         self._max_active, self._max_queue = max_active, max_queue
         self._postprocess = postprocess
         self._observer = observer
+        self._on_load_failure = on_load_failure
         self._cond = threading.Condition()
         self._calls: deque[tuple] = deque()
         self._waiting: deque[_Entry] = deque()
@@ -156,9 +160,13 @@ class Scheduler:
             return True
         try:
             self._engine = self._factory()
-        except Exception as exc:  # any load failure: report it on /health and in 503 bodies
-            logger.exception("loading the engine failed")
+        except Exception as exc:  # any load failure: one line for the operator, 503 for clients
+            logger.debug("loading the engine failed", exc_info=True)
             self.state, self.load_error = "failed", f"{type(exc).__name__}: {exc}"
+            if self._on_load_failure is not None:
+                self._on_load_failure(self.load_error)
+            else:
+                logger.error("the model failed to load: %s (--log-level debug shows where)", self.load_error)
             return False
         self.state = "ready"
         return True

@@ -7,6 +7,7 @@ and `run_serve(args)` to run it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .settings import ServerSettings
 
@@ -59,7 +60,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted. The model loads on the worker thread after the socket is open, so
-    /health answers 503 until it is ready."""
+    /health answers 503 until it is ready; a model that cannot load stops the server, which exits 1
+    with the reason on one line."""
     import uvicorn
 
     from ..cli import engine_config
@@ -67,6 +69,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     config = engine_config(args)
-    app = create_app(lambda: Engine.from_config(config), settings_from_args(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    failures: list[str] = []
+
+    def load_failed(reason: str) -> None:  # on the worker thread; uvicorn polls should_exit
+        failures.append(reason)
+        server.should_exit = True
+
+    app = create_app(lambda: Engine.from_config(config), settings_from_args(args), on_load_failure=load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if failures:
+        sys.stderr.write(f"specserve: error: the model failed to load: {failures[0]}\n")
+        return 1
     return 0

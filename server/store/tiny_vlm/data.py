@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import easy_vqa
 import numpy as np
 from PIL import Image
 
@@ -49,6 +48,8 @@ class ImageRecord:
 
 def load_split(split: str) -> list[ImageRecord]:
     """Labelled images of easy-vqa's "train" (4,000) or "test" (1,000) split, ordered by image id."""
+    import easy_vqa  # the `train` extra: imported here so that serving never needs it
+
     if split == "train":
         texts, answers, ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()

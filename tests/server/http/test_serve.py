@@ -4,6 +4,10 @@ mounted inside another FastAPI app, and several apps in one process."""
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -14,6 +18,12 @@ from fastapi import FastAPI
 from specserve.server.http.app import create_app
 from specserve.server.http.serve import add_serve_arguments, run_serve, settings_from_args
 from specserve.server.http.settings import ServerSettings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -41,13 +51,16 @@ def test_settings_are_validated():
 
 
 def test_run_serve_loads_the_model_behind_a_live_socket(monkeypatch, launch, tiny_model_dir):
-    """`run_serve` with uvicorn.run replaced by the test launcher: the model loads on the worker
-    (health 503, then 200) and the API answers."""
+    """`run_serve` with uvicorn's `Server.run` replaced by the test launcher: the model loads on the
+    worker (health 503, then 200) and the API answers."""
     seen = {}
+    real_run = uvicorn.Server.run  # the launcher's own server still runs for real
 
-    def fake_run(app, host, port, log_level):
-        seen.update(host=host, port=port, log_level=log_level)
-        with launch(app) as server, server.http() as http:
+    def fake_run(server, sockets=None):
+        if sockets is not None:
+            return real_run(server, sockets=sockets)
+        seen.update(host=server.config.host, port=server.config.port, log_level=server.config.log_level)
+        with launch(server.config.app) as running, running.http() as http:
             deadline = time.monotonic() + 60
             while http.get("/health").status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -55,7 +68,7 @@ def test_run_serve_loads_the_model_behind_a_live_socket(monkeypatch, launch, tin
             seen["chat"] = http.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).status_code
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     args = parse("--model", str(tiny_model_dir), "--draft", "none", "--port", "8123",
                  "--served-model-name", "tiny")
     assert run_serve(args) == 0
@@ -63,6 +76,22 @@ def test_run_serve_loads_the_model_behind_a_live_socket(monkeypatch, launch, tin
     assert seen["models"]["data"][0]["id"] == "tiny"
     assert seen["models"]["data"][0]["root"] == str(tiny_model_dir)
     assert seen["chat"] == 200
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_one_line(tmp_path):
+    """`specserve serve` on a folder with no model: exit code 1, the reason on one line, no traceback
+    (instead of a live server answering 503 for ever)."""
+    missing = tmp_path / "no-model-here"
+    missing.mkdir()
+    command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
+               "serve", "--model", str(missing), "--draft", "none", "--port", str(free_port())]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SPECSERVE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("specserve: error: the model failed to load: "), proc.stderr
+    assert "no-model-here" in lines[-1]
+    assert "Traceback" not in proc.stderr
 
 
 def test_mounted_app_starts_its_worker_on_first_use(launch, make_engine):
