@@ -21,15 +21,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import step_timing
+import torch
 from plots import Panel, save_bar_chart
-from specserve.drafting.train.data import chat_prompt
-from specserve.drafting.train.prompts import image_prompts, sample_prompts, text_prompts
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
+
+from specserve.drafting.budget import TreeBudget
 from specserve.server.engine import Engine
-from specserve.server.metrics import SpecMetrics
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.metrics import SpecMetrics
+from specserve.server.training.draft_head.data import chat_prompt
+from specserve.server.training.draft_head.prompts import image_prompts, sample_prompts, text_prompts
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,7 +51,7 @@ class Cell:
 
 def engines(args: argparse.Namespace) -> dict[str, Engine]:
     """AR first, then one engine per head, all sharing one loaded target."""
-    tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes)
+    tree = TreeBudget(args.tree_depth, args.tree_branching, args.tree_nodes)
     base = Engine.from_config(EngineConfig(model=args.model, dtype=args.dtype, tree=tree, profile=True))
     found = {"ar": base}
     for head in args.heads:
@@ -97,7 +98,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     lines = [
         "# MSD image-position modes (batch 1)", "",
         f"Target `{args.model}` in {args.dtype}, {results['threads']} CPU thread(s); tree depth "
-        f"{args.tree_depth}, top-k {args.tree_top_k}, {args.tree_nodes} nodes; max {args.max_tokens} "
+        f"{args.tree_depth}, branching {args.tree_branching}, {args.tree_nodes} nodes; max {args.max_tokens} "
         "new tokens. Accepted length includes the bonus token; speedup = tokens/s over plain AR "
         "decoding, whole requests (prefill and vision encoding included). At T=0 every output should "
         "equal AR's (bf16 near-ties aside); at T=1 methods draw different random numbers, so outputs "
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--tree-depth", type=int, default=6)
-    parser.add_argument("--tree-top-k", type=int, default=4)
+    parser.add_argument("--tree-branching", "--tree-top-k", dest="tree_branching", type=int, default=4)
     parser.add_argument("--tree-nodes", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=1)

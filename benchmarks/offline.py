@@ -26,19 +26,20 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 import step_timing
+import torch
 from plots import Panel, save_bar_chart
 from prompts import PROMPT_SETS
+
+from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.draft_model import DraftModelProposer
-from specserve.drafting.train.data import chat_prompt
-from specserve.drafting.train.prompts import PromptSpec, image_prompts
-from specserve.server.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams, TreeConfig, TreeMode
 from specserve.server.engine import Engine, load_draft_model
-from specserve.server.metrics import SpecMetrics
-from specserve.server.outputs import PromptInput
-from specserve.server.target import TargetModel
+from specserve.server.engine.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams
+from specserve.server.engine.metrics import SpecMetrics
+from specserve.server.engine.outputs import PromptInput
+from specserve.server.engine.target import TargetModel
+from specserve.server.training.draft_head.data import chat_prompt
+from specserve.server.training.draft_head.prompts import PromptSpec, image_prompts
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE_SET = "images"  # held-out description prompts on easy-vqa test images, for tiny-vlm
@@ -55,7 +56,7 @@ class MethodResult:
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
 
 
-def hf_methods(target: TargetModel, assistants: dict[str, torch.nn.Module], tree: TreeConfig) -> dict:
+def hf_methods(target: TargetModel, assistants: dict[str, torch.nn.Module], tree: TreeBudget) -> dict:
     """HF `generate` plain, with prompt lookup, and with each assistant model (name suffix -> model)."""
     model = target.model
 
@@ -88,7 +89,7 @@ def engine_method(engine: Engine, result: MethodResult):
 
 
 def build(args) -> tuple[dict, dict[str, MethodResult], Engine]:
-    tree = TreeConfig(args.tree_depth, args.tree_top_k, args.tree_nodes, TreeMode(args.tree_mode))
+    tree = TreeBudget(args.tree_depth, args.tree_branching, args.tree_nodes, TreeMode(args.tree_mode))
     base = Engine.from_config(EngineConfig(args.model, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir))
     assistants = {}
     if args.draft_model:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"use the first N prompts of a text set; N images (default {IMAGE_PROMPTS})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tree-depth", type=int, default=5)
-    parser.add_argument("--tree-top-k", type=int, default=4)
+    parser.add_argument("--tree-branching", "--tree-top-k", dest="tree_branching", type=int, default=4)
     parser.add_argument("--tree-nodes", type=int, default=16)
     parser.add_argument("--tree-mode", default=TreeMode.DYNAMIC.value, choices=[m.value for m in TreeMode],
                         help="tree shape of the model drafters (n-gram always proposes its trie)")

@@ -40,12 +40,12 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
 from plots import Panel, save_bar_chart
 from prompts import PROMPT_SETS
-from specserve.server.config import EngineConfig, SamplingParams
-from specserve.server.detokenizer import IncrementalDetokenizer
+
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.detokenizer import IncrementalDetokenizer
 
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server

@@ -14,7 +14,7 @@ The measured end-to-end speedup is lower again: it also pays prefill and per-req
 
 from __future__ import annotations
 
-from specserve.server.metrics import SpecMetrics
+from specserve.server.engine.metrics import SpecMetrics
 
 COLUMNS = ["ideal speedup", "step speedup", "draft ms/step", "verify ms/step", "other ms/step", "other share"]
 NOTE = (

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
+from ..kernels.sampling import LogitsParams
 from ..kernels.tree import DraftTree
-from ..server.config import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class DraftContext:
     """What a session starts from: the prompt as the target saw it at prefill."""
 
     token_ids: list[int]  # prompt tokens (image placeholders included)
-    params: SamplingParams
+    params: LogitsParams  # the request's temperature / top-p / top-k (a chain drafter samples with them)
     generator: torch.Generator | None
     hidden: torch.Tensor | None = None  # [L, H] target last hidden states (only if the proposer asks)
     inputs_embeds: torch.Tensor | None = None  # [L, H] the target's input embeddings (visual at images)

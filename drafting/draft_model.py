@@ -15,18 +15,18 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..kernels.sampling import process_logits, sample
-from ..kernels.tree import DraftTree
-from ..server.config import SamplingParams, TreeConfig, TreeMode
+from ..kernels.sampling import LogitsParams, process_logits, sample
+from ..kernels.tree import DraftTree, additive_mask
 from .base import DraftContext, DraftProposal
-from .dynamic_tree import Candidates, build_dynamic_tree
-from .static_trees import PRESETS, build_static_tree
+from .budget import TreeBudget, TreeMode
+from .dynamic_tree import Candidates
+from .shaper import level_mask, shape_tree
 
 
 class DraftModelProposer:
     needs_hidden_states = False
 
-    def __init__(self, model: torch.nn.Module, tree: TreeConfig) -> None:
+    def __init__(self, model: torch.nn.Module, tree: TreeBudget) -> None:
         self.model = model
         self.tree = tree
 
@@ -35,10 +35,10 @@ class DraftModelProposer:
 
 
 class DraftModelSession:
-    def __init__(self, model: torch.nn.Module, tree: TreeConfig, context: DraftContext) -> None:
+    def __init__(self, model: torch.nn.Module, tree: TreeBudget, context: DraftContext) -> None:
         self.model = model
         self.tree = tree
-        self.params: SamplingParams = context.params
+        self.params: LogitsParams = context.params
         self.generator = context.generator
         self.device = model.device
         self.cache = DynamicCache()  # full-attention layers, which crop exactly
@@ -62,17 +62,10 @@ class DraftModelSession:
         self.prefix_len = self.cache.get_seq_length()  # committed tokens + root
         self.root_logps = root_logits.float().log_softmax(-1)
         self.node_slots = {}
-        mode = self.tree.mode
-        if mode is TreeMode.CHAIN and not self.params.greedy:
+        if self.tree.mode is TreeMode.CHAIN and not self.params.greedy:
             proposal = self._sample_chain(root_token, root_logits)
-        elif mode is TreeMode.STATIC:
-            tree = build_static_tree(root_token, self._expand, PRESETS[self.tree.preset], self.device)
-            proposal = DraftProposal(tree)
         else:
-            chain = mode is TreeMode.CHAIN
-            top_k, budget = (1, self.tree.depth) if chain else (self.tree.top_k, self.tree.nodes)
-            tree = build_dynamic_tree(root_token, self._expand, top_k, self.tree.depth, budget, self.device)
-            proposal = DraftProposal(tree)
+            proposal = DraftProposal(shape_tree(root_token, self._expand, self.tree, self.device))
         # drop the tree rows; the committed text and the root stay
         self.cache.crop(self.prefix_len - self.cache.get_seq_length())
         return proposal
@@ -87,15 +80,8 @@ class DraftModelSession:
     def _forward_nodes(self, cands: Candidates, nodes: list[int], level: int) -> torch.Tensor:
         # Each node sees the committed prefix (incl. root) and the cache slots of its ancestors.
         cache_len = self.cache.get_seq_length()
-        allowed = torch.zeros(len(nodes), cache_len + len(nodes), dtype=torch.bool, device=self.device)
-        allowed[:, : self.prefix_len] = True
-        for row, node in enumerate(nodes):
-            for ancestor in cands.ancestors(node):
-                allowed[row, self.node_slots[ancestor]] = True
-            allowed[row, cache_len + row] = True
-        dtype = self.model.dtype
-        mask = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=self.device)
-        mask = mask.masked_fill(allowed, 0.0)[None, None]
+        allowed = level_mask(cands, nodes, self.node_slots, self.prefix_len, cache_len, self.device)
+        mask = additive_mask(allowed, self.model.dtype)
         positions = torch.full((1, len(nodes)), self.prefix_len - 1 + level, device=self.device)
         tokens = torch.tensor([[cands.tokens[node] for node in nodes]], device=self.device)
         out = self.model(

@@ -4,7 +4,7 @@ The drafter scores children with a callback; this module decides which nodes to 
 keep. A node's score is the product of draft probabilities along its path (a sum of log-probs here),
 so a child never outscores its parent and the best `budget` nodes always form a connected tree.
 
-Worked example (top_k=2, depth=2, budget=3), root r:
+Worked example (branching=2, depth=2, budget=3), root r:
     expand(r)       -> children a (logp -0.1), b (-1.0)            frontier [a, b]
     expand([a, b])  -> a: c (-0.2), d (-2.0); b: e (-0.3), f (-3.0)
     scores: a -0.1, c -0.3, b -1.0, e -1.3, d -2.1, f -4.0         (depth reached: stop expanding)
@@ -54,17 +54,17 @@ class Candidates:
 
 
 def build_dynamic_tree(
-    root_token: int, expand: ExpandFn, top_k: int, depth: int, budget: int, device: torch.device
+    root_token: int, expand: ExpandFn, branching: int, depth: int, budget: int, device: torch.device
 ) -> DraftTree:
-    """Grow candidates for `depth` levels (expanding the `top_k` best nodes of each new level by
-    their `top_k` best children), then keep the `budget` best draft nodes by path score. Growth
+    """Grow candidates for `depth` levels (expanding the `branching` best nodes of each new level by
+    their `branching` best children), then keep the `budget` best draft nodes by path score. Growth
     stops early once deeper nodes could no longer be kept (same tree, fewer `expand` calls)."""
     cands = Candidates([root_token], [-1], [0.0], [0])
     frontier = [0]
     for level in range(depth):
         logps = expand(cands, frontier, level)  # [len(frontier), V]
         # clamp: log-softmax rounding can give +1e-7, and a child must never outscore its parent
-        top_logp, top_tok = logps.float().clamp(max=0.0).topk(top_k, dim=-1)
+        top_logp, top_tok = logps.float().clamp(max=0.0).topk(branching, dim=-1)
         top_logp, top_tok = top_logp.tolist(), top_tok.tolist()  # one host sync per level
         new_nodes: list[int] = []
         for row, parent in enumerate(frontier):
@@ -72,7 +72,7 @@ def build_dynamic_tree(
         if level + 1 == depth:
             break
         new_nodes.sort(key=lambda i: -cands.scores[i])
-        frontier = new_nodes[:top_k]
+        frontier = new_nodes[:branching]
         if _cannot_place(cands, frontier, budget):
             break  # the deeper levels could not change the kept tree: skip their draft forwards
     return select_best(cands, budget, device)

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..server.config import TreeConfig, TreeMode
+from ..kernels.tree import additive_mask
 from .base import DraftContext, DraftProposal
-from .dynamic_tree import Candidates, build_dynamic_tree
+from .budget import TreeBudget
+from .dynamic_tree import Candidates
 from .eagle_head import EagleHead
 from .eagle_inputs import prompt_entries
+from .shaper import level_mask, shape_tree
+
 
 class VocabProjection:
     """Draft log-probs from the target's LM head, restricted to the head's draft vocabulary if any.
@@ -57,7 +60,7 @@ class EagleProposer:
 
     def __init__(
         self, head: EagleHead, embed_tokens: nn.Module, lm_head: nn.Module, softcap: float | None,
-        tree: TreeConfig,
+        tree: TreeBudget,
     ) -> None:
         """`embed_tokens` and `lm_head` are the target's own (shared, not copied); `softcap` is the
         target's final logit soft-capping (None for most models)."""
@@ -106,10 +109,8 @@ class EagleSession:
     def propose(self, root_token: int) -> DraftProposal:
         self.features = {0: self._catch_up(root_token)}
         self.node_slots = {}
-        chain = self.tree.mode is TreeMode.CHAIN  # one-hot drafts: tree acceptance samples losslessly
-        top_k = 1 if chain else self.tree.top_k
-        budget = self.tree.depth if chain else self.tree.nodes
-        tree = build_dynamic_tree(root_token, self._expand, top_k, self.tree.depth, budget, self.device)
+        # drafts are one-hot (no draft distribution): tree acceptance samples losslessly in every mode
+        tree = shape_tree(root_token, self._expand, self.tree, self.device)
         self.cache.crop(self.length - self.cache.get_seq_length())  # drop the tree rows
         return DraftProposal(tree)
 
@@ -123,7 +124,7 @@ class EagleSession:
         positions = torch.arange(self.length, self.length + n, device=self.device)
         # row i sees the cached entries and entries 0..i of this chunk
         allowed = torch.arange(self.length + n, device=self.device) <= positions[:, None]
-        features = self.head(inputs[None], positions[None], self._additive(allowed), self.cache)
+        features = self.head(inputs[None], positions[None], additive_mask(allowed, self.dtype), self.cache)
         self.length += n
         return features[0, -1]
 
@@ -136,23 +137,14 @@ class EagleSession:
     def _run_level(self, cands: Candidates, nodes: list[int], level: int) -> None:
         """One forward for a tree level: node = fc(e(its token), its parent's predicted feature)."""
         cache_len = self.cache.get_seq_length()
-        allowed = torch.zeros(len(nodes), cache_len + len(nodes), dtype=torch.bool, device=self.device)
-        allowed[:, : self.length] = True  # committed entries, the root's included
-        for row, node in enumerate(nodes):
-            for ancestor in cands.ancestors(node):
-                allowed[row, self.node_slots[ancestor]] = True
-            allowed[row, cache_len + row] = True
+        # committed entries (the root's included) and the cache rows of each node's ancestors
+        allowed = level_mask(cands, nodes, self.node_slots, self.length, cache_len, self.device)
         tokens = torch.tensor([cands.tokens[node] for node in nodes], device=self.device)
         parents = torch.stack([self.features[cands.parents[node]] for node in nodes])
         inputs = self.head.fuse(self.embed_tokens(tokens), parents)
         # the root's entry sits at length - 1, so a node at depth `level` sits `level` after it
         positions = torch.full((1, len(nodes)), self.length - 1 + level, device=self.device)
-        features = self.head(inputs[None], positions, self._additive(allowed), self.cache)[0]
+        features = self.head(inputs[None], positions, additive_mask(allowed, self.dtype), self.cache)[0]
         for row, node in enumerate(nodes):
             self.node_slots[node] = cache_len + row
             self.features[node] = features[row]
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """[n, S] bool -> [1, 1, n, S] additive mask in the head's dtype (finfo.min, not -inf)."""
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[None, None]

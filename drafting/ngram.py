@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.tree import DraftTree
-from ..server.config import TreeConfig
 from .base import DraftContext, DraftProposal
+from .budget import TreeBudget, TreeMode
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,12 @@ class NgramConfig:
 class NgramProposer:
     needs_hidden_states = False
 
-    def __init__(self, tree: TreeConfig, device: torch.device, config: NgramConfig = NgramConfig()):
+    def __init__(self, tree: TreeBudget, device: torch.device, config: NgramConfig = NgramConfig()):
+        # The trie's shape comes from what the text repeats, not from ranked guesses, so a fixed shape
+        # has nothing to fill it with; chain mode keeps the single best continuation.
+        if tree.mode is TreeMode.STATIC:
+            raise ValueError("n-gram drafting cannot fill a static tree shape (it has no ranked guesses "
+                             "per node); use --tree-mode dynamic or chain")
         self.tree = tree
         self.device = device
         self.config = config
@@ -43,7 +48,7 @@ class NgramProposer:
 
 
 class NgramSession:
-    def __init__(self, tree: TreeConfig, config: NgramConfig, device: torch.device) -> None:
+    def __init__(self, tree: TreeBudget, config: NgramConfig, device: torch.device) -> None:
         self.tree = tree
         self.config = config
         self.device = device
@@ -66,17 +71,20 @@ class NgramSession:
     def propose(self, root_token: int) -> DraftProposal:
         sequence = self.tokens + [root_token]
         continuations = self._continuations(sequence)
-        tokens, parents = merge_into_trie(root_token, continuations, self.tree.nodes)
+        budget = self.tree.depth if self.tree.mode is TreeMode.CHAIN else self.tree.draft_nodes
+        tokens, parents = merge_into_trie(root_token, continuations, budget)
         tree = DraftTree.from_parents(
             torch.tensor([tokens], device=self.device), torch.tensor([parents], device=self.device)
         )
         return DraftProposal(tree)
 
     def _continuations(self, sequence: list[int]) -> list[list[int]]:
-        """Up to `top_k` distinct continuations, longest matching n-gram and latest occurrence first."""
+        """Up to `branching` distinct continuations (one in chain mode), longest matching n-gram and
+        latest occurrence first."""
         found: list[list[int]] = []
         seen: set[tuple[int, ...]] = set()
-        depth, branches = self.tree.depth, self.tree.top_k
+        depth = self.tree.depth
+        branches = 1 if self.tree.mode is TreeMode.CHAIN else self.tree.branching
         for n in range(min(self.config.max_n, len(sequence) - 1), self.config.min_n - 1, -1):
             for end in reversed(self.ends.get(tuple(sequence[-n:]), [])):
                 continuation = sequence[end + 1 : end + 1 + depth]

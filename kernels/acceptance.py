@@ -37,11 +37,6 @@ class AcceptResult:
     num_accepted: Tensor  # [B] long, accepted DRAFT tokens (root and bonus excluded)
     emitted_tokens: Tensor  # [B, D+1] accepted draft tokens then the bonus token, -1 padded
 
-    @property
-    def bonus_tokens(self) -> Tensor:
-        """[B] the token emitted after the accepted ones: the next root."""
-        return self.emitted_tokens.gather(1, self.num_accepted[:, None])[:, 0]
-
 
 def greedy_accept(tree: DraftTree, logits: Tensor) -> AcceptResult:
     """Temperature-0 acceptance: a child is accepted iff it equals the target's argmax at its parent.

@@ -7,7 +7,6 @@ at prefix_len, prefix_len + 1, ... in path order, and nothing after it.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 

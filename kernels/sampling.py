@@ -18,6 +18,19 @@ from torch import Tensor
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
 
+@dataclass(frozen=True)
+class LogitsParams:
+    """What turns one request's logits into its sampling distribution (`process_logits`)."""
+
+    temperature: float = 0.0  # 0 = greedy: the argmax, no distribution
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # top-k filtering, 0 = off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
 def process_logits(
     logits: Tensor,  # [B, ..., V]
     temperature: Tensor | float,  # > 0, python number or [B]

@@ -86,9 +86,7 @@ class DraftTree:
         """
         batch, n = self.tokens.shape
         prefix = torch.ones(batch, n, prefix_len, dtype=torch.bool, device=self.tokens.device)
-        allowed = torch.cat([prefix, self.ancestors], dim=-1)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.tokens.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return additive_mask(torch.cat([prefix, self.ancestors], dim=-1), dtype)
 
     def position_ids(self, prefix_len: int) -> Tensor:
         """[B, N] = prefix_len + depth: a node sits right after its ancestors, as in plain decoding."""
@@ -115,29 +113,6 @@ class DraftTree:
         paths.scatter_(2, column, node_ids)
         return paths[..., :width].reshape(*nodes.shape, width)
 
-    def retrieve_paths(self) -> Tensor:
-        """[B, L, D + 1]: every root-to-leaf path, leaves in node-index order, -1 padded.
-
-        L is the largest leaf count in the batch and D the deepest real node. Padding nodes are
-        not leaves, so a tree of only a root has the single path [0]. One host sync.
-
-        Example (the tree of `from_parents`)::
-
-            [[[0, 2, -1], [0, 1, 3], [0, 1, 4]]]       # leaves 2, 3, 4
-        """
-        batch, n = self.tokens.shape
-        real = self.tokens != PAD_TOKEN
-        real[:, 0] = True
-        # scatter_add, not scatter: siblings write to the same parent slot.
-        child_count = torch.zeros(batch, n, dtype=torch.long, device=real.device)
-        child_count.scatter_add_(1, self.parents[:, 1:], real[:, 1:].long())
-        leaf = real & (child_count == 0)
-        num_leaves, depth = torch.stack([leaf.sum(-1).max(), (self.depths * real).max()]).tolist()
-        # A stable sort brings each row's leaves to the front, still in node-index order.
-        order = torch.sort((~leaf).to(torch.uint8), dim=-1, stable=True).indices[:, :num_leaves]
-        paths = self.path_to(order, depth + 1)
-        return paths.masked_fill_(~leaf.gather(1, order)[:, :, None], -1)
-
 
 def chain_tree(tokens: Tensor) -> DraftTree:
     """A chain: tokens [B, K + 1] = root followed by K draft tokens, node i the parent of node i + 1."""
@@ -146,15 +121,12 @@ def chain_tree(tokens: Tensor) -> DraftTree:
     return DraftTree.from_parents(tokens, parents)
 
 
-def mrope_position_ids(tree: DraftTree, next_position: Tensor | int) -> Tensor:
-    """[3, B, N] M-RoPE (Qwen2-VL) positions of the tree nodes.
-
-    After an image the next text position is not the cache length, so the caller passes it
-    (next_position: [B] or int, the root's position). Text tokens carry the same value in the
-    temporal, height and width rows, hence the depth offset goes into all three.
-    """
-    start = torch.as_tensor(next_position, device=tree.depths.device).reshape(-1, 1)
-    return (tree.depths + start).expand(3, -1, -1).contiguous()
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask [B, N, S] (or [N, S]) -> additive [B, 1, N, S] (or [1, 1, N, S]) in `dtype`: 0.0 where
+    allowed, ``finfo(dtype).min`` elsewhere (not -inf, so a fully masked row cannot turn into NaN)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None] if allowed.dim() == 2 else mask[:, None]
 
 
 def _validate(tokens: Tensor, parents: Tensor) -> None:

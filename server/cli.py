@@ -5,53 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..drafting.static_trees import PRESETS
-from .config import DRAFT_QUANTIZATIONS, DTYPES, EngineConfig, SamplingParams, TreeConfig, TreeMode
-
-DEFAULT_MODEL = "tiny-vlm"
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `generate` and `serve`."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="store alias, HF folder, .gguf file or hub id (default: %(default)s)")
-    parser.add_argument("--draft", default="auto",
-                        help="'auto' (the store's drafter for --model, e.g. tiny-vlm-msd; else ngram), "
-                             "'none', 'ngram', an EAGLE/MSD head folder, or a draft model (alias, "
-                             "folder, .gguf, hub id) (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--tree-depth", type=int, default=TreeConfig.depth)
-    parser.add_argument("--tree-top-k", type=int, default=TreeConfig.top_k)
-    parser.add_argument("--tree-nodes", type=_nodes, default=TreeConfig.nodes,
-                        help="draft nodes verified per step (root excluded), or 'auto': the largest "
-                             "size whose verify cost stays within 1.3x of one token, measured at load")
-    parser.add_argument("--tree-mode", default=TreeConfig.mode.value, choices=[m.value for m in TreeMode])
-    parser.add_argument("--tree-preset", default=TreeConfig.preset, choices=sorted(PRESETS),
-                        help="tree shape for --tree-mode static")
-    parser.add_argument("--draft-quantization", default="none", choices=DRAFT_QUANTIZATIONS,
-                        help="'int8': run a draft LM as dynamic int8 weights and activations (CPU only; "
-                             "cheaper drafts, the same output) (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--cache-dir", default=None,
-                        help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    auto = args.tree_nodes == "auto"
-    nodes = TreeConfig.nodes if auto else args.tree_nodes
-    tree = TreeConfig(args.tree_depth, args.tree_top_k, nodes, TreeMode(args.tree_mode), args.tree_preset)
-    return EngineConfig(
-        model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
-        max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
-        draft_quantization=args.draft_quantization,
-    )
-
-
-def _nodes(value: str) -> int | str:
-    if value == "auto":
-        return value
-    return int(value)
+from .engine.args import add_engine_arguments, engine_config
+from .engine.config import SamplingParams
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -101,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
     add_models_parser(sub).set_defaults(run=run_models)
 
-    from ..drafting.train.cli import add_train_parser
+    from .training.draft_head.cli import add_train_parser
 
     add_train_parser(sub)  # `train-draft`: sets its own `run`
     return parser

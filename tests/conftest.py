@@ -12,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -22,7 +23,6 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers import AutoModelForCausalLM
 
 from specserve.server.store.pull import pull
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
@@ -22,74 +20,23 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from ... import __version__
-from ..errors import RequestError
+from ..engine.engine import Engine
+from ..engine.scheduler import Scheduler
 from .chat import serve_chat
 from .completions import serve_completion
-from .errors import APIError, from_validation_error, install_error_handlers
-from .events import NotReady
+from .errors import from_validation_error, install_error_handlers
 from .generation import postprocess
 from .middleware import BodyLimit, CountResponses
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, field_path
 from .responses import ModelCard, ModelList
-from .scheduler import Scheduler
 from .settings import ServerSettings
 from .sse import ClientGone, unless_disconnected
+from .state import ServerState, state_of
 
 M = TypeVar("M", bound=BaseModel)
 PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies (inline images) are parsed off the event loop
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client has gone
-
-
-@dataclass
-class ServerState:
-    """Everything one app needs: its settings, scheduler (which owns the engine) and metrics."""
-
-    settings: ServerSettings
-    scheduler: Scheduler
-    metrics: PrometheusMetrics
-    created: int
-
-    @property
-    def model_name(self) -> str:
-        engine = self.scheduler.engine
-        return self.settings.served_model_name or (engine.model_name if engine is not None else "")
-
-    @staticmethod
-    def new_id(prefix: str) -> str:
-        return f"{prefix}-{uuid.uuid4().hex}"
-
-    @staticmethod
-    def now() -> int:
-        return int(time.time())
-
-    def ready(self) -> None:
-        """Start the worker if nobody has (mounted apps), and refuse with 503 until the model is loaded."""
-        self.scheduler.start()
-        try:
-            self.scheduler.check_ready()
-        except NotReady as exc:
-            raise APIError(503, str(exc), code="unavailable",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        """Run `fn(engine, *args)` on the worker; the engine's `RequestError` becomes a 400."""
-        try:
-            return await self.scheduler.call(fn, *args)
-        except RequestError as exc:
-            raise APIError(400, exc.message, param=exc.param) from None
-        except NotReady as exc:
-            raise APIError(503, str(exc), code="unavailable") from None
-
-    def check_model(self, requested: str | None) -> None:
-        engine = self.scheduler.engine
-        if requested and requested not in (self.model_name, engine.model_name):
-            raise APIError(404, f"the model '{requested}' does not exist; this server serves "
-                           f"'{self.model_name}'", param="model", code="model_not_found")
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.specserve
 
 
 async def _parse(request: Request, model: type[M]) -> M:
@@ -108,7 +55,7 @@ router = APIRouter()
 async def _generate(request: Request, body_model: type[M], serve: Any) -> Response:
     """Parse, check readiness and model, then serve; a client that leaves cancels the work."""
     arrival = time.monotonic()
-    state = _state(request)
+    state = state_of(request)
     req = await _parse(request, body_model)
     state.ready()
     state.check_model(req.model)
@@ -138,14 +85,14 @@ def _card(state: ServerState) -> ModelCard:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    state = _state(request)
+    state = state_of(request)
     state.ready()
     return ModelList(data=[_card(state)]).model_dump()
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(request: Request, model: str) -> dict:
-    state = _state(request)
+    state = state_of(request)
     state.ready()
     state.check_model(model)
     return _card(state).model_dump()
@@ -154,17 +101,17 @@ async def get_model(request: Request, model: str) -> dict:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 once the model is loaded; 503 (with the reason) while loading or after a failed load."""
-    _state(request).ready()
+    state_of(request).ready()
     return JSONResponse({"status": "ok"})
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE)
+    return Response(state_of(request).metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 def create_app(
-    engine_or_factory: Any, settings: ServerSettings | None = None,
+    engine_or_factory: Engine | Callable[[], Engine], settings: ServerSettings | None = None,
     on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """An app serving an `Engine`, or a zero-argument factory that builds one (called on the worker

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from jinja2 import TemplateError
 from starlette.responses import Response
 
-from ..errors import RequestError
-from ..metrics import SpecMetrics
+from ..engine.engine import Engine
+from ..engine.errors import RequestError
+from ..engine.metrics import SpecMetrics
+from ..engine.outputs import PromptInput
 from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
 from .images import check_image_count, engine_messages
 from .protocol import ChatCompletionRequest
 from .responses import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
-    Delta, TokenLogprob, TopLogprob, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionTokenLogprob,
+    ChatLogprobs,
+    Delta,
+    TopLogprob,
+    Usage,
 )
 from .sampling import chat_params
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 
-def prepare_chat(engine: Any, messages: list[dict]) -> Any:
+def prepare_chat(engine: Engine, messages: list[dict]) -> PromptInput:
     """Runs on the worker. A template or processor that rejects the messages (roles that do not
     alternate, an image the processor cannot size) is a problem with the request, not the server."""
     try:
@@ -37,7 +43,7 @@ def chat_logprobs(infos: list[TokenInfo] | None) -> ChatLogprobs | None:
     if infos is None:
         return None
     return ChatLogprobs(content=[
-        TokenLogprob(
+        ChatCompletionTokenLogprob(
             token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
             top_logprobs=[TopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in t.top],
         )

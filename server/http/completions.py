@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from starlette.responses import Response
 
-from ..metrics import SpecMetrics
+from ..engine.engine import Engine
+from ..engine.metrics import SpecMetrics
+from ..engine.outputs import PromptInput
 from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
 from .protocol import CompletionRequest
 from .responses import Completion, TextChoice, TextLogprobs, Usage
 from .sampling import check_choices, completion_params
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default for this endpoint
 
 
-def prepare_prompts(engine: Any, prompts: list[str | list[int]]) -> list[Any]:
+def prepare_prompts(engine: Engine, prompts: list[str | list[int]]) -> list[PromptInput]:
     """Runs on the worker (the tokenizer lives there); token ids are range-checked by the engine."""
     return [engine.prepare_text(p) for p in prompts]
 

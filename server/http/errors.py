@@ -16,6 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.errors import RequestError
+from ..engine.events import NotReady, QueueFull
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
@@ -46,6 +49,22 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def engine_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
+    """The one mapping of what the engine and its scheduler raise to HTTP: the client's request 400,
+    a full queue 429, a model not ready (loading, failed, stopping) 503, anything else 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestError):
+        return APIError(400, exc.message, param=exc.param)
+    if isinstance(exc, QueueFull):
+        return APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                        code="queue_full", headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, NotReady):
+        return APIError(503, str(exc), code="unavailable", headers={"Retry-After": str(retry_after_s)})
+    # An engine bug: the request fails, the server and other requests carry on.
+    return APIError(500, f"internal error while generating ({type(exc).__name__})", code="internal_error")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 from starlette.responses import JSONResponse, Response
 
-from ..errors import RequestError
-from ..metrics import SpecMetrics
-from ..outputs import StepOutput
-from .errors import APIError
-from .events import Event, NotReady, QueueFull, RequestGroup
-from .scheduler import Scheduler
+from ..engine.engine import Engine
+from ..engine.events import Event, NotReady, QueueFull, RequestGroup
+from ..engine.metrics import SpecMetrics
+from ..engine.outputs import StepOutput
+from ..engine.scheduler import Scheduler
+from .errors import engine_error
 from .sse import DONE, EventStream, sse_event
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the processed distribution excludes gets this
 
@@ -42,7 +40,7 @@ class StepResult:
     finish_reason: str | None
 
 
-def postprocess(engine: Any, out: StepOutput) -> StepResult:
+def postprocess(engine: Engine, out: StepOutput) -> StepResult:
     """Scheduler hook: attach token strings to the step's logprobs."""
     infos = None
     if out.logprobs is not None:
@@ -81,18 +79,6 @@ class ChoiceResult:
             self.metrics = event.metrics or SpecMetrics()
 
 
-def event_error(exc: BaseException) -> APIError:
-    """A sequence's failure -> the HTTP error for its request."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, RequestError):
-        return APIError(400, exc.message, param=exc.param)
-    if isinstance(exc, NotReady):
-        return APIError(503, str(exc), code="unavailable")
-    # An engine bug: the request fails, the server and other requests carry on.
-    return APIError(500, f"internal error while generating ({type(exc).__name__})", code="internal_error")
-
-
 def merged_metrics(metrics: list[SpecMetrics]) -> SpecMetrics:
     total = SpecMetrics()
     for m in metrics:
@@ -107,7 +93,7 @@ async def collect(group: RequestGroup) -> list[ChoiceResult]:
     while done < group.size:
         event = await group.next_event()
         if event.error is not None:
-            raise event_error(event.error)
+            raise engine_error(event.error)
         results[event.index].add(event)
         done += event.finished
     return results
@@ -117,7 +103,7 @@ async def first_event(group: RequestGroup) -> Event:
     """The first step's event (the first token exists); a failure before it is a plain HTTP error."""
     event = await group.next_event()
     if event.error is not None:
-        raise event_error(event.error)
+        raise engine_error(event.error)
     return event
 
 
@@ -140,7 +126,7 @@ async def stream_events(
     event = first
     while True:
         if event.error is not None:
-            yield sse_event(event_error(event.error).body())
+            yield sse_event(engine_error(event.error).body())
             yield DONE
             return
         first_of_choice = event.index not in started
@@ -172,12 +158,8 @@ def submit(state: ServerState, prompts: list, params: list, arrival: float) -> R
     """Queue the request's sequences (n choices, or a batch of prompts x n): 429 when full."""
     try:
         return state.scheduler.submit(prompts, params, arrival)
-    except QueueFull:
-        retry = str(state.settings.retry_after_s)
-        raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
-                       code="queue_full", headers={"Retry-After": retry}) from None
-    except NotReady as exc:
-        raise event_error(exc) from None
+    except (QueueFull, NotReady) as exc:
+        raise engine_error(exc, state.settings.retry_after_s) from None
 
 
 async def respond(

@@ -28,13 +28,13 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None
 
 
-class TokenLogprob(TopLogprob):
+class ChatCompletionTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
 class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-    refusal: list[TokenLogprob] | None = None
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import SamplingParams
+from ..engine.config import SamplingParams
 from .errors import bad_request
 from .protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest, _Sampling
 from .settings import ServerSettings

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..engine.args import add_engine_arguments, engine_config
 from .settings import ServerSettings
 
 _D = ServerSettings()  # defaults shown in --help
@@ -16,8 +17,6 @@ _D = ServerSettings()  # defaults shown in --help
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's options (--model, --draft, --dtype, --device, ...) plus the server's."""
-    from ..cli import add_engine_arguments  # imported here: cli imports this module for its commands
-
     add_engine_arguments(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
@@ -64,7 +63,6 @@ def run_serve(args: argparse.Namespace) -> int:
     with the reason on one line."""
     import uvicorn
 
-    from ..cli import engine_config
     from ..engine import Engine
     from .app import create_app
 

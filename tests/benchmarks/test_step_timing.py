@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from specserve.server.metrics import SpecMetrics
+from specserve.server.engine.metrics import SpecMetrics
 
 
 def test_bounds_against_plain_decoding_steps(benchmark_script):

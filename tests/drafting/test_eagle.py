@@ -10,15 +10,17 @@ from PIL import Image
 from transformers import DynamicCache
 
 from specserve.drafting.base import DraftContext
+from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.eagle import EagleProposer, EagleSession
 from specserve.drafting.eagle_head import HeadConfig, ImageMode, new_head, save_head
 from specserve.drafting.eagle_inputs import prompt_entries
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
+from specserve.kernels.sampling import LogitsParams
 from specserve.server.engine import Engine
-from specserve.server.outputs import PromptInput
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.outputs import PromptInput
 
 TEXT_PROMPTS = ["the quick brown fox", "Summarise: the cat sat on the mat. The mat was red."]
-TREE = TreeConfig(depth=4, top_k=3, nodes=10)
+TREE = TreeBudget(depth=4, branching=3, draft_nodes=10)
 
 
 def head_dir(tmp_path_factory, model_dir, mode: ImageMode, vocab: list[int] | None = None):
@@ -30,7 +32,7 @@ def head_dir(tmp_path_factory, model_dir, mode: ImageMode, vocab: list[int] | No
     return folder
 
 
-def eagle_engine(model_dir, folder, tree: TreeConfig = TREE) -> Engine:
+def eagle_engine(model_dir, folder, tree: TreeBudget = TREE) -> Engine:
     config = EngineConfig(model=str(model_dir), draft=str(folder), dtype="float64", tree=tree)
     engine = Engine.from_config(config)
     assert isinstance(engine.proposer, EagleProposer)  # detected by its keys, not its name
@@ -53,10 +55,10 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("tree_mode", [TreeMode.DYNAMIC, TreeMode.CHAIN])
+@pytest.mark.parametrize("tree_mode", list(TreeMode))
 def test_greedy_text_model(tiny_model_dirs, tmp_path_factory, family, tree_mode):
     model_dir = tiny_model_dirs[family]
-    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=tree_mode)
+    tree = TreeBudget(depth=4, branching=3, draft_nodes=10, mode=tree_mode, preset="small-8")
     engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, ImageMode.DECOUPLED), tree)
     for text in TEXT_PROMPTS:
         prompt = engine.prepare_text(text)
@@ -90,7 +92,7 @@ def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory,
     out = engine.target.prefill(full, engine.target.new_cache())
     hidden, length = out.hidden[0], len(prompt.token_ids)
     session: EagleSession = engine.proposer.open(DraftContext(
-        prompt.token_ids, SamplingParams(), None, hidden[:length], out.inputs_embeds[0, :length],
+        prompt.token_ids, LogitsParams(), None, hidden[:length], out.inputs_embeds[0, :length],
         out.image_mask[0, :length],
     ))
     session.propose(root)

@@ -12,11 +12,16 @@ from transformers import LlamaConfig
 
 from specserve.drafting.eagle import EagleProposer, VocabProjection
 from specserve.drafting.eagle_head import (
-    HeadConfig, ImageMode, is_eagle_folder, load_head, new_head, save_head,
+    HeadConfig,
+    ImageMode,
+    is_eagle_folder,
+    load_head,
+    new_head,
+    save_head,
 )
 from specserve.drafting.eagle_inputs import image_runs, pool_run, prompt_entries
-from specserve.server.config import EngineConfig, SamplingParams
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
 
 H = 8
 

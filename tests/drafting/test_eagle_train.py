@@ -11,17 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from specserve.drafting.eagle import EagleProposer
-from specserve.drafting.eagle_head import ImageMode, new_head, save_head, HeadConfig
-from specserve.drafting.train import add_train_parser
 from specserve.drafting.base import DraftContext
+from specserve.drafting.budget import TreeBudget
 from specserve.drafting.dynamic_tree import Candidates
-from specserve.drafting.train.data import Example, draft_vocabulary
-from specserve.drafting.train.distill import draft_batch, pass_mask, teacher_pass, unrolled_features
-from specserve.drafting.train.loop import Datasets, TrainConfig, pick_batch
-from specserve.drafting.train.prompts import PromptSpec
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
+from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle_head import HeadConfig, ImageMode, new_head, save_head
+from specserve.kernels.sampling import LogitsParams
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.training.draft_head.cli import add_train_parser
+from specserve.server.training.draft_head.data import Example, draft_vocabulary
+from specserve.server.training.draft_head.distill import draft_batch, pass_mask, teacher_pass, unrolled_features
+from specserve.server.training.draft_head.loop import Datasets, TrainConfig, pick_batch
+from specserve.server.training.draft_head.prompts import PromptSpec
 
 TRAINED_HEAD = Path(__file__).resolve().parents[2] / "server" / "store" / "assets" / "tiny-vlm-msd"
 
@@ -80,8 +82,8 @@ def test_unrolled_passes_equal_the_sessions_tree_levels(tiny_model_dirs):
         passes = unrolled_features(head, batch, 3)  # rows = entries with sources 1..L-2
     p = 5  # the session's prompt is ids[:p]; its root is ids[p], drafted chain ids[p+1], ids[p+2]
     hidden = teacher.hidden[0]
-    proposer = EagleProposer(head, engine.target.embed_tokens, engine.target.lm_head, None, TreeConfig())
-    session = proposer.open(DraftContext(ids[:p], SamplingParams(), None, hidden[:p],
+    proposer = EagleProposer(head, engine.target.embed_tokens, engine.target.lm_head, None, TreeBudget())
+    session = proposer.open(DraftContext(ids[:p], LogitsParams(), None, hidden[:p],
                                          teacher.inputs_embeds[0, :p], teacher.image_mask[0, :p]))
     chain = Candidates(ids[p : p + 3], [-1, 0, 1], [0.0] * 3, [0, 1, 2])
     with torch.inference_mode():
@@ -154,7 +156,7 @@ def test_tiny_vlm_greedy_lossless_in_every_mode(tiny_vlm_dir, tmp_path, mode):
     if mode != "trained":
         save_head(new_head(base.target.config, HeadConfig(image_mode=mode)), folder)
     config = EngineConfig(str(tiny_vlm_dir), draft=str(folder), dtype="float32",
-                          tree=TreeConfig(depth=5, top_k=4, nodes=16))
+                          tree=TreeBudget(depth=5, branching=4, draft_nodes=16))
     engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
     image = Image.new("RGB", (64, 64), (250, 250, 240))
     image.paste((0, 0, 255), (10, 12, 40, 44))

@@ -1,16 +1,18 @@
+import pytest
 import torch
 
 from specserve.drafting.base import DraftContext
+from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.ngram import NgramConfig, NgramProposer, merge_into_trie
-from specserve.server.config import SamplingParams, TreeConfig
+from specserve.kernels.sampling import LogitsParams
 
 A, B, C, D = 10, 11, 12, 13
 
 
-def open_session(tokens, depth=3, top_k=2, nodes=16, max_n=2):
-    proposer = NgramProposer(TreeConfig(depth=depth, top_k=top_k, nodes=nodes), torch.device("cpu"),
+def open_session(tokens, depth=3, branching=2, nodes=16, max_n=2):
+    proposer = NgramProposer(TreeBudget(depth=depth, branching=branching, draft_nodes=nodes), torch.device("cpu"),
                              NgramConfig(max_n=max_n))
-    return proposer.open(DraftContext(tokens, SamplingParams(), None))
+    return proposer.open(DraftContext(tokens, LogitsParams(), None))
 
 
 def tree_lists(proposal):
@@ -24,9 +26,23 @@ def test_docstring_example_two_branches():
     assert parents == [-1, 0, 1, 2, 0, 4, 5]
 
 
+def test_chain_mode_keeps_the_best_continuation_only():
+    proposer = NgramProposer(TreeBudget(depth=3, branching=2, mode=TreeMode.CHAIN), torch.device("cpu"),
+                             NgramConfig(max_n=2))
+    session = proposer.open(DraftContext([A, B, C, A, B, D, A], LogitsParams(), None))
+    tokens, parents = tree_lists(session.propose(B))
+    assert tokens == [B, D, A, B]  # the latest occurrence of "A B" only
+    assert parents == [-1, 0, 1, 2]
+
+
+def test_static_mode_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="n-gram drafting cannot fill a static tree"):
+        NgramProposer(TreeBudget(mode=TreeMode.STATIC), torch.device("cpu"))
+
+
 def test_shared_prefixes_share_nodes():
     # "A B" followed by "C D" twice and "C A" once: the C node is shared
-    session = open_session([A, B, C, A, A, B, C, D, A], depth=2, top_k=3)
+    session = open_session([A, B, C, A, A, B, C, D, A], depth=2, branching=3)
     tokens, parents = tree_lists(session.propose(B))
     assert tokens == [B, C, D, A]
     assert parents == [-1, 0, 1, 1]

@@ -5,8 +5,8 @@ import torch
 
 from specserve.drafting.quantize import quantize_draft_model
 from specserve.server.cli import build_parser, engine_config
-from specserve.server.config import EngineConfig
 from specserve.server.engine import Engine, load_draft_model
+from specserve.server.engine.config import EngineConfig
 
 
 def test_int8_draft_replaces_every_linear_and_keeps_the_logits_close(tiny_model_dirs):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specserve.kernels.tree import DraftTree, chain_tree, mrope_position_ids
+from specserve.kernels.tree import DraftTree, additive_mask, chain_tree
 
 # 0 -> {1, 2}, 1 -> {3, 4}
 TOKENS = [[7, 3, 9, 4, 5]]
@@ -63,42 +63,30 @@ def test_mask_and_depths_match_brute_force_on_random_trees(random_tree):
                 assert tree.depths[b, i].item() == len(anc) - 1
 
 
-def test_position_ids_and_mrope():
+def test_position_ids():
     tree = example_tree()
     assert tree.position_ids(prefix_len=6).tolist() == [[6, 7, 7, 8, 8]]
-    two = DraftTree.from_parents(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[-1, 0, 1], [-1, 0, 0]]))
-    pos = mrope_position_ids(two, torch.tensor([10, 40]))
-    assert pos.shape == (3, 2, 3)
-    for row in range(3):
-        assert pos[row].tolist() == [[10, 11, 12], [40, 41, 41]]
-    assert mrope_position_ids(two, 5)[2].tolist() == [[5, 6, 7], [5, 6, 6]]
 
 
-def test_retrieve_paths_and_path_to():
+def test_path_to():
     tree = example_tree()
-    assert tree.retrieve_paths().tolist() == [[[0, 2, -1], [0, 1, 3], [0, 1, 4]]]
     assert tree.path_to(torch.tensor([[3, 2]]), width=3).tolist() == [[[0, 1, 3], [0, 2, -1]]]
     assert tree.path_to(torch.tensor([4]), width=3).tolist() == [[0, 1, 4]]
 
 
-def test_retrieve_paths_batch_skips_padding():
-    # row 0: chain 0 -> 1 -> 2 then a padding node; row 1: root with children 1, 2, 3.
-    tokens = torch.tensor([[5, 6, 7, -1], [5, 1, 2, 3]])
-    parents = torch.tensor([[-1, 0, 1, 0], [-1, 0, 0, 0]])
-    paths = DraftTree.from_parents(tokens, parents).retrieve_paths()
-    assert paths.tolist() == [
-        [[0, 1, 2], [-1, -1, -1], [-1, -1, -1]],
-        [[0, 1, -1], [0, 2, -1], [0, 3, -1]],
-    ]
-    root_only = DraftTree.from_parents(torch.tensor([[9, -1, -1]]), torch.tensor([[-1, 0, 0]]))
-    assert root_only.retrieve_paths().tolist() == [[[0]]]
+def test_additive_mask_of_one_level_and_of_a_batch():
+    allowed = torch.tensor([[True, False], [True, True]])
+    mask = additive_mask(allowed, torch.bfloat16)
+    low = torch.finfo(torch.bfloat16).min
+    assert mask.shape == (1, 1, 2, 2) and mask.dtype == torch.bfloat16
+    assert mask[0, 0].tolist() == [[0.0, low], [0.0, 0.0]]
+    assert additive_mask(allowed[None].expand(3, -1, -1), torch.float32).shape == (3, 1, 2, 2)
 
 
 def test_chain_tree():
     chain = chain_tree(torch.tensor([[4, 5, 6, 7]]))
     assert chain.parents.tolist() == [[-1, 0, 1, 2]]
     assert chain.depths.tolist() == [[0, 1, 2, 3]]
-    assert chain.retrieve_paths().tolist() == [[[0, 1, 2, 3]]]
     long_chain = chain_tree(torch.zeros(2, 37, dtype=torch.long))  # 6 pointer-jumping rounds
     assert long_chain.depths.tolist() == [list(range(37))] * 2
     assert long_chain.ancestors[0].equal(torch.ones(37, 37, dtype=torch.bool).tril())

@@ -1,6 +1,6 @@
-from specserve.server.calibration import CANDIDATES, calibrate_tree_nodes
-from specserve.server.config import EngineConfig
 from specserve.server.engine import Engine
+from specserve.server.engine.calibration import CANDIDATES, calibrate_tree_nodes
+from specserve.server.engine.config import EngineConfig
 
 
 def test_calibration_measures_every_size_and_picks_one_within_budget(tiny_model_dir):
@@ -22,4 +22,13 @@ def test_cli_auto_nodes_sets_calibration():
     assert engine_config(args).calibrate_tree
     args = build_parser().parse_args(["generate", "--tree-nodes", "24", "hi"])
     config = engine_config(args)
-    assert not config.calibrate_tree and config.tree.nodes == 24
+    assert not config.calibrate_tree and config.tree.draft_nodes == 24
+
+
+def test_cli_tree_branching_keeps_the_old_flag_name():
+    from specserve.server.cli import build_parser, engine_config
+
+    for flag in ("--tree-branching", "--tree-top-k"):
+        args = build_parser().parse_args(["generate", flag, "3", "--tree-mode", "static", "hi"])
+        tree = engine_config(args).tree
+        assert (tree.branching, tree.mode.value) == (3, "static")

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from specserve.drafting.base import DraftContext, DraftProposal
+from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.kernels.tree import DraftTree
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
 
 PROMPTS = [
     "the quick brown fox",
@@ -56,7 +57,7 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def engine_for(path, draft: str = "none", tree: TreeConfig = TreeConfig(), proposer=None,
+def engine_for(path, draft: str = "none", tree: TreeBudget = TreeBudget(), proposer=None,
                draft_quantization: str = "none") -> Engine:
     config = EngineConfig(model=str(path), draft=draft, dtype="float64", tree=tree,
                           draft_quantization=draft_quantization)
@@ -85,7 +86,7 @@ def test_greedy_matches_generate(tiny_model_dirs, family, draft):
 @pytest.mark.parametrize("mode", list(TreeMode))
 def test_greedy_with_draft_model(tiny_model_dirs, mode):
     # same tokenizer, different family and weights: a real but imperfect drafter
-    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode, preset="small-8")
+    tree = TreeBudget(depth=4, branching=3, draft_nodes=10, mode=mode, preset="small-8")
     engine = engine_for(tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"]), tree)
     assert_greedy_equal(engine)
 
@@ -93,7 +94,7 @@ def test_greedy_with_draft_model(tiny_model_dirs, mode):
 @pytest.mark.parametrize("mode", [TreeMode.CHAIN, TreeMode.DYNAMIC])
 def test_greedy_with_int8_draft_model(tiny_model_dirs, mode):
     # the int8 draft LM (float32 activations) proposes for a float64 target: output unchanged
-    tree = TreeConfig(depth=4, top_k=3, nodes=10, mode=mode)
+    tree = TreeBudget(depth=4, branching=3, draft_nodes=10, mode=mode)
     engine = engine_for(tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"]), tree, draft_quantization="int8")
     assert isinstance(engine.proposer.model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
     assert_greedy_equal(engine)
@@ -102,7 +103,7 @@ def test_greedy_with_int8_draft_model(tiny_model_dirs, mode):
 def test_greedy_draft_model_identical_to_target_accepts_everything(tiny_model_dirs):
     path = tiny_model_dirs["llama"]
     # a random model is nearly uniform, so only a chain is sure to hold the greedy path
-    engine = engine_for(path, str(path), TreeConfig(depth=4, top_k=1, nodes=4))
+    engine = engine_for(path, str(path), TreeBudget(depth=4, branching=1, draft_nodes=4))
     out = engine.generate(engine.prepare_text(PROMPTS[0]), SamplingParams(max_tokens=21, ignore_eos=True))
     # prefill emits 1 token; then every step accepts all 4 drafted tokens + 1 bonus
     assert out.metrics.verify_steps == 4

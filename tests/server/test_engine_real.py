@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig
+from specserve.drafting.budget import TreeBudget
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
 
 PROMPTS = [
     "Repeat this sentence twice: the quick brown fox jumps over the lazy dog.",
@@ -35,7 +36,7 @@ def references(base_engine) -> list[list[int]]:
 
 @pytest.mark.parametrize("draft", ["none", "ngram"])
 def test_smollm2_greedy_matches_generate(base_engine, references, draft):
-    config = EngineConfig(base_engine.config.model, draft=draft, tree=TreeConfig(depth=5, top_k=4, nodes=16))
+    config = EngineConfig(base_engine.config.model, draft=draft, tree=TreeBudget(depth=5, branching=4, draft_nodes=16))
     engine = Engine(config, base_engine.target, base_engine.tokenizer)
     accepted = 0
     for text, expected in zip(PROMPTS, references):

@@ -8,9 +8,10 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.kernels.sampling import process_logits
-from specserve.server.config import EngineConfig, SamplingParams, TreeConfig, TreeMode
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
 
 VOCAB = 6
 PROMPT = [1, 2, 3]
@@ -87,7 +88,7 @@ def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[bool, floa
 @pytest.mark.parametrize("mode", [TreeMode.DYNAMIC, TreeMode.CHAIN])
 def test_sampling_matches_target_distribution(peaky_dirs, mode):
     target, draft = peaky_dirs
-    tree = TreeConfig(depth=3, top_k=2, nodes=6, mode=mode)
+    tree = TreeBudget(depth=3, branching=2, draft_nodes=6, mode=mode)
     engine = Engine.from_config(EngineConfig(str(target), draft=str(draft), dtype="float64", tree=tree))
     params = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, ignore_eos=True)
     probs = exact_pair_distribution(engine.target.model, params)

@@ -11,12 +11,12 @@ from PIL import Image
 
 from specserve.drafting.eagle import EagleProposer
 from specserve.drafting.eagle_head import ImageMode
-from specserve.server.config import EngineConfig, SamplingParams
 from specserve.server.engine import Engine
-from specserve.server.metrics import SpecMetrics
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.metrics import SpecMetrics
 from specserve.server.store.pull import pull
-from specserve.server.store.tiny_vlm.data import load_split
-from specserve.server.store.tiny_vlm.texts import DESCRIBE_PROMPTS
+from specserve.server.training.tiny_vlm.data import load_split
+from specserve.server.training.tiny_vlm.texts import DESCRIBE_PROMPTS
 
 MAX_NEW = 64
 

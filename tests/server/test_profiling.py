@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from specserve.server.config import EngineConfig, SamplingParams
 from specserve.server.engine import Engine
-from specserve.server.metrics import SpecMetrics
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.metrics import SpecMetrics
 
 PROMPTS = ["the quick brown fox", "a red circle, a blue square and a green triangle. a red circle, a blue"]
 TIMES = ("draft_seconds", "verify_seconds", "step_seconds")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from specserve.server.config import SamplingParams
-from specserve.server.detokenizer import IncrementalDetokenizer
-from specserve.server.outputs import PromptInput
-from specserve.server.sequence import Sequence
+from specserve.server.engine.config import SamplingParams
+from specserve.server.engine.detokenizer import IncrementalDetokenizer
+from specserve.server.engine.outputs import PromptInput
+from specserve.server.engine.sequence import Sequence
 
 TEXT = "the cat sat on the mat. The mat was red. ünïcödé ✓ done"
 

@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from specserve.server.config import EngineConfig
 from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig
 
 
 # ---- servers ---------------------------------------------------------------------------------

@@ -18,7 +18,11 @@ from PIL import Image
 
 from specserve.server.http.errors import APIError
 from specserve.server.http.images import (
-    check_image_count, decode_data_url, engine_messages, fetch_image_bytes, load_image,
+    check_image_count,
+    decode_data_url,
+    engine_messages,
+    fetch_image_bytes,
+    load_image,
 )
 from specserve.server.http.protocol import ChatCompletionRequest
 from specserve.server.http.settings import ServerSettings

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from specserve.server.config import SamplingParams
+from specserve.server.engine.config import SamplingParams
 from specserve.server.http.app import create_app
 from specserve.server.http.settings import ServerSettings
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from specserve.server.engine.events import SequenceRecord, spec_delta
+from specserve.server.engine.metrics import SpecMetrics
 from specserve.server.http.prometheus import PrometheusMetrics
-from specserve.server.http.events import SequenceRecord, spec_delta
-from specserve.server.metrics import SpecMetrics
 
 
 def samples(metrics: PrometheusMetrics) -> dict:

@@ -7,12 +7,18 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from specserve.server.engine.config import SamplingParams
 from specserve.server.http.errors import APIError, from_validation_error
 from specserve.server.http.protocol import (
-    INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest, ImagePart, TextPart, field_path,
+    INT64_MAX,
+    INT64_MIN,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImagePart,
+    TextPart,
+    field_path,
 )
 from specserve.server.http.sampling import chat_params, completion_params, per_choice
-from specserve.server.config import SamplingParams
 from specserve.server.http.settings import ServerSettings
 
 SETTINGS = ServerSettings()

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from specserve.server.config import SamplingParams
-from specserve.server.errors import RequestError
-from specserve.server.http.events import NotReady, QueueFull
-from specserve.server.http.scheduler import Scheduler
-from specserve.server.metrics import SpecMetrics
-from specserve.server.outputs import PromptInput, StepOutput
+from specserve.server.engine.config import SamplingParams
+from specserve.server.engine.errors import RequestError
+from specserve.server.engine.events import NotReady, QueueFull
+from specserve.server.engine.metrics import SpecMetrics
+from specserve.server.engine.outputs import PromptInput, StepOutput
+from specserve.server.engine.scheduler import Scheduler
 
 
 @dataclass

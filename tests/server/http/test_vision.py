@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from specserve.server.config import SamplingParams
+from specserve.server.engine.config import SamplingParams
 from specserve.server.http.app import create_app
 from specserve.server.http.settings import ServerSettings
 

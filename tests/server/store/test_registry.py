@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from specserve.server.config import DTYPES
-from specserve.server.store.errors import UnknownModelError
 from specserve.drafting.eagle_head import SETTINGS_KEY, ImageMode, is_eagle_folder
+from specserve.server.engine.config import DTYPES
+from specserve.server.store.errors import UnknownModelError
 from specserve.server.store.pull import pull
 from specserve.server.store.registry import CATALOGUE, GgufWheels, Packaged, _split_wheels, default_draft, get_entry
 

@@ -8,23 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from specserve.server.store.tiny_vlm.assemble import assemble
-from specserve.server.store.tiny_vlm.data import COLORS, SHAPES, load_split
-from specserve.server.store.tiny_vlm.evaluate import generate, names_right
 from specserve.server.store.tiny_vlm.model import (
     NUM_IMAGE_TOKENS,
     build_model,
     build_processor,
 )
-from specserve.server.store.tiny_vlm.texts import (
+from specserve.server.training.tiny_vlm.data import COLORS, SHAPES, load_split
+from specserve.server.training.tiny_vlm.evaluate import generate, names_right
+from specserve.server.training.tiny_vlm.texts import (
     DESCRIBE_PROMPTS,
     DESCRIPTIONS,
     Sample,
     description,
     qa_samples,
 )
-from specserve.server.store.tiny_vlm.train import WordAlignment, pixel_values, repeat_matches
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from specserve.server.training.tiny_vlm.train import WordAlignment, pixel_values, repeat_matches
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from specserve.server.store.tiny_vlm.lora import add_lora, export_factors, load_factors, merge_factors
 from torch import nn
+
+from specserve.server.store.tiny_vlm.lora import add_lora, export_factors, load_factors, merge_factors
 
 
 def _layers(seed: int) -> nn.Sequential:

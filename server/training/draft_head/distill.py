@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..eagle_head import EagleHead
-from ..eagle_inputs import prompt_entries
+from ....drafting.eagle_head import EagleHead
+from ....drafting.eagle_inputs import prompt_entries
 from .data import Example
 
 

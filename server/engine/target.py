@@ -12,10 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlavaConfig, PretrainedConfig
-from transformers import LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+)
 
-from ..kernels.tree import DraftTree
+from ...kernels.tree import DraftTree
 from .outputs import PromptInput
 
 TORCH_DTYPES = {

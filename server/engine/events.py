@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..metrics import SpecMetrics
+from .metrics import SpecMetrics
 
 
 class QueueFull(Exception):

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
+
+from ...drafting.budget import TreeBudget
+from ...kernels.sampling import LogitsParams
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DRAFT_QUANTIZATIONS = ("none", "int8")
-
-
-class TreeMode(enum.Enum):
-    """How a drafter shapes its proposal."""
-
-    DYNAMIC = "dynamic"  # EAGLE-2: expand the top-k of the best frontier nodes, keep the best `nodes`
-    CHAIN = "chain"  # one path of `depth` tokens (needed for lossless sampling with a draft distribution)
-    STATIC = "static"  # a fixed shape from `drafting.static_trees.PRESETS`, filled with ranked guesses
-
-
-@dataclass(frozen=True)
-class TreeConfig:
-    """Budget of one draft tree. On a CPU verify cost grows with `nodes`, so keep it small there."""
-
-    depth: int = 5
-    top_k: int = 4
-    nodes: int = 16  # draft nodes verified per step, root excluded
-    mode: TreeMode = TreeMode.DYNAMIC
-    preset: str = "medium-16"  # the shape used in STATIC mode
-
-    def __post_init__(self) -> None:
-        if self.depth < 1 or self.top_k < 1 or self.nodes < 1:
-            raise ValueError(f"tree depth, top_k and nodes must be >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -45,10 +24,10 @@ class EngineConfig:
     draft: str = "none"
     dtype: str = "float32"
     device: str = "cpu"
-    tree: TreeConfig = field(default_factory=TreeConfig)
+    tree: TreeBudget = field(default_factory=TreeBudget)
     max_model_len: int | None = None  # defaults to the model's own context length
     cache_dir: str | None = None  # model store location; None = the store's default
-    calibrate_tree: bool = False  # pick tree.nodes from measured verify cost at load time
+    calibrate_tree: bool = False  # pick tree.draft_nodes from measured verify cost at load time
     profile: bool = False  # time drafting, verification and whole steps into each request's SpecMetrics
     draft_quantization: str = "none"  # "int8": a draft LM runs as dynamic int8 (CPU; drafting.quantize)
 
@@ -67,7 +46,7 @@ class SamplingParams:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # top-k filtering of the distribution, 0 = off (tree branching is TreeBudget.branching)
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
@@ -86,3 +65,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def logits_params(self) -> LogitsParams:
+        """The part a drafter and the sampler need: what turns logits into a distribution."""
+        return LogitsParams(self.temperature, self.top_p, self.top_k)

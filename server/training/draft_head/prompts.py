@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ...server.store.tiny_vlm.texts import DESCRIBE_PROMPTS
+from ..tiny_vlm.texts import DESCRIBE_PROMPTS
 
 TEXT_TEMPLATES = (
     "Explain {topic} in simple terms.",
@@ -57,7 +57,7 @@ def text_prompts(held_out: bool) -> list[PromptSpec]:
 def image_prompts(held_out: bool, count: int, seed: int) -> list[PromptSpec]:
     """`count` description prompts on distinct images: train split + training wordings, or test
     split + the held-out wording."""
-    from ...server.store.tiny_vlm.data import load_split  # reads easy-vqa's files: only when asked
+    from ..tiny_vlm.data import load_split  # reads easy-vqa's files: only when asked
 
     rng = random.Random(seed)
     records = load_split("test" if held_out else "train")

@@ -1,4 +1,4 @@
-"""tiny-vlm's training recipe: `python -m specserve.server.store.tiny_vlm.train --smollm2 DIR`.
+"""tiny-vlm's training recipe: `python -m specserve.server.training.tiny_vlm.train --smollm2 DIR`.
 
 Stage 1 trains the CLIP vision tower from scratch as a classifier (shape, colour, size, place) on the
 mean of its patch tokens, the features the projector will read. Stage 2 trains the projector, a LoRA
@@ -22,16 +22,16 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPVisionModel, LlavaProcessor
 
-from .assemble import ASSETS, LORA_FILE, VISION_FILE, VISION_PREFIXES
-from .data import COLORS, NUM_PLACES, SHAPES, SIZES, ImageRecord, load_split
-from .lora import add_lora, export_factors, load_factors
-from .model import (
+from ...store.tiny_vlm.assemble import ASSETS, LORA_FILE, VISION_FILE, VISION_PREFIXES
+from ...store.tiny_vlm.lora import add_lora, export_factors, load_factors
+from ...store.tiny_vlm.model import (
     IMAGE_TOKEN,
     NUM_IMAGE_TOKENS,
     build_model,
     build_processor,
     vision_config,
 )
+from .data import COLORS, NUM_PLACES, SHAPES, SIZES, ImageRecord, load_split
 from .texts import Sample, qa_samples, random_sample
 
 

@@ -1,4 +1,4 @@
-"""Drafter names shared by the CLI and the server: `none`, `ngram`, an EAGLE/MSD head or a draft model."""
+"""The `--draft` names -> a proposer from `drafting/`: `none`, `ngram`, an EAGLE/MSD head or a draft model."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..server.config import EngineConfig
-from .base import Proposer
-from .draft_model import DraftModelProposer
-from .eagle import EagleProposer
-from .eagle_head import is_eagle_folder, load_head
-from .ngram import NgramProposer
-from .none import NoDraftProposer
+from ...drafting.base import Proposer
+from ...drafting.draft_model import DraftModelProposer
+from ...drafting.eagle import EagleProposer
+from ...drafting.eagle_head import is_eagle_folder, load_head
+from ...drafting.ngram import NgramProposer
+from ...drafting.none import NoDraftProposer
+from .config import EngineConfig
 
 if TYPE_CHECKING:
-    from ..server.target import TargetModel
+    from .target import TargetModel
 
-# A model-path drafter needs the loader (store resolution, dtype, device), which lives in the server;
-# the engine passes it in so this package does not depend on the model store.
+# A model-path drafter needs the loader (store resolution, dtype, device); the engine passes it in,
+# so that a test or an embedder can hand in its own.
 LoadModel = Callable[[str], torch.nn.Module]
 # Store alias / folder / hub id -> a local folder (or the hub id itself).
 Resolve = Callable[[str], str]

@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import fields
 
-from ..eagle_head import ImageMode
+from ....drafting.eagle_head import ImageMode
 from .loop import TrainConfig
 
 # Numeric options take their flag, type and default from `TrainConfig`; the rest are spelled out.
@@ -48,8 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
         sys.stderr.write("specserve: error: train-draft needs the 'train' extra: "
                          "pip install 'specserve[train]' (from a checkout: pip install -e '.[train]')\n")
         return 2
-    from ...server.config import EngineConfig
-    from ...server.engine import Engine
+    from ...engine import Engine
+    from ...engine.config import EngineConfig
     from .loop import train
 
     config = train_config(args)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ...server.outputs import PromptInput
+from ...engine.outputs import PromptInput
 from .prompts import PromptSpec
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..drafting.base import DraftSession
+from ...drafting.base import DraftSession
 from .config import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .metrics import SpecMetrics

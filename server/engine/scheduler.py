@@ -23,24 +23,42 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from ..errors import RequestError
-from ..metrics import SpecMetrics
+from .config import SamplingParams
+from .errors import RequestError
 from .events import (
-    Event, NotReady, QueueFull, RequestGroup, SchedulerObserver, SequenceRecord, settle, spec_delta,
+    Event,
+    NotReady,
+    QueueFull,
+    RequestGroup,
+    SchedulerObserver,
+    SequenceRecord,
+    settle,
+    spec_delta,
 )
+from .metrics import SpecMetrics
+from .outputs import PromptInput, StepOutput
+from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+class SteppingEngine(Protocol):
+    """What the scheduler drives (an `Engine`, or a scripted stand-in in tests)."""
+
+    def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence: ...
+    def step(self, seq: Sequence) -> StepOutput: ...
+    def release(self, seq: Sequence) -> None: ...
 
 
 @dataclass(eq=False)
 class _Entry:
     group: RequestGroup
     index: int
-    prompt: Any  # PromptInput
-    params: Any  # SamplingParams
-    seq: Any = None
+    prompt: PromptInput
+    params: SamplingParams
+    seq: Sequence | None = None
     first_token_time: float | None = None
     reported: SpecMetrics = field(default_factory=SpecMetrics)  # already passed to the observer
 
@@ -49,8 +67,8 @@ class Scheduler:
     """Runs the engine on its own thread; see the module docstring for the policy."""
 
     def __init__(
-        self, engine_or_factory: Any, *, max_active: int, max_queue: int,
-        postprocess: Callable[[Any, Any], Any] | None = None, observer: SchedulerObserver | None = None,
+        self, engine_or_factory: SteppingEngine | Callable[[], SteppingEngine], *, max_active: int,
+        max_queue: int, postprocess: Callable[[SteppingEngine, StepOutput], Any] | None = None, observer: SchedulerObserver | None = None,
         on_load_failure: Callable[[str], None] | None = None,
     ) -> None:
         """`on_load_failure(reason)` is called (on the worker) when the factory raises: `specserve
@@ -74,7 +92,7 @@ class Scheduler:
 
     # ---- event-loop side -------------------------------------------------------------------
     @property
-    def engine(self) -> Any:
+    def engine(self) -> SteppingEngine | None:
         return self._engine
 
     @property

@@ -1,4 +1,4 @@
-"""tiny-vlm's quality on easy-vqa's test split: `python -m specserve.server.store.tiny_vlm.evaluate`.
+"""tiny-vlm's quality on easy-vqa's test split: `python -m specserve.server.training.tiny_vlm.evaluate`.
 
 Two numbers, both from greedy decoding of the assembled model, loaded the way a user loads it:
 - QA exact match: the generated text, stripped and lowercased, equals the easy-vqa answer;
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .assemble import assemble
+from ...store.tiny_vlm.assemble import assemble
 from .data import COLORS, SHAPES, ImageRecord, load_split
 from .texts import DESCRIBE_PROMPTS, Sample, qa_samples
 

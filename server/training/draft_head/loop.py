@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..eagle_head import HeadConfig, ImageMode, new_head, save_head
+from ....drafting.eagle_head import HeadConfig, ImageMode, new_head, save_head
 from .data import Example, cached_examples, draft_vocabulary
 from .distill import distill_loss, draft_batch, teacher_pass, top1_accuracy
 from .prompts import image_prompts, sample_prompts, text_prompts

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..kernels.tree import chain_tree
+from ...kernels.tree import chain_tree
 from .outputs import PromptInput
 from .target import TargetModel
 

@@ -1,0 +1,56 @@
+"""Command-line options of an engine, shared by `specserve generate` and `specserve serve`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...drafting.budget import TreeBudget, TreeMode
+from ...drafting.static_trees import PRESETS
+from .config import DRAFT_QUANTIZATIONS, DTYPES, EngineConfig
+
+DEFAULT_MODEL = "tiny-vlm"
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` and `serve`."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="store alias, HF folder, .gguf file or hub id (default: %(default)s)")
+    parser.add_argument("--draft", default="auto",
+                        help="'auto' (the store's drafter for --model, e.g. tiny-vlm-msd; else ngram), "
+                             "'none', 'ngram', an EAGLE/MSD head folder, or a draft model (alias, "
+                             "folder, .gguf, hub id) (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--tree-depth", type=int, default=TreeBudget.depth)
+    parser.add_argument("--tree-branching", "--tree-top-k", dest="tree_branching", type=int,
+                        default=TreeBudget.branching,
+                        help="children per expanded draft node (EAGLE-2's top-k; --tree-top-k is the old name)")
+    parser.add_argument("--tree-nodes", type=_nodes, default=TreeBudget.draft_nodes,
+                        help="draft nodes verified per step (root excluded), or 'auto': the largest "
+                             "size whose verify cost stays within 1.3x of one token, measured at load")
+    parser.add_argument("--tree-mode", default=TreeBudget.mode.value, choices=[m.value for m in TreeMode])
+    parser.add_argument("--tree-preset", default=TreeBudget.preset, choices=sorted(PRESETS),
+                        help="tree shape for --tree-mode static")
+    parser.add_argument("--draft-quantization", default="none", choices=DRAFT_QUANTIZATIONS,
+                        help="'int8': run a draft LM as dynamic int8 weights and activations (CPU only; "
+                             "cheaper drafts, the same output) (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None,
+                        help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    auto = args.tree_nodes == "auto"
+    nodes = TreeBudget.draft_nodes if auto else args.tree_nodes
+    tree = TreeBudget(args.tree_depth, args.tree_branching, nodes, TreeMode(args.tree_mode), args.tree_preset)
+    return EngineConfig(
+        model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
+        max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
+        draft_quantization=args.draft_quantization,
+    )
+
+
+def _nodes(value: str) -> int | str:
+    if value == "auto":
+        return value
+    return int(value)
