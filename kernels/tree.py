@@ -77,19 +77,38 @@ class DraftTree:
         """
         return int(self.depths.max())
 
-    def attention_mask(self, prefix_len: int, dtype: torch.dtype) -> Tensor:
-        """Additive mask [B, 1, N, prefix_len + N] for verifying the tree after a cached prefix.
+    def attention_mask(self, prefix_len: int | Tensor, dtype: torch.dtype, width: int | None = None) -> Tensor:
+        """Additive mask [B, 1, N, width] for verifying the tree after a cached prefix.
 
-        Every node sees the whole prefix and its own ancestors-or-self; 0.0 where allowed and
-        ``finfo(dtype).min`` elsewhere (not -inf, so a fully masked row cannot turn into NaN).
-        Pass it to a HF model as ``attention_mask`` with `position_ids` and a cache of prefix_len tokens.
+        prefix_len: an int, or [B] long when every row has its own prefix (a batch of sequences);
+        width: the key length the forward attends over (default prefix_len + N; with per-row prefixes
+        it must be at least max(prefix_len) + N). Row b's nodes see keys [0, prefix_len[b]) and their
+        own ancestors-or-self at prefix_len[b] + j; every other key (another row's longer prefix,
+        stale slots) is masked. 0.0 where allowed, ``finfo(dtype).min`` elsewhere (not -inf, so a
+        fully masked row cannot turn into NaN). Pass it to a HF model as ``attention_mask`` with
+        `position_ids`.
+
+        Example (one row, prefix_len 2, width 6, tree 0 -> 1, 0 -> 2): allowed keys per node
+            node 0: [1 1 | 1 0 0 | 0]
+            node 1: [1 1 | 1 1 0 | 0]
+            node 2: [1 1 | 1 0 1 | 0]
         """
         batch, n = self.tokens.shape
-        prefix = torch.ones(batch, n, prefix_len, dtype=torch.bool, device=self.tokens.device)
-        return additive_mask(torch.cat([prefix, self.ancestors], dim=-1), dtype)
+        device = self.tokens.device
+        if isinstance(prefix_len, int):
+            width = prefix_len + n if width is None else width
+            prefix_len = torch.full((batch,), prefix_len, dtype=torch.long, device=device)
+        keys = torch.arange(width, device=device)
+        allowed = (keys < prefix_len[:, None]).expand(n, batch, width).transpose(0, 1).clone()  # [B, N, W]
+        slots = (prefix_len[:, None] + torch.arange(n, device=device))[:, None, :].expand(batch, n, n)
+        allowed.scatter_(2, slots, self.ancestors)
+        return additive_mask(allowed, dtype)
 
-    def position_ids(self, prefix_len: int) -> Tensor:
-        """[B, N] = prefix_len + depth: a node sits right after its ancestors, as in plain decoding."""
+    def position_ids(self, prefix_len: int | Tensor) -> Tensor:
+        """[B, N] = prefix_len + depth (prefix_len an int or [B]): a node sits right after its
+        ancestors, as in plain decoding."""
+        if isinstance(prefix_len, Tensor):
+            return self.depths + prefix_len[:, None]
         return self.depths + prefix_len
 
     def path_to(self, nodes: Tensor, width: int) -> Tensor:
@@ -112,6 +131,20 @@ class DraftTree:
         paths = torch.full((*flat.shape, width + 1), -1, dtype=torch.long, device=nodes.device)
         paths.scatter_(2, column, node_ids)
         return paths[..., :width].reshape(*nodes.shape, width)
+
+
+def stack_trees(trees: list[DraftTree]) -> DraftTree:
+    """One batch from single-row trees of different sizes, padded to the largest with padding nodes
+    (token PAD_TOKEN, parent 0), which acceptance never accepts and the mask keeps to themselves."""
+    n = max(t.num_nodes for t in trees)
+    device = trees[0].tokens.device
+    tokens = torch.full((len(trees), n), PAD_TOKEN, dtype=torch.long, device=device)
+    parents = torch.zeros((len(trees), n), dtype=torch.long, device=device)
+    for row, tree in enumerate(trees):
+        tokens[row, : tree.num_nodes] = tree.tokens[0]
+        parents[row, : tree.num_nodes] = tree.parents[0]
+    parents[:, 0] = -1
+    return DraftTree.from_parents(tokens, parents)
 
 
 def chain_tree(tokens: Tensor) -> DraftTree:

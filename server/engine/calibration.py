@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from ...drafting.budget import TreeBudget
+from ...drafting.static_trees import PRESETS
 from ...kernels.tree import chain_tree
 from .outputs import PromptInput
 from .target import TargetModel
@@ -23,22 +25,26 @@ log = logging.getLogger(__name__)
 CANDIDATES = (2, 4, 8, 16, 24, 32, 48, 64)
 
 
+def tree_room(budget: TreeBudget) -> int:
+    """KV rows one verify forward may add after a sequence's prefix: its largest possible tree."""
+    return max(budget.draft_nodes, budget.depth, len(PRESETS[budget.preset])) + 1
+
+
 def verify_seconds(target: TargetModel, nodes: int, prefix_len: int, repeats: int) -> float:
     """Fastest wall time of verifying `nodes` tree nodes after a `prefix_len`-token prefix (the minimum
     is the least disturbed by other work on the machine)."""
     vocab = target.config.vocab_size
     prefix = torch.randint(0, vocab, (prefix_len,)).tolist()
-    cache = target.new_cache()
-    target.prefill(PromptInput(prefix), cache)
+    cache = target.new_cache(1, prefix_len + nodes)
+    target.prefill(PromptInput(prefix), cache, 0)
     tree = chain_tree(torch.randint(0, vocab, (1, nodes), device=target.device))
     times = []
     for _ in range(repeats + 1):  # the first run warms up kernels and allocations
         start = time.perf_counter()
-        target.verify(tree, cache, prefix_len)
+        target.verify(tree, cache, [0], [prefix_len])  # overwrites the same rows each time
         if target.device.type == "cuda":
             torch.cuda.synchronize(target.device)
         times.append(time.perf_counter() - start)
-        cache.crop(-nodes)
     return min(times[1:])
 
 

@@ -9,6 +9,7 @@ from ...kernels.sampling import LogitsParams
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DRAFT_QUANTIZATIONS = ("none", "int8")
+GiB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,14 @@ class EngineConfig:
     calibrate_tree: bool = False  # pick tree.draft_nodes from measured verify cost at load time
     profile: bool = False  # time drafting, verification and whole steps into each request's SpecMetrics
     draft_quantization: str = "none"  # "int8": a draft LM runs as dynamic int8 (CPU; drafting.quantize)
+    max_num_seqs: int = 8  # sequences the KV cache holds (and a verify batch carries) at once
+    kv_cache_memory_gib: float = 2.0  # budget of the KV cache; fewer slots than max_num_seqs if it is short
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_num_seqs < 1 or self.kv_cache_memory_gib <= 0:
+            raise ValueError("max_num_seqs must be >= 1 and kv_cache_memory_gib > 0")
         if self.draft_quantization not in DRAFT_QUANTIZATIONS:
             raise ValueError(f"draft_quantization must be one of {DRAFT_QUANTIZATIONS}, "
                              f"got {self.draft_quantization!r}")

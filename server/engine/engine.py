@@ -7,6 +7,7 @@ draft tree) and returns what it emitted. `generate` and `stream` loop over `step
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,17 +19,18 @@ from transformers import AutoProcessor, AutoTokenizer
 from ...drafting.base import Proposer
 from ..store.registry import default_draft
 from ..store.resolve import resolve_model
-from .calibration import calibrate_tree_nodes
-from .config import EngineConfig, SamplingParams
+from .calibration import calibrate_tree_nodes, tree_room
+from .config import EngineConfig, GiB, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .drafters import make_proposer
 from .errors import RequestError
-from .loading import eos_token_ids, load_adapter, load_draft_model
+from .kv_slots import SlotCache
+from .loading import ModelLoadError, eos_token_ids, load_adapter, load_draft_model
 from .outputs import GenerationOutput, PromptInput, StepOutput, TokenLogprob
 from .profiling import Stopwatch
 from .prompts import PromptBuilder
 from .sequence import Sequence
-from .step import prefill, speculative_step
+from .step import per_sequence, prefill, speculative_step
 from .target import TargetModel
 
 
@@ -52,6 +54,32 @@ class Engine:
         self.max_model_len = min(config.max_model_len or target.max_context, target.max_context)
         self.eos_token_ids = eos_token_ids(target.model, tokenizer)
         self.stopwatch = Stopwatch(config.profile, target.device)
+        self.cache = self._allocate_kv(config)
+        self.free_slots = list(range(self.cache.num_slots))  # lowest first: batches stay contiguous
+        self.active: dict[int, Sequence] = {}  # slot -> its sequence
+
+    def _allocate_kv(self, config: EngineConfig) -> SlotCache:
+        """Slots of `max_model_len` tokens (plus room for one draft tree) within the memory budget."""
+        capacity = self.max_model_len + tree_room(config.tree)
+        per_sequence = capacity * self.target.kv_bytes_per_token()
+        slots = min(config.max_num_seqs, int(config.kv_cache_memory_gib * GiB) // per_sequence)
+        if slots < 1:
+            raise ModelLoadError(
+                f"a KV cache of {config.kv_cache_memory_gib} GiB cannot hold one sequence of "
+                f"{self.max_model_len} tokens ({per_sequence / GiB:.2f} GiB); raise --kv-cache-memory "
+                f"or lower --max-model-len")
+        return self.target.new_cache(slots, capacity)
+
+    @property
+    def num_slots(self) -> int:
+        """Sequences the KV cache holds at once: the most a batch can carry."""
+        return self.cache.num_slots
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache's token rows that hold live sequences (0..1)."""
+        used = sum(seq.prefix_len for seq in self.active.values())
+        return used / (self.cache.num_slots * self.cache.capacity)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -85,30 +113,53 @@ class Engine:
                 f"more than this model's context of {self.max_model_len} tokens",
                 param="max_tokens",
             )
+        if not self.free_slots:
+            raise RuntimeError(f"all {self.num_slots} KV slots hold running sequences; release one first")
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.target.device)
             generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        return Sequence(
+        seq = Sequence(
             prompt, params, IncrementalDetokenizer(self.tokenizer, prompt.token_ids),
-            self.eos_token_ids, generator,
+            self.eos_token_ids, generator, slot=self.free_slots.pop(0),
         )
+        self.active[seq.slot] = seq
+        return seq
 
-    @torch.inference_mode()
     def step(self, seq: Sequence) -> StepOutput:
         """Advance `seq` by one target forward (prefill, or one speculative step)."""
-        if seq.finished:
-            raise ValueError("the sequence has finished")
-        if seq.cache is None:
-            return prefill(seq, self.target, self.proposer)
-        with self.stopwatch.adds_to(seq.metrics, "step_seconds"):
-            return speculative_step(seq, self.target, self.proposer, self.stopwatch)
+        out = self.step_batch([seq])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception]:
+        """Advance every sequence by one step: a new sequence is prefilled (one forward each), all
+        the others are verified together in ONE target forward. Results come in the order of `seqs`;
+        a sequence whose own part failed gets its exception instead of an output, and only it."""
+        if any(seq.finished or seq.slot < 0 for seq in seqs):
+            raise ValueError("a sequence has finished or been released")
+        outputs: dict[int, StepOutput | Exception] = {}
+        for seq in seqs:
+            if not seq.prefilled:
+                outputs[id(seq)] = per_sequence(lambda: prefill(seq, self.target, self.proposer, self.cache))
+        decoding = [seq for seq in seqs if id(seq) not in outputs]
+        if decoding:
+            with self.stopwatch.adds_to([seq.metrics for seq in decoding], "step_seconds"):
+                steps = speculative_step(decoding, self.target, self.proposer, self.cache, self.stopwatch)
+            outputs.update(zip(map(id, decoding), steps))
+        return [outputs[id(seq)] for seq in seqs]
 
     def release(self, seq: Sequence) -> None:
-        """Free the sequence's KV memory (target and drafter); safe to call twice."""
+        """Free the sequence's KV slot and its drafter's memory; safe to call twice."""
         if seq.draft is not None:
             seq.draft.close()
-        seq.cache, seq.draft = None, None
+        seq.draft = None
+        if seq.slot >= 0:
+            del self.active[seq.slot]
+            bisect.insort(self.free_slots, seq.slot)
+            seq.slot = -1
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
 

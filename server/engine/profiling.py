@@ -13,7 +13,7 @@ from .metrics import SpecMetrics
 
 class Stopwatch:
     """`with stopwatch.adds_to(metrics, "verify_seconds"):` adds the block's wall time to that field of
-    `metrics`. Disabled, it returns a context that does nothing, so unprofiled steps pay no timing cost.
+    `metrics` (one `SpecMetrics`, or a list: every sequence of a batch waited for the whole block). Disabled, it returns a context that does nothing, so unprofiled steps pay no timing cost.
 
     CUDA kernels run asynchronously: the clock is read only after the device has finished its queued
     work, or a block's GPU time would be billed to whichever later block first waits for the device."""
@@ -22,14 +22,16 @@ class Stopwatch:
         self.enabled = enabled
         self.device = device
 
-    def adds_to(self, metrics: SpecMetrics, field: str) -> contextlib.AbstractContextManager:
+    def adds_to(self, metrics: SpecMetrics | list[SpecMetrics], field: str) -> contextlib.AbstractContextManager:
         return self._timed(metrics, field) if self.enabled else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _timed(self, metrics: SpecMetrics, field: str) -> Iterator[None]:
+    def _timed(self, metrics: SpecMetrics | list[SpecMetrics], field: str) -> Iterator[None]:
         start = self._now()
         yield
-        setattr(metrics, field, getattr(metrics, field) + self._now() - start)
+        elapsed = self._now() - start
+        for m in metrics if isinstance(metrics, list) else [metrics]:
+            setattr(m, field, getattr(m, field) + elapsed)
 
     def _now(self) -> float:
         if self.device.type == "cuda":

@@ -15,14 +15,14 @@ from .outputs import PromptInput, StepOutput, TokenLogprob
 
 @dataclass
 class Sequence:
-    """One request being decoded. Between steps the target cache holds every token but the root."""
+    """One request being decoded. Between steps its KV slot holds every token but the root."""
 
     prompt: PromptInput
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
-    cache: object | None = None  # the target's KV cache; None until prefill
+    slot: int = -1  # the sequence's row of the engine's KV cache (`SlotCache`); -1 once released
     draft: DraftSession | None = None
     root_token: int = -1  # last emitted token, not yet in the cache
     prefix_len: int = 0  # tokens in the target cache
@@ -35,6 +35,10 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt.token_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.root_token >= 0
 
     @property
     def finished(self) -> bool:

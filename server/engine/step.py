@@ -1,7 +1,9 @@
-"""The two kinds of engine step, one target forward each: `prefill` and `speculative_step`.
+"""The two kinds of engine step, one target forward each: `prefill` (one sequence) and
+`speculative_step` (a batch of sequences).
 
-`speculative_step` is the algorithm: propose a draft tree, verify it in one target forward, accept
-the longest agreed path plus a bonus token, compact the KV cache, tell the drafter, emit.
+`speculative_step` is the algorithm: every sequence proposes a draft tree, one target forward
+verifies all the trees, each row accepts its longest agreed path plus a bonus token, the KV cache is
+compacted row by row, the drafters are told, and each sequence emits its tokens.
 """
 
 from __future__ import annotations
@@ -10,19 +12,19 @@ import torch
 
 from ...drafting.base import DraftContext, DraftProposal, Proposer
 from ...kernels.acceptance import AcceptResult, chain_sample_accept, greedy_accept, tree_sample_accept
-from ...kernels.kv_cache import compact_cache
 from ...kernels.sampling import LogitsParams, logprobs_topk, process_logits, sample
+from ...kernels.tree import DraftTree, stack_trees
 from .config import SamplingParams
+from .kv_slots import SlotCache
 from .outputs import StepOutput, TokenLogprob
 from .profiling import Stopwatch
 from .sequence import Sequence
 from .target import TargetModel
 
 
-def prefill(seq: Sequence, target: TargetModel, proposer: Proposer) -> StepOutput:
+def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotCache) -> StepOutput:
     """The first step: the prompt through the target, the drafter opened, the first token emitted."""
-    seq.cache = target.new_cache()
-    out = target.prefill(seq.prompt, seq.cache)
+    out = target.prefill(seq.prompt, cache, seq.slot)
     needs_hidden = proposer.needs_hidden_states
     seq.draft = proposer.open(DraftContext(
         seq.prompt.token_ids, seq.params.logits_params, seq.generator,
@@ -39,41 +41,105 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer) -> StepOutpu
     return seq.emit([seq.root_token], _logprobs(out.last_logits, token, seq.params))
 
 
-def speculative_step(seq: Sequence, target: TargetModel, proposer: Proposer, stopwatch: Stopwatch) -> StepOutput:
-    """One target forward that verifies a draft tree and emits the accepted tokens plus a bonus one."""
-    # 1. propose: a draft tree rooted at the last emitted token
-    with stopwatch.adds_to(seq.metrics, "draft_seconds"):
-        proposal = seq.draft.propose(seq.root_token)
-    tree = proposal.tree
-    # 2. verify: the target scores every tree node in one forward
-    with stopwatch.adds_to(seq.metrics, "verify_seconds"):
-        out = target.verify(tree, seq.cache, seq.prefix_len)
-    # 3. accept: the longest path the target agrees with, plus a bonus token (one host sync)
-    result = accept(proposal, out.logits, seq)
-    path, emitted = _to_host(result)
-    # 4. compact: the accepted path's KV rows move right after the prefix, the rest is dropped
-    compact_cache(seq.cache, seq.prefix_len, result.accepted_nodes[:, : len(path)])
-    seq.prefix_len += len(path)
-    # 5. update the drafter with what entered the cache (root + accepted drafts)
-    hidden = out.hidden[0, path] if proposer.needs_hidden_states else None
-    with stopwatch.adds_to(seq.metrics, "draft_seconds"):
-        seq.draft.commit([seq.root_token] + emitted[:-1], hidden)
-    seq.root_token = emitted[-1]
-    seq.metrics.observe(tree.num_nodes - 1, len(path) - 1)
-    # 6. emit: accepted drafts + bonus; stop conditions may cut the run
-    path_logits = out.logits[0, path]
-    return seq.emit(emitted, _logprobs(path_logits, torch.tensor(emitted), seq.params))
+def speculative_step(
+    seqs: list[Sequence], target: TargetModel, proposer: Proposer, cache: SlotCache, stopwatch: Stopwatch,
+) -> list[StepOutput | Exception]:
+    """One target forward that verifies every sequence's draft tree; each emits its accepted tokens
+    plus a bonus one. A failure that belongs to one sequence (its drafter, its detokenizer) is
+    returned in that sequence's place and the others go on; a failing forward fails them all."""
+    results: dict[int, StepOutput | Exception] = {}
+    # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token
+    proposals: dict[int, DraftProposal] = {}
+    with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
+        for row, seq in enumerate(seqs):
+            results[row] = per_sequence(lambda: proposals.__setitem__(row, seq.draft.propose(seq.root_token)))
+    rows = sorted(proposals)
+    if rows:
+        batch = [seqs[row] for row in rows]
+        trees = [proposals[row] for row in rows]
+        for row, out in zip(rows, _verify_and_emit(batch, trees, target, proposer, cache, stopwatch)):
+            results[row] = out
+    return [results[row] for row in range(len(seqs))]
 
 
-def accept(proposal: DraftProposal, logits: torch.Tensor, seq: Sequence) -> AcceptResult:
-    """Greedy acceptance at temperature 0; otherwise lossless rejection sampling."""
-    if seq.params.greedy:
-        return greedy_accept(proposal.tree, logits)
+def _verify_and_emit(
+    seqs: list[Sequence], proposals: list[DraftProposal], target: TargetModel, proposer: Proposer,
+    cache: SlotCache, stopwatch: Stopwatch,
+) -> list[StepOutput | Exception]:
+    tree = stack_trees([p.tree for p in proposals])  # padded to the largest tree
+    # 2. verify: the target scores every node of every tree in one forward
+    with stopwatch.adds_to([seq.metrics for seq in seqs], "verify_seconds"):
+        out = target.verify(tree, cache, [s.slot for s in seqs], [s.prefix_len for s in seqs])
+    # 3. accept: per row, the longest path the target agrees with plus a bonus token
+    results = accept(seqs, proposals, tree, out.logits)
+    # 4. one host sync for the whole batch
+    paths, emitted = _to_host(results)
+    # 5. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
+    width = max(r.accepted_nodes.shape[1] for r in results)
+    cache.compact(torch.stack([_pad(r.accepted_nodes[0], width) for r in results]))
+    outputs: list[StepOutput | Exception] = []
+    for row, seq in enumerate(seqs):
+        seq.prefix_len += len(paths[row])
+        hidden = out.hidden[row, paths[row]] if proposer.needs_hidden_states else None
+        outputs.append(per_sequence(lambda: _advance(seq, proposals[row], paths[row], emitted[row], hidden,
+                                                      out.logits[row, paths[row]], stopwatch)))
+    return outputs
+
+
+def _advance(
+    seq: Sequence, proposal: DraftProposal, path: list[int], tokens: list[int], hidden: torch.Tensor | None,
+    path_logits: torch.Tensor, stopwatch: Stopwatch,
+) -> StepOutput:
+    # 6. update the drafter with what entered the cache (root + accepted drafts)
+    with stopwatch.adds_to(seq.metrics, "draft_seconds"):
+        seq.draft.commit([seq.root_token] + tokens[:-1], hidden)
+    seq.root_token = tokens[-1]
+    seq.metrics.observe(proposal.tree.num_nodes - 1, len(path) - 1)
+    # 7. emit: accepted drafts + bonus; stop conditions may cut the run
+    return seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params))
+
+
+def per_sequence(work) -> StepOutput | Exception | None:
+    """Run one sequence's part of a batch step; its failure is returned, not raised."""
+    try:
+        return work()
+    except Exception as exc:  # one sequence's fault (drafter, detokenizer): the batch goes on
+        return exc
+
+
+def accept(
+    seqs: list[Sequence], proposals: list[DraftProposal], tree: DraftTree, logits: torch.Tensor,
+) -> list[AcceptResult]:
+    """One `AcceptResult` (batch of one) per row. Greedy rows are accepted together on the padded
+    batch; a sampling row is accepted alone on its own unpadded tree, so its random draws (from its
+    own generator) do not depend on what else is in the batch."""
+    results: list[AcceptResult | None] = [None] * len(seqs)
+    greedy = [row for row, seq in enumerate(seqs) if seq.params.greedy]
+    if greedy:
+        index = torch.tensor(greedy, device=logits.device)
+        batch = greedy_accept(_rows(tree, index), logits.index_select(0, index))
+        for i, row in enumerate(greedy):
+            results[row] = AcceptResult(batch.accepted_nodes[i : i + 1], batch.num_accepted[i : i + 1],
+                                        batch.emitted_tokens[i : i + 1])
+    for row, seq in enumerate(seqs):
+        if results[row] is None:
+            own = proposals[row].tree
+            results[row] = _sample_accept(proposals[row], logits[row : row + 1, : own.num_nodes], seq)
+    return results
+
+
+def _sample_accept(proposal: DraftProposal, logits: torch.Tensor, seq: Sequence) -> AcceptResult:
+    """Lossless rejection sampling for one sequence (logits [1, N, V] of its own tree)."""
     probs = _probs(logits, seq.params.logits_params)  # the same processing for every token, bonus included
     if proposal.draft_probs is not None:
         draft_tokens = proposal.tree.tokens[:, 1:]
         return chain_sample_accept(draft_tokens, proposal.draft_probs, probs, seq.generator)
     return tree_sample_accept(proposal.tree, probs, seq.generator)
+
+
+def _rows(tree: DraftTree, index: torch.Tensor) -> DraftTree:
+    return DraftTree(tree.tokens.index_select(0, index), tree.parents.index_select(0, index),
+                     tree.depths.index_select(0, index), tree.ancestors.index_select(0, index))
 
 
 def _probs(logits: torch.Tensor, params: LogitsParams) -> torch.Tensor:
@@ -93,9 +159,19 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams
     ]
 
 
-def _to_host(result: AcceptResult) -> tuple[list[int], list[int]]:
-    """Accepted node indices (root first) and emitted tokens (drafts + bonus), in one host sync."""
-    n = result.accepted_nodes.shape[1]
-    row = torch.cat([result.accepted_nodes[0], result.emitted_tokens[0]]).tolist()
-    path = [node for node in row[:n] if node >= 0]
-    return path, row[n : n + len(path)]
+def _to_host(results: list[AcceptResult]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row: accepted node indices (root first) and emitted tokens (drafts + bonus), in one host
+    sync for the batch."""
+    width = max(r.accepted_nodes.shape[1] for r in results)
+    rows = [torch.cat([_pad(r.accepted_nodes[0], width), _pad(r.emitted_tokens[0], width)]) for r in results]
+    flat = torch.stack(rows).tolist()
+    paths, emitted = [], []
+    for row in flat:
+        path = [node for node in row[:width] if node >= 0]
+        paths.append(path)
+        emitted.append(row[width : width + len(path)])
+    return paths, emitted
+
+
+def _pad(values: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(values, (0, width - len(values)), value=-1)

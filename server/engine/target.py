@@ -15,13 +15,13 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    DynamicCache,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PretrainedConfig,
 )
 
 from ...kernels.tree import DraftTree
+from .kv_slots import SlotCache
 from .outputs import PromptInput
 
 TORCH_DTYPES = {
@@ -104,7 +104,7 @@ def load_model(path: str, dtype: str, device: str) -> CausalLMAdapter:
 
 
 class TargetModel:
-    """Prefill and tree verification for one target model (batch of one sequence for now)."""
+    """Prefill (one sequence) and tree verification (a batch of sequences) for one target model."""
 
     def __init__(self, adapter: CausalLMAdapter) -> None:
         self.adapter = adapter
@@ -129,8 +129,15 @@ class TargetModel:
         window = getattr(self.config, "sliding_window", None)
         return min(limit, window) if window else limit
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()  # no config: plain full-attention layers (see `max_context`)
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one cached token takes over all decoder layers."""
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * self.dtype.itemsize
+
+    def new_cache(self, num_slots: int, capacity: int) -> SlotCache:
+        return SlotCache(self.config.num_hidden_layers, num_slots, capacity, self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
@@ -139,8 +146,8 @@ class TargetModel:
         return logits.float() if logits.dtype != torch.float64 else logits
 
     @torch.inference_mode()
-    def prefill(self, prompt: PromptInput, cache: DynamicCache) -> PrefillOutput:
-        """Run the whole prompt (vision tower + projector first, if it has images) into `cache`."""
+    def prefill(self, prompt: PromptInput, cache: SlotCache, slot: int) -> PrefillOutput:
+        """Run the whole prompt (vision tower + projector first, if it has images) into `slot`."""
         ids = torch.tensor([prompt.token_ids], device=self.device)
         embeds = self.embed_tokens(ids)
         image_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -148,20 +155,20 @@ class TargetModel:
             features = self.adapter.image_features(prompt.pixel_values.to(self.device, self.dtype))
             image_mask = ids == self.adapter.image_token_id
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        cache.bind([slot], [0], ids.shape[1])
         out = self.adapter.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state
         return PrefillOutput(self.logits(hidden[:, -1]), hidden, embeds, image_mask)
 
     @torch.inference_mode()
-    def verify(self, tree: DraftTree, cache: DynamicCache, prefix_len: int) -> ForwardOutput:
-        """Score every node of `tree` in one forward; the tree's KV rows land after the prefix."""
-        mask = None
-        if tree.num_nodes > 1:  # a lone root needs no tree mask: plain causal attention is the same
-            mask = tree.attention_mask(prefix_len, self.dtype)
+    def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int]) -> ForwardOutput:
+        """Score every node of a batch of trees (row b: slot `slots[b]` after `prefix_lens[b]` cached
+        tokens) in one forward; each row's tree KV rows land right after its own prefix."""
+        offsets = cache.bind(slots, prefix_lens, tree.num_nodes)
         out = self.adapter.decoder(
-            input_ids=tree.tokens,
-            attention_mask=mask,
-            position_ids=tree.position_ids(prefix_len),
+            input_ids=tree.tokens.clamp(min=0),  # padding nodes (-1) run as token 0; the mask isolates them
+            attention_mask=tree.attention_mask(offsets, self.dtype, cache.binding.width),
+            position_ids=tree.position_ids(offsets),
             past_key_values=cache,
             use_cache=True,
         )

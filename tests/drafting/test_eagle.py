@@ -89,7 +89,7 @@ def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory,
     prompt = image_prompt(engine)
     root, a1, a2, bonus = 5, 17, 42, 9  # any tokens: the session must not care whether they were drafted
     full = PromptInput(prompt.token_ids + [root, a1, a2, bonus], prompt.pixel_values, 1)
-    out = engine.target.prefill(full, engine.target.new_cache())
+    out = engine.target.prefill(full, engine.target.new_cache(1, len(full.token_ids)), 0)
     hidden, length = out.hidden[0], len(prompt.token_ids)
     session: EagleSession = engine.proposer.open(DraftContext(
         prompt.token_ids, LogitsParams(), None, hidden[:length], out.inputs_embeds[0, :length],

@@ -1,0 +1,122 @@
+"""A KV cache for many sequences at once: preallocated slots, one per sequence, each at its own length.
+
+Per layer the cache holds keys and values of shape [num_slots, H, capacity, D], allocated once (so
+shapes do not change from step to step). Before a forward the engine binds the rows it runs
+(`bind(rows, offsets, new_tokens)`): slot indices and the tokens each slot already holds. Each layer
+then writes every row's new tokens at that row's own offset and hands attention the rows' keys and
+values up to the widest row; the per-row 4D mask (`DraftTree.attention_mask` with per-row prefixes)
+hides what lies past each row's own length. Rows bound as a contiguous range are returned as views,
+other sets as one gather.
+
+Example: rows [0, 2] with offsets [5, 3] and a tree of 4 nodes write slot 0 at positions 5..8 and
+slot 2 at 3..6, and attention sees keys [2, H, 9, D] (width = max offset + 4).
+
+This is a transformers `Cache`, so the stock model forward runs on it unchanged. Only full-attention
+layers are supported (the compaction of accepted rows gathers positions, which a sliding-window
+layer's rolling buffer cannot express); `TargetModel.max_context` keeps sliding-window models inside
+their window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ...kernels.kv_cache import compact_rows
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The rows of the next forward: slot indices, their cached lengths, and the key width."""
+
+    rows: Tensor  # [B] long slot indices
+    offsets: Tensor  # [B] long tokens already cached per row
+    width: int  # max(offsets) + new tokens: the key length attention sees
+    start: int | None  # first slot if the rows are a contiguous ascending range (then views, no copy)
+
+
+class SlotLayer(CacheLayerMixin):
+    """One decoder layer's slots; reads the current `Binding` from its `SlotCache`."""
+
+    is_sliding = False
+
+    def __init__(self, cache: SlotCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        # torch.empty: pages are committed only when written, so an unused slot costs address space only
+        _, heads, _, dim = key_states.shape
+        shape = (self.cache.num_slots, heads, self.cache.capacity, dim)
+        self.keys = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.empty(shape, dtype=value_states.dtype, device=value_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Write the rows' new keys/values [B, H, N, D] at their offsets; return [B, H, width, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        bound = self.cache.binding
+        positions = bound.offsets[:, None] + torch.arange(key_states.shape[2], device=bound.offsets.device)
+        # advanced indices on dims 0 and 2 put those dims first: the source is [B, N, H, D]
+        self.keys[bound.rows[:, None], :, positions] = key_states.transpose(1, 2)
+        self.values[bound.rows[:, None], :, positions] = value_states.transpose(1, 2)
+        return self.rows(self.keys), self.rows(self.values)
+
+    def rows(self, tensor: Tensor) -> Tensor:
+        bound = self.cache.binding
+        if bound.start is not None:
+            return tensor[bound.start : bound.start + len(bound.rows), :, : bound.width]
+        return tensor.index_select(0, bound.rows)[:, :, : bound.width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.binding.width, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.binding.width - self.cache.new_tokens
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+
+class SlotCache(Cache):
+    """`num_slots` sequences of up to `capacity` tokens each, for every decoder layer."""
+
+    def __init__(self, num_layers: int, num_slots: int, capacity: int, device: torch.device) -> None:
+        self.num_slots, self.capacity, self.device = num_slots, capacity, device
+        self.binding = Binding(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 0, 0)
+        self.new_tokens = 0
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def bind(self, rows: list[int], offsets: list[int], new_tokens: int) -> Tensor:
+        """Make the next forward run slots `rows`, each after its `offsets` cached tokens, with
+        `new_tokens` new tokens per row. Returns the offsets as a tensor (for masks and positions)."""
+        if max(offsets) + new_tokens > self.capacity:
+            raise ValueError(f"a sequence would exceed the KV slot capacity of {self.capacity} tokens")
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        offsets_t = torch.tensor(offsets, dtype=torch.long, device=self.device)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.binding = Binding(rows_t, offsets_t, max(offsets) + new_tokens, rows[0] if contiguous else None)
+        self.new_tokens = new_tokens
+        return offsets_t
+
+    def compact(self, accepted_nodes: Tensor) -> None:
+        """After a verify forward of the bound rows: move each row's accepted path (root first, -1
+        padded, [B, K]) right after its prefix. The caller then counts the new lengths."""
+        bound = self.binding
+        for layer in self.layers:
+            for tensor in (layer.keys, layer.values):
+                window = tensor[:, :, : bound.width]  # a view: only the bound width is touched
+                if bound.start is not None:
+                    compact_rows(window[bound.start : bound.start + len(bound.rows)], bound.offsets, accepted_nodes)
+                else:  # gather the rows, compact them, write them back
+                    rows = window.index_select(0, bound.rows)
+                    compact_rows(rows, bound.offsets, accepted_nodes)
+                    window.index_copy_(0, bound.rows, rows)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))

@@ -1,0 +1,128 @@
+"""Batched steps are exact: every sequence of a batch gets what the target alone produces, whatever
+else is in the batch (other lengths, drafters' trees of other sizes, sequences joining and leaving,
+greedy next to sampling, images next to text), and one sequence's fault fails only that sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from specserve.drafting.budget import TreeBudget
+from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
+
+PROMPTS = [
+    "the quick brown fox",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+    "Summarise: the cat sat on the mat. The mat was red.",
+    "a red circle, a blue square and a green triangle. a red circle, a blue",
+    "hi",
+]
+
+
+def engine_for(path, draft: str = "ngram", **config) -> Engine:
+    return Engine.from_config(EngineConfig(model=str(path), draft=draft, dtype="float64",
+                                           tree=TreeBudget(depth=4, branching=3, draft_nodes=8), **config))
+
+
+def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
+    ids = torch.tensor([prompt.token_ids])
+    kwargs = {"pixel_values": prompt.pixel_values.double()} if prompt.pixel_values is not None else {}
+    out = engine.target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=max_new, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def run_batched(engine: Engine, arrivals: list[tuple[int, object, SamplingParams]], abort: dict[int, int] = {}):
+    """Step every live sequence together each turn; request i joins at turn arrivals[i][0] and is
+    released at turn abort[i] if given. Returns each request's tokens and the largest batch seen."""
+    live, tokens, largest = {}, {i: [] for i in range(len(arrivals))}, 0
+    for turn in range(500):
+        for i, (join, prompt, params) in enumerate(arrivals):
+            if join == turn:
+                live[i] = engine.start(prompt, params)
+        for i in [i for i in live if abort.get(i) == turn]:
+            engine.release(live.pop(i))
+        if not live and turn > max(a[0] for a in arrivals):
+            return tokens, largest
+        order = list(live)
+        largest = max(largest, len(order))
+        for i, out in zip(order, engine.step_batch([live[i] for i in order])):
+            assert not isinstance(out, Exception), out
+            tokens[i] += out.token_ids
+            if out.finished:
+                engine.release(live.pop(i))
+    raise AssertionError("the batch did not finish")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_greedy_batch_with_joins_and_leaves_equals_generate(tiny_model_dirs, family, draft):
+    engine = engine_for(tiny_model_dirs[family], draft)
+    params = [SamplingParams(max_tokens=n) for n in (30, 24, 36, 12, 40)]
+    arrivals = [(join, engine.prepare_text(text), p) for join, text, p in zip((0, 0, 2, 5, 5), PROMPTS, params)]
+    tokens, largest = run_batched(engine, arrivals, abort={4: 8})
+    assert largest >= 4  # the batch really carried several sequences at once
+    for i, (_, prompt, p) in enumerate(arrivals[:4]):
+        assert tokens[i] == reference_greedy(engine, prompt, p.max_tokens), PROMPTS[i]
+    assert 0 < len(tokens[4]) < 40  # the aborted one stopped early; the others were not disturbed
+    assert engine.free_slots == list(range(engine.num_slots))  # every slot came back
+
+
+def test_image_and_text_requests_in_one_batch(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llava"])
+    image = Image.new("RGB", (48, 40), (200, 30, 30))
+    with_image = engine.prepare_chat([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "describe the red circle"}]}])
+    text_only = engine.prepare_chat([{"role": "user", "content": "a red circle, a blue square"}])
+    arrivals = [(0, with_image, SamplingParams(max_tokens=25)), (1, text_only, SamplingParams(max_tokens=30))]
+    tokens, largest = run_batched(engine, arrivals)
+    assert largest == 2
+    assert tokens[0] == reference_greedy(engine, with_image, 25)
+    assert tokens[1] == reference_greedy(engine, text_only, 30)
+
+
+def test_a_seeded_sampled_request_is_the_same_alone_and_in_a_batch(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"])
+    sampled = SamplingParams(max_tokens=30, temperature=1.5, seed=7, ignore_eos=True)
+    prompt = engine.prepare_text(PROMPTS[2])
+    alone = engine.generate(prompt, sampled).token_ids
+    greedy = [(0, engine.prepare_text(t), SamplingParams(max_tokens=30)) for t in PROMPTS[:2]]
+    tokens, _ = run_batched(engine, [*greedy, (1, prompt, sampled)])
+    assert tokens[2] == alone
+    for i, (_, p, params) in enumerate(greedy):
+        assert tokens[i] == reference_greedy(engine, p, params.max_tokens)
+
+
+def test_a_failing_drafter_fails_only_its_own_sequence(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"])
+    seqs = [engine.start(engine.prepare_text(t), SamplingParams(max_tokens=20)) for t in PROMPTS[:3]]
+    engine.step_batch(seqs)  # prefill: the drafters are open now
+
+    def broken(root_token):
+        raise RuntimeError("drafter fault")
+
+    seqs[1].draft.propose = broken
+    outs = engine.step_batch(seqs)
+    assert isinstance(outs[1], RuntimeError)
+    assert all(not isinstance(outs[i], Exception) and outs[i].token_ids for i in (0, 2))
+
+
+def test_the_kv_budget_bounds_the_slots_and_refuses_what_cannot_fit(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    full = engine_for(path, max_num_seqs=3)
+    assert full.num_slots == 3 and full.kv_cache_usage == 0.0
+    per_sequence = full.cache.capacity * full.target.kv_bytes_per_token()
+    two = engine_for(path, max_num_seqs=8, kv_cache_memory_gib=2.5 * per_sequence / 1024**3)
+    assert two.num_slots == 2
+    a, b = (two.start(two.prepare_text(t), SamplingParams(max_tokens=5)) for t in PROMPTS[:2])
+    with pytest.raises(RuntimeError, match="KV slots"):
+        two.start(two.prepare_text(PROMPTS[2]), SamplingParams(max_tokens=5))
+    two.step_batch([a, b])
+    assert two.kv_cache_usage > 0
+    two.release(a)
+    two.start(two.prepare_text(PROMPTS[2]), SamplingParams(max_tokens=5))  # the freed slot is reused
+    from specserve.server.engine import ModelLoadError
+    with pytest.raises(ModelLoadError, match="cannot hold one sequence"):
+        engine_for(path, kv_cache_memory_gib=0.5 * per_sequence / 1024**3)
