@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from specserve.kernels.kv_cache import compact_cache, compact_kv
+from specserve.kernels.kv_cache import compact_cache, compact_kv, compact_rows
 from specserve.kernels.tree import DraftTree
 
 PREFIX_LEN = 6
@@ -104,3 +104,12 @@ def test_compacted_cache_continues_like_a_fresh_prefill(model):
         fresh = model(torch.cat([prefix, tree.tokens.gather(1, accepted), next_token], dim=1))
     torch.testing.assert_close(step.logits[:, -1], fresh.logits[:, -1], rtol=0, atol=exact_to(model))
     assert cache.get_seq_length() == PREFIX_LEN + 4
+
+
+def test_compact_rows_docstring_example_and_ragged_rows():
+    # slot values stand for the rows: 10, 11 prefix; 20.. tree nodes; row 1 has prefix 1
+    rows = torch.tensor([[10, 11, 20, 21, 22, 23, 24], [10, 30, 31, 32, 33, 34, 35]], dtype=torch.float64)
+    tensor = rows[:, None, :, None].clone()  # [B=2, H=1, S=7, D=1]
+    compact_rows(tensor, torch.tensor([2, 1]), torch.tensor([[0, 3, -1], [0, 2, 4]]))
+    assert tensor[0, 0, :, 0].tolist() == [10, 11, 20, 23, 22, 23, 24]  # length 4 now
+    assert tensor[1, 0, :4, 0].tolist() == [10, 30, 32, 34]  # length 4 now

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specserve.kernels.tree import DraftTree, additive_mask, chain_tree
+from specserve.kernels.tree import DraftTree, additive_mask, chain_tree, stack_trees
 
 # 0 -> {1, 2}, 1 -> {3, 4}
 TOKENS = [[7, 3, 9, 4, 5]]
@@ -115,3 +115,23 @@ def test_from_parents_rejects_bad_input(tokens, parents):
 def test_from_parents_rejects_float_tokens():
     with pytest.raises(ValueError, match="long"):
         DraftTree.from_parents(torch.tensor([[1.0, 2.0]]), torch.tensor([[-1, 0]]))
+
+
+def test_attention_mask_with_per_row_prefixes_docstring_example():
+    tree = DraftTree.from_parents(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, 0, 0]]))
+    allowed = tree.attention_mask(torch.tensor([2]), torch.float32, width=6)[0, 0] == 0
+    assert allowed.int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]]
+    # two rows with other prefixes: each row sees only its own prefix and its own tree slots
+    two = stack_trees([tree, DraftTree.from_parents(torch.tensor([[8, 9]]), torch.tensor([[-1, 0]]))])
+    mask = two.attention_mask(torch.tensor([1, 3]), torch.float32, width=6) == 0
+    # row 1: root, node 1 and a padding node (parent 0) after a 3-token prefix
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]]
+    assert two.position_ids(torch.tensor([1, 3])).tolist() == [[1, 2, 2], [3, 4, 4]]
+
+
+def test_stack_trees_pads_with_nodes_that_hang_off_the_root():
+    small = DraftTree.from_parents(torch.tensor([[4, 5]]), torch.tensor([[-1, 0]]))
+    big = DraftTree.from_parents(torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 1]]))
+    batch = stack_trees([small, big])
+    assert batch.tokens.tolist() == [[4, 5, -1], [1, 2, 3]]
+    assert batch.parents.tolist() == [[-1, 0, 0], [-1, 0, 1]]
