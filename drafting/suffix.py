@@ -26,6 +26,10 @@ root "c", shared outputs 0 = "b c d e f" and 1 = "y b c d g":
     trie: c -> d (2) -> g (1) ; d -> e (1) -> f (1)        best length 2 -> at most 2 nodes
     heaviest 2 (ties: shallower, then earlier): d, g  ->  tokens [c, d, g], parents [-1, 0, 1]
 Own-text continuations are merged first, so they win ties against past outputs.
+
+Only greedy requests draft from the shared store (every request adds its output to it): sampled
+acceptance draws a different number of random values for a different tree, so a seeded request
+would otherwise depend on what other requests left in the store and lose its reproducibility.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class SuffixProposer:
         self._next_doc = 0
 
     def open(self, context: DraftContext) -> SuffixSession:
-        return SuffixSession(self, context.token_ids)
+        return SuffixSession(self, context.token_ids, use_shared=context.params.greedy)
 
     def publish(self, tokens: list[int]) -> None:
         """Add a finished request's tokens to the shared store as one document."""
@@ -91,8 +95,9 @@ class SuffixProposer:
 
 
 class SuffixSession:
-    def __init__(self, proposer: SuffixProposer, prompt: list[int]) -> None:
+    def __init__(self, proposer: SuffixProposer, prompt: list[int], use_shared: bool) -> None:
         self.proposer = proposer
+        self.use_shared = use_shared
         self.config = proposer.config
         self.prompt_len = len(prompt)
         self.own = TokenIndex(self.config.max_n, None, self.config.max_match)
@@ -118,7 +123,7 @@ class SuffixSession:
         tree = self.proposer.tree
         chain = tree.mode is TreeMode.CHAIN
         own = self.own.matches(self.text, self.config.max_occurrences)
-        shared = self.proposer.shared.matches(self.text, self.config.max_occurrences)
+        shared = self.proposer.shared.matches(self.text, self.config.max_occurrences) if self.use_shared else []
         trie = WeightedTrie(root_token)
         best = max((m.length for m in own + shared), default=0)
         firsts = [trie.add(self.own.continuation(m, tree.depth), 2.0 ** (m.length - best), False) for m in own]

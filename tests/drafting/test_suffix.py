@@ -15,8 +15,8 @@ def make_proposer(depth=3, branching=2, nodes=4, mode=TreeMode.DYNAMIC, **config
     return SuffixProposer(TreeBudget(depth, branching, nodes, mode), CPU, SuffixConfig(**config))
 
 
-def open_session(proposer, prompt):
-    return proposer.open(DraftContext(prompt, LogitsParams(), None))
+def open_session(proposer, prompt, params=LogitsParams()):
+    return proposer.open(DraftContext(prompt, params, None))
 
 
 def tree_lists(proposal):
@@ -134,3 +134,15 @@ def test_heaviest_nodes_are_ancestor_closed():
     kept = trie.heaviest(3, 0.0)
     assert [trie.tokens[n] for n in kept] == [B, C, C]  # B (2), C at depth 1 (1.5), C below B (1)
     assert all(trie.parents[n] == 0 or trie.parents[n] in kept for n in kept)
+
+
+def test_sampled_requests_draft_from_their_own_text_only():
+    # a seeded sampled request must not depend on what other requests left in the store
+    proposer = make_proposer(spec_factor=4)
+    proposer.publish([C, D, E])
+    sampled = open_session(proposer, [C, G, A], LogitsParams(temperature=0.7))
+    assert tree_lists(sampled.propose(C))[0] == [C, G, A, C]  # own text only, not D E
+    sampled.propose(B)
+    sampled.close()  # its output is still shared with later greedy requests
+    assert list(proposer.shared.docs.values())[-1] == [C, B]
+    assert tree_lists(open_session(proposer, [X]).propose(C))[0][:2] == [C, B]
