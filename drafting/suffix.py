@@ -122,15 +122,19 @@ class SuffixSession:
         self.own.extend(0, [root_token])
         tree = self.proposer.tree
         chain = tree.mode is TreeMode.CHAIN
+        # where the context (text + root) occurred before: in this request, and in past outputs
         own = self.own.matches(self.text, self.config.max_occurrences)
         shared = self.proposer.shared.matches(self.text, self.config.max_occurrences) if self.use_shared else []
+        # merge what followed each occurrence, weighted 2 ** (its match length - the best one)
         trie = WeightedTrie(root_token)
         best = max((m.length for m in own + shared), default=0)
         firsts = [trie.add(self.own.continuation(m, tree.depth), 2.0 ** (m.length - best), False) for m in own]
         firsts += [trie.add(self.proposer.shared.continuation(m, tree.depth), 2.0 ** (m.length - best), True)
                    for m in shared]
+        # keep the heaviest nodes; a longer match earns a larger tree (adaptive speculation length)
         size = min(tree.depth if chain else tree.draft_nodes, math.ceil(self.config.spec_factor * best))
-        kept = trie.heaviest_path(size, self.config.min_prob) if chain else trie.heaviest(size, self.config.min_prob)
+        select = trie.heaviest_path if chain else trie.heaviest
+        kept = select(size, self.config.min_prob)
         self._observe(trie, kept, shared, firsts[len(own):])
         return DraftProposal(trie.to_tree(kept, self.proposer.device))
 
@@ -203,4 +207,6 @@ class WeightedTrie:
             index[node] = len(tokens)
             tokens.append(self.tokens[node])
             parents.append(index[self.parents[node]])
-        return DraftTree.from_parents(torch.tensor([tokens], device=device), torch.tensor([parents], device=device))
+        return DraftTree.from_parents(
+            torch.tensor([tokens], device=device), torch.tensor([parents], device=device)
+        )

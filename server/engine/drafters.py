@@ -43,7 +43,8 @@ def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadMod
     elif config.draft == "ngram":
         proposer = NgramProposer(config.tree, target.device)
     elif config.draft == "suffix":
-        proposer = SuffixProposer(config.tree, target.device, SuffixConfig(share_prompts=config.draft_share_prompts))
+        suffix = SuffixConfig(share_prompts=config.draft_share_prompts)
+        proposer = SuffixProposer(config.tree, target.device, suffix)
     elif config.draft.startswith(SELF_PREFIX):
         if target.is_multimodal:
             raise ValueError("self-drafting supports text-only models (a LLaVA target's decoder sits "

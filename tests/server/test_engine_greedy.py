@@ -85,7 +85,8 @@ def test_greedy_matches_generate(tiny_model_dirs, family, draft):
 
 @pytest.mark.parametrize("mode", [TreeMode.CHAIN, TreeMode.DYNAMIC])
 def test_greedy_suffix_drafts_from_earlier_requests(tiny_model_dirs, mode):
-    engine = engine_for(tiny_model_dirs["qwen2"], "suffix", TreeBudget(depth=6, branching=3, draft_nodes=12, mode=mode))
+    tree = TreeBudget(depth=6, branching=3, draft_nodes=12, mode=mode)
+    engine = engine_for(tiny_model_dirs["qwen2"], "suffix", tree)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompt = engine.prepare_text(PROMPTS[1])
     first = engine.generate(prompt, params)
