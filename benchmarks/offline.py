@@ -5,6 +5,7 @@ and specserve with each drafter, on the same model, prompts and machine, in one 
     python benchmarks/offline.py --model qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b \
         --prompts code-prose --drafts none ngram qwen2.5-coder-0.5b
     python benchmarks/offline.py --model tiny-vlm --prompts images --drafts none ngram tiny-vlm-msd
+    python benchmarks/offline.py --model smollm2-135m --prompts repeated --drafts none ngram suffix self:8
 
 Throughput = generated tokens / wall time of the whole request, prefill included. Every method runs
 every prompt `--repeats` times (interleaved, so drift in machine load hits all methods alike); the
@@ -13,6 +14,8 @@ that each method's output equals AR's token for token. The specserve engines pro
 the table splits a verify step into draft / verify / other time and sets the measured speedup next to
 two bounds from those times (`step_timing.py`); they need `none` among `--drafts`. `--prompts images`
 asks a vision-language model (tiny-vlm) held-out description prompts on easy-vqa test images.
+The suffix drafter's store of past outputs is emptied before every repeat, so a repeat never drafts
+from its own previous answers to the same prompts (only from the earlier prompts of the same repeat).
 Writes `<name>.md`, `.json` and `.png` into `--out`.
 """
 
@@ -33,6 +36,7 @@ from prompts import PROMPT_SETS
 
 from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.draft_model import DraftModelProposer
+from specserve.drafting.suffix import SuffixProposer
 from specserve.server.engine import Engine, load_draft_model
 from specserve.server.engine.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.metrics import SpecMetrics
@@ -88,7 +92,7 @@ def engine_method(engine: Engine, result: MethodResult):
     return run
 
 
-def build(args) -> tuple[dict, dict[str, MethodResult], Engine]:
+def build(args) -> tuple[dict, dict[str, MethodResult], Engine, list[SuffixProposer]]:
     tree = TreeBudget(args.tree_depth, args.tree_branching, args.tree_nodes, TreeMode(args.tree_mode))
     base = Engine.from_config(EngineConfig(args.model, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir))
     assistants = {}
@@ -103,13 +107,16 @@ def build(args) -> tuple[dict, dict[str, MethodResult], Engine]:
     if INT8 in assistants:  # the same int8 model as HF's assistant, shared
         engines[f"specserve-{Path(args.draft_model).name}{INT8}"] = (
             args.draft_model, DraftModelProposer(assistants[INT8], tree))
+    stores = []
     for name, (draft, proposer) in engines.items():
         config = EngineConfig(args.model, draft=draft, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir,
                               profile=True)
         engine = Engine(config, base.target, base.tokenizer, base.prompts.processor, proposer)
         results[name] = MethodResult(name)
         methods[name] = engine_method(engine, results[name])
-    return methods, results, base
+        if isinstance(engine.proposer, SuffixProposer):
+            stores.append(engine.proposer)
+    return methods, results, base, stores
 
 
 def load_prompts(engine: Engine, name: str, count: int | None) -> list[PromptInput]:
@@ -121,12 +128,15 @@ def load_prompts(engine: Engine, name: str, count: int | None) -> list[PromptInp
     return [chat_prompt(engine, spec) for spec in specs]
 
 
-def measure(methods, results, prompts: list[PromptInput], max_new: int, repeats: int) -> None:
+def measure(methods, results, prompts: list[PromptInput], max_new: int, repeats: int,
+            stores: list[SuffixProposer]) -> None:
     for run in methods.values():  # warm-up: first calls pay for allocations and kernel selection
         run(prompts[0], 8)
     for result in results.values():
         result.metrics = SpecMetrics()
     for repeat in range(repeats):
+        for store in stores:  # every repeat starts cold: no drafting from the same prompts' answers
+            store.reset()
         for name, run in methods.items():
             tokens, seconds = 0, 0.0
             for prompt in prompts:
@@ -222,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tree-branching", "--tree-top-k", dest="tree_branching", type=int, default=4)
     parser.add_argument("--tree-nodes", type=int, default=16)
     parser.add_argument("--tree-mode", default=TreeMode.DYNAMIC.value, choices=[m.value for m in TreeMode],
-                        help="tree shape of the model drafters (n-gram always proposes its trie)")
+                        help="tree shape of the model drafters (n-gram and suffix propose their trie; "
+                             "chain: one path)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--name", default=None, help="results file stem")
@@ -232,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods, results, base = build(args)
+    methods, results, base, stores = build(args)
     prompts = load_prompts(base, args.prompts, args.num_prompts)
-    measure(methods, results, prompts, args.max_new_tokens, args.repeats)
+    measure(methods, results, prompts, args.max_new_tokens, args.repeats, stores)
     steps = step_reports(results)
     table = report(args, results, steps)
     print(table)

@@ -17,8 +17,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store alias, HF folder, .gguf file or hub id (default: %(default)s)")
     parser.add_argument("--draft", default="auto",
                         help="'auto' (the store's drafter for --model, e.g. tiny-vlm-msd; else ngram), "
-                             "'none', 'ngram', an EAGLE/MSD head folder, or a draft model (alias, "
-                             "folder, .gguf, hub id) (default: %(default)s)")
+                             "'none', 'ngram', 'suffix' (prompt lookup plus the outputs of earlier "
+                             "requests), 'self:N' (the model's own first N layers), an EAGLE/MSD head "
+                             "folder, or a draft model (alias, folder, .gguf, hub id) (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tree-depth", type=int, default=TreeBudget.depth)
@@ -34,6 +35,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-quantization", default="none", choices=DRAFT_QUANTIZATIONS,
                         help="'int8': run a draft LM as dynamic int8 weights and activations (CPU only; "
                              "cheaper drafts, the same output) (default: %(default)s)")
+    parser.add_argument("--draft-share-prompts", action="store_true",
+                        help="with --draft suffix: share prompt tokens with other requests' drafts too "
+                             "(default: only the tokens the model generated are shared)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--cache-dir", default=None,
                         help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
@@ -46,7 +50,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
         max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
-        draft_quantization=args.draft_quantization,
+        draft_quantization=args.draft_quantization, draft_share_prompts=args.draft_share_prompts,
     )
 
 

@@ -17,7 +17,8 @@ class EngineConfig:
     """Everything needed to build an `Engine`.
 
     `model` and `draft` accept a model-store alias, a local HF folder, a `.gguf` file or a hub id.
-    `draft` may also be `"ngram"` (prompt lookup), `"none"` (plain autoregressive decoding) or
+    `draft` may also be `"ngram"` (prompt lookup), `"suffix"` (prompt lookup plus past outputs of this
+    engine), `"self:N"` (the target's first N layers), `"none"` (plain autoregressive decoding) or
     `"auto"` (the store's drafter for a store-alias model, e.g. tiny-vlm's MSD head; else ngram).
     """
 
@@ -33,6 +34,7 @@ class EngineConfig:
     draft_quantization: str = "none"  # "int8": a draft LM runs as dynamic int8 (CPU; drafting.quantize)
     max_num_seqs: int = 8  # sequences the KV cache holds (and a verify batch carries) at once
     kv_cache_memory_gib: float = 2.0  # budget of the KV cache; fewer slots than max_num_seqs if it is short
+    draft_share_prompts: bool = False  # suffix drafter: share prompt tokens too, not only generated ones
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

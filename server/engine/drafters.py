@@ -1,4 +1,5 @@
-"""The `--draft` names -> a proposer from `drafting/`: `none`, `ngram`, an EAGLE/MSD head or a draft model."""
+"""The `--draft` names -> a proposer from `drafting/`: `none`, `ngram`, `suffix`, `self:N`, an EAGLE/MSD
+head or a draft model."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from ...drafting.eagle import EagleProposer
 from ...drafting.eagle_head import is_eagle_folder, load_head
 from ...drafting.ngram import NgramProposer
 from ...drafting.none import NoDraftProposer
+from ...drafting.self_draft import self_draft_proposer
+from ...drafting.suffix import SuffixConfig, SuffixProposer
 from .config import EngineConfig
 
 if TYPE_CHECKING:
     from .target import TargetModel
+
+SELF_PREFIX = "self:"  # `self:N`: draft with the target's first N layers
 
 # A model-path drafter needs the loader (store resolution, dtype, device); the engine passes it in,
 # so that a test or an embedder can hand in its own.
@@ -28,11 +33,23 @@ def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadMod
     """Build the proposer that `config.draft` names.
 
     A folder in the EAGLE-1/MSD head layout (recognised by its weight keys, not its name) becomes an
-    EAGLE proposer sharing the target's embeddings and LM head; any other model is a draft LM."""
+    EAGLE proposer sharing the target's embeddings and LM head; any other model is a draft LM.
+    `suffix` shares past outputs across requests (one store per proposer, i.e. per engine); `self:N`
+    drafts with the target's own first N layers."""
+    if config.draft_share_prompts and config.draft != "suffix":
+        raise ValueError(f"draft_share_prompts applies to the suffix drafter, not to {config.draft!r}")
     if config.draft == "none":
         proposer = NoDraftProposer(target.device)
     elif config.draft == "ngram":
         proposer = NgramProposer(config.tree, target.device)
+    elif config.draft == "suffix":
+        suffix = SuffixConfig(share_prompts=config.draft_share_prompts)
+        proposer = SuffixProposer(config.tree, target.device, suffix)
+    elif config.draft.startswith(SELF_PREFIX):
+        if target.is_multimodal:
+            raise ValueError("self-drafting supports text-only models (a LLaVA target's decoder sits "
+                             "behind its vision tower)")
+        proposer = self_draft_proposer(target.model, _self_layers(config.draft), config.tree)
     elif is_eagle_folder(path := str(resolve(config.draft))):
         head = load_head(path, target.config, target.dtype, target.device)
         proposer = EagleProposer(head, target.embed_tokens, target.lm_head, target.softcap, config.tree)
@@ -43,3 +60,10 @@ def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadMod
         raise ValueError(f"draft_quantization={config.draft_quantization!r} applies to a draft LM, "
                          f"not to the drafter {config.draft!r}")
     return proposer
+
+
+def _self_layers(draft: str) -> int:
+    value = draft.removeprefix(SELF_PREFIX)
+    if not value.isdigit():
+        raise ValueError(f"--draft self:N takes a number of layers, got {draft!r}")
+    return int(value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 
@@ -60,3 +61,23 @@ def test_int8_draft_model_rows(offline, tiny_model_dirs, tmp_path):
     for method in methods:
         assert any(line.startswith(f"| {method} |") and line.endswith("| 1/1 |") for line in table.splitlines())
     assert raw[f"specserve-{draft.name}-int8"]["step"]["draft_ms"] > 0  # it drafted, and was profiled
+
+
+def test_repeated_prompts_with_the_suffix_and_self_drafters(offline, tiny_model_dirs, tmp_path):
+    raw = offline.main(["--model", str(tiny_model_dirs["llama"]), "--prompts", "repeated", "--num-prompts", "2",
+                        "--drafts", "ngram", "suffix", "self:1", "--repeats", "1", "--max-new-tokens", "8",
+                        "--dtype", "float32", "--threads", "1", "--out", str(tmp_path), "--name", "run"])
+    methods = ["hf-ar", "hf-prompt-lookup", "specserve-ngram", "specserve-suffix", "specserve-self:1"]
+    assert list(raw) == methods
+    lines = (tmp_path / "run.md").read_text().splitlines()
+    assert all(any(line.startswith(f"| {m} |") and line.endswith("| 2/2 |") for line in lines) for m in methods)
+
+
+def test_every_repeat_starts_with_an_empty_suffix_store(offline):
+    from specserve.drafting.budget import TreeBudget
+    from specserve.drafting.suffix import SuffixProposer
+
+    store = SuffixProposer(TreeBudget(), torch.device("cpu"))
+    store.publish([1, 2, 3])
+    offline.measure({}, {}, [None], max_new=1, repeats=1, stores=[store])
+    assert store.shared.num_tokens == 0

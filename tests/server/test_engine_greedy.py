@@ -78,9 +78,44 @@ def assert_greedy_equal(engine: Engine, max_new: int = 40) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("draft", ["none", "ngram"])
+@pytest.mark.parametrize("draft", ["none", "ngram", "suffix", "self:1"])
 def test_greedy_matches_generate(tiny_model_dirs, family, draft):
     assert_greedy_equal(engine_for(tiny_model_dirs[family], draft))
+
+
+@pytest.mark.parametrize("mode", [TreeMode.CHAIN, TreeMode.DYNAMIC])
+def test_greedy_suffix_drafts_from_earlier_requests(tiny_model_dirs, mode):
+    tree = TreeBudget(depth=6, branching=3, draft_nodes=12, mode=mode)
+    engine = engine_for(tiny_model_dirs["qwen2"], "suffix", tree)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    prompt = engine.prepare_text(PROMPTS[1])
+    first = engine.generate(prompt, params)
+    assert engine.proposer.stats.shared_nodes == 0  # nothing was shared yet
+    again = engine.generate(prompt, params)  # the first output is in the shared store now
+    assert again.token_ids == first.token_ids == reference_greedy(engine, prompt, 40)
+    assert engine.proposer.stats.shared_nodes > 0
+    assert again.metrics.mean_accepted_length > first.metrics.mean_accepted_length
+    assert_greedy_equal(engine)  # later prompts draft from a store that holds other outputs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_self_draft_with_every_layer_accepts_everything(tiny_model_dirs, family):
+    # the view over all (2) layers is the target itself: every chain draft is the greedy path
+    engine = engine_for(tiny_model_dirs[family], "self:2", TreeBudget(depth=4, branching=1, draft_nodes=4))
+    out = engine.generate(engine.prepare_text(PROMPTS[0]), SamplingParams(max_tokens=21, ignore_eos=True))
+    assert out.metrics.verify_steps == 4 and out.metrics.mean_accepted_length == pytest.approx(5.0)
+    assert out.token_ids == reference_greedy(engine, engine.prepare_text(PROMPTS[0]), 21)
+    assert len(engine.target.model.model.layers) == 2 and engine.target.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize(("family", "draft", "message"), [
+    ("llama", "self:3", "needs 1..2 layers"),
+    ("llama", "self:x", "takes a number of layers"),
+    ("llava", "self:1", "text-only models"),
+])
+def test_self_draft_refuses_what_it_cannot_do(tiny_model_dirs, family, draft, message):
+    with pytest.raises(ValueError, match=message):
+        engine_for(tiny_model_dirs[family], draft)
 
 
 @pytest.mark.parametrize("mode", list(TreeMode))

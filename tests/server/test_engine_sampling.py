@@ -85,11 +85,16 @@ def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[bool, floa
     return stat < critical, stat
 
 
-@pytest.mark.parametrize("mode", [TreeMode.DYNAMIC, TreeMode.CHAIN])
-def test_sampling_matches_target_distribution(peaky_dirs, mode):
+@pytest.mark.parametrize(("drafter", "mode"), [
+    ("model", TreeMode.DYNAMIC), ("model", TreeMode.CHAIN),
+    ("suffix", TreeMode.DYNAMIC),  # one-hot trees drafted from the earlier samples' outputs
+    ("self:1", TreeMode.CHAIN),  # the target's own layer, sampled from q
+])
+def test_sampling_matches_target_distribution(peaky_dirs, drafter, mode):
     target, draft = peaky_dirs
     tree = TreeBudget(depth=3, branching=2, draft_nodes=6, mode=mode)
-    engine = Engine.from_config(EngineConfig(str(target), draft=str(draft), dtype="float64", tree=tree))
+    spec = str(draft) if drafter == "model" else drafter
+    engine = Engine.from_config(EngineConfig(str(target), draft=spec, dtype="float64", tree=tree))
     params = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, ignore_eos=True)
     probs = exact_pair_distribution(engine.target.model, params)
     counts = sampled_pairs(engine, params, SAMPLES)
@@ -109,7 +114,7 @@ def test_chi_square_detects_a_wrong_distribution(peaky_dirs):
     assert not ok
 
 
-@pytest.mark.parametrize("draft", ["none", "ngram", "model"])
+@pytest.mark.parametrize("draft", ["none", "ngram", "suffix", "model"])
 def test_seeded_requests_are_reproducible(peaky_dirs, draft):
     target, draft_dir = peaky_dirs
     spec = str(draft_dir) if draft == "model" else draft
