@@ -38,7 +38,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-share-prompts", action="store_true",
                         help="with --draft suffix: share prompt tokens with other requests' drafts too "
                              "(default: only the tokens the model generated are shared)")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + answer in tokens (default: the model's context); each KV slot "
+                             "holds this many")
+    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                        help="sequences decoded together: KV slots, and rows of one verify forward "
+                             "(default: %(default)s)")
+    parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory_gib,
+                        help="GiB for the KV cache, allocated at start; fewer slots than --max-num-seqs if "
+                             "it is short (default: %(default)s)")
     parser.add_argument("--cache-dir", default=None,
                         help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
 
@@ -51,6 +59,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, draft=args.draft, dtype=args.dtype, device=args.device, tree=tree,
         max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
         draft_quantization=args.draft_quantization, draft_share_prompts=args.draft_share_prompts,
+        max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
     )
 
 

@@ -57,6 +57,9 @@ class Engine:
         self.cache = self._allocate_kv(config)
         self.free_slots = list(range(self.cache.num_slots))  # lowest first: batches stay contiguous
         self.active: dict[int, Sequence] = {}  # slot -> its sequence
+        # share of the KV rows in use, updated by the engine's own thread; others (a metrics scrape)
+        # only read this float, never the sequences
+        self.kv_cache_usage = 0.0
 
     def _allocate_kv(self, config: EngineConfig) -> SlotCache:
         """Slots of `max_model_len` tokens (plus room for one draft tree) within the memory budget."""
@@ -75,11 +78,9 @@ class Engine:
         """Sequences the KV cache holds at once: the most a batch can carry."""
         return self.cache.num_slots
 
-    @property
-    def kv_cache_usage(self) -> float:
-        """Share of the KV cache's token rows that hold live sequences (0..1)."""
+    def _count_kv_usage(self) -> None:
         used = sum(seq.prefix_len for seq in self.active.values())
-        return used / (self.cache.num_slots * self.cache.capacity)
+        self.kv_cache_usage = used / (self.cache.num_slots * self.cache.capacity)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -149,6 +150,7 @@ class Engine:
             with self.stopwatch.adds_to([seq.metrics for seq in decoding], "step_seconds"):
                 steps = speculative_step(decoding, self.target, self.proposer, self.cache, self.stopwatch)
             outputs.update(zip(map(id, decoding), steps))
+        self._count_kv_usage()
         return [outputs[id(seq)] for seq in seqs]
 
     def release(self, seq: Sequence) -> None:
@@ -160,6 +162,7 @@ class Engine:
             del self.active[seq.slot]
             bisect.insort(self.free_slots, seq.slot)
             seq.slot = -1
+            self._count_kv_usage()
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
 

@@ -1,16 +1,14 @@
 """The scheduler: one worker thread owns the engine and interleaves the sequences of many requests.
 
-The engine is not thread-safe and `step` is blocking compute, so a single worker thread calls
-`start`, `step` and `release` (and, through `call`, anything else that touches the engine or its
-tokenizer); the event loop only queues work and awaits results. Fairness comes from round-robin at
-the speculative-step level: each loop turn steps the sequence at the head of the active list and
-moves it to the back, so a long generation delays a short one by at most one step per turn, never by
-its whole length. At most `max_active` sequences hold KV memory; the rest wait in FIFO order, and
-once `max_active + max_queue` sequences are in the system new requests are refused (`QueueFull`,
-an HTTP 429).
-
-Batching several sequences into one verify forward can come later without changing this shape:
-`_pick` chooses what to step (today one sequence) and the engine steps it.
+The engine is not thread-safe and a step is blocking compute, so a single worker thread calls
+`start`, `step_batch` and `release` (and, through `call`, anything else that touches the engine or
+its tokenizer); the event loop only queues work and awaits results. Continuous batching: each loop
+turn admits waiting sequences while KV slots are free, then steps EVERY active sequence in one
+`step_batch` (new ones are prefilled, the others verified together in one target forward), so
+sequences join and leave between turns and nobody waits for another's whole generation. At most
+`max_active` sequences (and no more than the engine's KV slots) are active; the rest wait in FIFO
+order, and once `max_active + max_queue` sequences are in the system new requests are refused
+(`QueueFull`, an HTTP 429).
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ class SteppingEngine(Protocol):
     """What the scheduler drives (an `Engine`, or a scripted stand-in in tests)."""
 
     def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence: ...
-    def step(self, seq: Sequence) -> StepOutput: ...
+    def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception]: ...
     def release(self, seq: Sequence) -> None: ...
 
 
@@ -201,8 +199,8 @@ class Scheduler:
             self._run_call(*call)
         self._drop_cancelled()
         self._admit()
-        for entry in self._pick():
-            self._step(entry)
+        if self._active:
+            self._step_batch(list(self._active))
         return True
 
     def _run_call(self, fn: Callable[..., Any], args: tuple, future: asyncio.Future) -> None:
@@ -222,7 +220,8 @@ class Scheduler:
             self._finish(entry, "abort")
 
     def _admit(self) -> None:
-        while len(self._active) < self._max_active:
+        slots = getattr(self._engine, "num_slots", self._max_active)  # the engine's KV slots bound the batch
+        while len(self._active) < min(self._max_active, slots):
             with self._cond:
                 if not self._waiting:
                     return
@@ -237,32 +236,38 @@ class Scheduler:
             with self._cond:
                 self._active.append(entry)
 
-    def _pick(self) -> list[_Entry]:
-        """The sequences to step this turn: the head of the round-robin (a batch of one, for now)."""
-        return [self._active[0]] if self._active else []
-
-    def _step(self, entry: _Entry) -> None:
+    def _step_batch(self, entries: list[_Entry]) -> None:
         try:
-            out = self._engine.step(entry.seq)
-            payload = self._postprocess(self._engine, out) if self._postprocess else out
-        except Exception as exc:  # an engine bug fails this request only; the worker goes on
-            logger.exception("engine.step failed")
+            outs = self._engine.step_batch([entry.seq for entry in entries])
+        except Exception as exc:  # the batch's forward failed: its requests fail, the worker goes on
+            logger.exception("engine.step_batch failed")
+            outs = [exc] * len(entries)
+        now = time.monotonic()
+        for entry, out in zip(entries, outs):
+            self._settle_step(entry, out, now)
+
+    def _settle_step(self, entry: _Entry, out: Any, now: float) -> None:
+        """Deliver one sequence's step (or its failure) to its request."""
+        if not isinstance(out, Exception):
+            try:
+                payload = self._postprocess(self._engine, out) if self._postprocess else out
+            except Exception as exc:  # a failure of this sequence's output only
+                out = exc
+        if isinstance(out, Exception):  # an engine bug fails this request only; the batch goes on
+            if not isinstance(out, RequestError):
+                logger.error("a sequence failed: %s", out, exc_info=out)
             with self._cond:
                 self._active.remove(entry)
-            self._fail(entry, exc)
+            self._fail(entry, out)
             return
-        now = time.monotonic()
         if entry.first_token_time is None:
             entry.first_token_time = now
         self._observe_step(entry)
-        with self._cond:
-            if out.finished:
-                self._active.remove(entry)
-            else:
-                self._active.rotate(-1)  # round-robin: the stepped sequence goes to the back
         if not out.finished:
             entry.group.deliver(Event(entry.index, now, output=payload))
             return
+        with self._cond:
+            self._active.remove(entry)
         metrics = copy.deepcopy(entry.seq.metrics)
         num_tokens = len(entry.seq.output_ids)
         self._finish(entry, out.finish_reason or "stop")  # frees KV before the client hears "done"

@@ -123,6 +123,7 @@ def create_app(
         model_name=lambda: state.model_name,
         running=lambda: state.scheduler.num_running,
         waiting=lambda: state.scheduler.num_waiting,
+        kv_usage=lambda: getattr(state.scheduler.engine, "kv_cache_usage", 0.0),  # 0 until the model loads
     )
     scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
                           postprocess=postprocess, observer=prometheus, on_load_failure=on_load_failure)

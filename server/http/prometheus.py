@@ -53,11 +53,12 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240
 
 
 class _QueueGauges(Collector):
-    """Running/waiting counts, read when scraped so they are never stale."""
+    """Running/waiting counts and KV cache usage, read when scraped so they are never stale."""
 
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int],
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], kv_usage: Callable[[], float],
                  model_name: Callable[[], str]) -> None:
         self._running, self._waiting, self._model_name = running, waiting, model_name
+        self._kv_usage = kv_usage
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Names only: the registry asks at registration, before there is anything to read.
@@ -74,6 +75,7 @@ class _QueueGauges(Collector):
         return (
             ("vllm:num_requests_running", "Sequences being decoded (holding KV memory).", self._running),
             ("vllm:num_requests_waiting", "Sequences waiting for a decoding slot.", self._waiting),
+            ("vllm:kv_cache_usage_perc", "Share of the KV cache's token rows in use (1 = 100%).", self._kv_usage),
         )
 
 
@@ -81,7 +83,7 @@ class PrometheusMetrics:
     """The app's series; implements the scheduler's `SchedulerObserver`."""
 
     def __init__(self, model_name: Callable[[], str], running: Callable[[], int],
-                 waiting: Callable[[], int]) -> None:
+                 waiting: Callable[[], int], kv_usage: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._model_name = model_name
         reg, label = self.registry, ["model_name"]
@@ -110,7 +112,7 @@ class PrometheusMetrics:
         self.http_requests = Counter(
             "specserve:http_requests", "HTTP responses by route and status.", ["endpoint", "status"],
             registry=reg)
-        reg.register(_QueueGauges(running, waiting, model_name))
+        reg.register(_QueueGauges(running, waiting, kv_usage, model_name))
 
     def on_step(self, delta: SpecMetrics) -> None:
         if delta.verify_steps == 0:  # prefill: nothing was drafted

@@ -39,12 +39,15 @@ class SlowEngine:
             self._doomed.add(id(seq))
         return seq
 
-    def step(self, seq):
+    def step_batch(self, seqs):
+        """One slow batched step; a doomed sequence fails in its own place, as the engine reports
+        a sequence's own failure."""
         time.sleep(STEP_DELAY)
-        if id(seq) in self._doomed and seq.output_ids:
-            raise RuntimeError("simulated engine bug")
-        self.steps.append(seq.params.max_tokens)
-        return self._engine.step(seq)
+        doomed = [id(seq) in self._doomed and bool(seq.output_ids) for seq in seqs]
+        live = [seq for seq, bad in zip(seqs, doomed) if not bad]
+        self.steps += [seq.params.max_tokens for seq in live]
+        outs = iter(self._engine.step_batch(live) if live else [])
+        return [RuntimeError("simulated engine bug") if bad else next(outs) for bad in doomed]
 
     def release(self, seq):
         self.released += 1
@@ -118,7 +121,7 @@ def test_short_request_is_not_blocked_by_a_long_one(server, slow):
             short = http.post("/v1/chat/completions", json=body(server, max_tokens=4))
         assert short.status_code == 200
         assert not long_done.is_set()
-        # round-robin: while the short request ran, the long one got at most one step per turn
+        # batched turns: while the short request ran, the long one got one step per turn beside it
         steps = slow.steps[first:]
         short_span = steps[steps.index(4): len(steps) - steps[::-1].index(4)]
         assert short_span.count(4) == 4 and short_span.count(60) <= 4

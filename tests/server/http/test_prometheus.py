@@ -24,7 +24,7 @@ def value(scrape: dict, name: str, **labels: str) -> float:
 
 
 def test_spec_decode_counters_follow_the_step_deltas():
-    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0)
+    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
     seq = SpecMetrics()
     reported = SpecMetrics()
     for proposed, accepted in [(4, 3), (4, 0), (4, 1), (6, 2)]:
@@ -45,13 +45,13 @@ def test_spec_decode_counters_follow_the_step_deltas():
 
 
 def test_prefill_steps_do_not_count_as_drafts():
-    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0)
+    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
     metrics.on_step(SpecMetrics())
     assert value(samples(metrics), "vllm:spec_decode_num_drafts_total") == 0
 
 
 def test_finished_sequences_feed_latency_histograms_and_counts():
-    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0)
+    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
     metrics.on_finish(SequenceRecord(arrival=10.0, first_token_time=10.5, finish_time=12.5, prompt_tokens=7,
                                      output_tokens=5, finish_reason="length"))
     metrics.on_finish(SequenceRecord(10.0, None, 10.2, 3, 0, "abort"))
@@ -69,18 +69,20 @@ def test_finished_sequences_feed_latency_histograms_and_counts():
 
 
 def test_queue_gauges_are_read_at_scrape_time():
-    counts = {"running": 0, "waiting": 0}
-    metrics = PrometheusMetrics(lambda: "m", lambda: counts["running"], lambda: counts["waiting"])
+    counts = {"running": 0, "waiting": 0, "kv": 0.0}
+    metrics = PrometheusMetrics(lambda: "m", lambda: counts["running"], lambda: counts["waiting"],
+                                lambda: counts["kv"])
     assert value(samples(metrics), "vllm:num_requests_running") == 0
-    counts.update(running=3, waiting=5)
+    counts.update(running=3, waiting=5, kv=0.25)
     scrape = samples(metrics)
     assert value(scrape, "vllm:num_requests_running") == 3
     assert value(scrape, "vllm:num_requests_waiting") == 5
+    assert value(scrape, "vllm:kv_cache_usage_perc") == 0.25
 
 
 def test_each_adapter_has_its_own_registry():
-    first = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0)
-    second = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0)  # would raise on a shared registry
+    first = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
+    second = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)  # would raise on a shared registry
     first.on_step(SpecMetrics(1, 2, 1, [1]))
     assert value(samples(first), "vllm:spec_decode_num_drafts_total") == 1
     assert value(samples(second), "vllm:spec_decode_num_drafts_total") == 0

@@ -54,6 +54,15 @@ class ScriptedEngine:
         done = len(seq.output_ids) >= seq.max_tokens
         return StepOutput([1], "x", None, done, "length" if done else None)
 
+    def step_batch(self, seqs: list[FakeSeq]) -> list:
+        outs = []
+        for seq in seqs:
+            try:
+                outs.append(self.step(seq))
+            except RuntimeError as exc:  # a real engine returns a sequence's own failure in its place
+                outs.append(exc)
+        return outs
+
     def release(self, seq: FakeSeq) -> None:
         self.threads.add(threading.get_ident())
         self.released.append(seq.name)
