@@ -81,6 +81,11 @@ class Engine:
     def prepare_text(self, prompt: str | list[int]) -> PromptInput:
         return self.prompts.text(prompt)
 
+    def check_image_size(self, width: int, height: int) -> None:
+        """Raise `RequestError` for an image this model's processor should not be given (an extreme
+        aspect ratio, too many pixels once resized); `prepare_chat` checks every image with it."""
+        self.prompts.check_image_size(width, height)
+
     def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
         """A new sequence; raises `RequestError` if it cannot fit the context. Prefill is its first step."""
         if len(prompt.token_ids) == 0:

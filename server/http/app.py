@@ -4,7 +4,12 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{m
 `GET /health`, `GET /metrics`. All per-app state lives on `app.state.specserve` (a `ServerState`),
 so several apps can live in one process and another service can mount this one. A mounted app's
 lifespan does not run, so the worker also starts on the first request; such a host should call
-`app.state.specserve.scheduler.stop()` when it shuts down.
+`app.state.specserve.scheduler.stop()` when it shuts down (or first `await ...drain(timeout)`, as
+`specserve serve` does on SIGTERM).
+
+A request's path: body limits (size, read time) -> JSON parse (strict) -> ready? -> cheap checks
+(n, images, text length) -> admission (429) -> images and tokenizing in the prepare pool -> the
+scheduler, whose worker only starts, steps and releases sequences.
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from ... import __version__
 from ..errors import RequestError
+from ..metrics import SpecMetrics
+from .admission import Admission, DrainRate
 from .chat import serve_chat
 from .completions import serve_completion
 from .errors import APIError, from_validation_error, install_error_handlers
-from .events import NotReady
+from .events import NotReady, SequenceRecord
 from .generation import postprocess
 from .middleware import BodyLimit, CountResponses
+from .prepare import PreparePool
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, field_path
 from .responses import ModelCard, ModelList
@@ -39,16 +48,25 @@ from .sse import ClientGone, unless_disconnected
 M = TypeVar("M", bound=BaseModel)
 PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies (inline images) are parsed off the event loop
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client has gone
+DRAIN_POLL_S = 0.05
+
+
+class ClientLeft(Exception):
+    """The client disconnected while its request body was being read."""
 
 
 @dataclass
 class ServerState:
-    """Everything one app needs: its settings, scheduler (which owns the engine) and metrics."""
+    """Everything one app needs: its settings, scheduler (which owns the engine), admission, the
+    prepare pool and metrics."""
 
     settings: ServerSettings
     scheduler: Scheduler
+    admission: Admission
+    pool: PreparePool
     metrics: PrometheusMetrics
     created: int
+    draining: bool = False  # set by `drain`: new requests get 503
 
     @property
     def model_name(self) -> str:
@@ -64,22 +82,41 @@ class ServerState:
         return int(time.time())
 
     def ready(self) -> None:
-        """Start the worker if nobody has (mounted apps), and refuse with 503 until the model is loaded."""
+        """Start the worker if nobody has (mounted apps), and refuse with 503 until the model is
+        loaded, and once draining. A failed load's reason stays in the log: it may name files."""
         self.scheduler.start()
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="unavailable")
+        if self.scheduler.state == "failed":
+            raise APIError(503, "the model failed to load; the server's log has the reason", code="unavailable")
         try:
             self.scheduler.check_ready()
         except NotReady as exc:
             raise APIError(503, str(exc), code="unavailable",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
 
-    async def call(self, fn: Any, *args: Any) -> Any:
-        """Run `fn(engine, *args)` on the worker; the engine's `RequestError` becomes a 400."""
+    async def prepare(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(engine, *args)` (template, tokenizer) in the prepare pool; the engine's
+        `RequestError` becomes a 400."""
         try:
-            return await self.scheduler.call(fn, *args)
+            return await self.pool.run(fn, self.scheduler.engine, *args)
         except RequestError as exc:
             raise APIError(400, exc.message, param=exc.param) from None
-        except NotReady as exc:
-            raise APIError(503, str(exc), code="unavailable") from None
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.num_running + self.scheduler.num_waiting + self.admission.held > 0
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: refuse new requests (503), let admitted ones run for up to `timeout`
+        seconds, then stop the scheduler, which fails what is left (open streams end with an error
+        event and `[DONE]`, waiting JSON requests get a 503) and releases its KV memory."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.busy:
+            await asyncio.to_thread(self.scheduler.stop)
 
     def check_model(self, requested: str | None) -> None:
         engine = self.scheduler.engine
@@ -93,7 +130,14 @@ def _state(request: Request) -> ServerState:
 
 
 async def _parse(request: Request, model: type[M]) -> M:
-    body = await request.body()
+    """The body as `model`: JSON only, checked before a byte of it is read."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request body must be application/json, not {media_type or 'untyped'}")
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ClientLeft() from None
     try:
         if len(body) > PARSE_IN_THREAD_BYTES:
             return await asyncio.to_thread(model.model_validate_json, body)
@@ -109,7 +153,10 @@ async def _generate(request: Request, body_model: type[M], serve: Any) -> Respon
     """Parse, check readiness and model, then serve; a client that leaves cancels the work."""
     arrival = time.monotonic()
     state = _state(request)
-    req = await _parse(request, body_model)
+    try:
+        req = await _parse(request, body_model)
+    except ClientLeft:
+        return Response(status_code=CLIENT_CLOSED)
     state.ready()
     state.check_model(req.model)
     try:
@@ -177,21 +224,40 @@ def create_app(
         running=lambda: state.scheduler.num_running,
         waiting=lambda: state.scheduler.num_waiting,
     )
+    drain_rate = DrainRate()
     scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
-                          postprocess=postprocess, observer=prometheus, on_load_failure=on_load_failure)
-    state = ServerState(settings, scheduler, prometheus, int(time.time()))
+                          postprocess=postprocess, observer=_Observers(prometheus, drain_rate),
+                          on_load_failure=on_load_failure)
+    admission = Admission(scheduler, settings.max_active + settings.max_queue, settings.retry_after_s, drain_rate)
+    pool = PreparePool(settings.prepare_workers)
+    state = ServerState(settings, scheduler, admission, pool, prometheus, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         scheduler.start()
         yield
         await asyncio.to_thread(scheduler.stop)
+        pool.shutdown()
 
     app = FastAPI(title="specserve", version=__version__, lifespan=lifespan)
     app.state.specserve = state
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     endpoints = [route.path for route in router.routes]
     app.add_middleware(CountResponses, counter=prometheus.http_requests, endpoints=endpoints)
     return app
+
+
+class _Observers:
+    """The scheduler's hooks, heard by the metrics and by admission's drain rate."""
+
+    def __init__(self, metrics: PrometheusMetrics, drain_rate: DrainRate) -> None:
+        self._metrics, self._drain_rate = metrics, drain_rate
+
+    def on_step(self, delta: SpecMetrics) -> None:
+        self._metrics.on_step(delta)
+
+    def on_finish(self, record: SequenceRecord) -> None:
+        self._metrics.on_finish(record)
+        self._drain_rate.add(record.finish_time)

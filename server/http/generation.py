@@ -89,8 +89,9 @@ def event_error(exc: BaseException) -> APIError:
         return APIError(400, exc.message, param=exc.param)
     if isinstance(exc, NotReady):
         return APIError(503, str(exc), code="unavailable")
-    # An engine bug: the request fails, the server and other requests carry on.
-    return APIError(500, f"internal error while generating ({type(exc).__name__})", code="internal_error")
+    # An engine bug: the request fails, the server and other requests carry on. The scheduler has
+    # logged it with its traceback; the client learns nothing of the server's insides.
+    return APIError(500, "internal error while generating", code="internal_error")
 
 
 def merged_metrics(metrics: list[SpecMetrics]) -> SpecMetrics:
@@ -169,13 +170,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def submit(state: ServerState, prompts: list, params: list, arrival: float) -> RequestGroup:
-    """Queue the request's sequences (n choices, or a batch of prompts x n): 429 when full."""
+    """Queue the request's sequences (n choices, or a batch of prompts x n): 429 when full (which
+    admission, having held their room, normally prevents)."""
     try:
         return state.scheduler.submit(prompts, params, arrival)
     except QueueFull:
-        retry = str(state.settings.retry_after_s)
-        raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
-                       code="queue_full", headers={"Retry-After": retry}) from None
+        raise state.admission.queue_full(len(prompts)) from None
     except NotReady as exc:
         raise event_error(exc) from None
 

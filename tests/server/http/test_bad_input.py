@@ -139,7 +139,8 @@ def test_oversized_body_is_413(server, openai_schema):
                 yield b"x" * 1024
             yield b'"}]}'
 
-        assert_error(http.post("/v1/chat/completions", content=chunks()), 413, None, openai_schema)
+        assert_error(http.post("/v1/chat/completions", content=chunks(),
+                               headers={"content-type": "application/json"}), 413, None, openai_schema)
         assert http.get("/health").status_code == 200
 
 
