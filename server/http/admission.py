@@ -8,7 +8,8 @@ overfill the queue once prepared; the hold ends when the scheduler takes the seq
 request fails). Everything here runs on the event loop, except `DrainRate.add` (the worker's).
 
 Retry-After estimates when the backlog will have drained, from the rate at which sequences finished
-recently: (waiting + held + the request's own) / rate, within [`retry_after_s`, `MAX_RETRY_AFTER_S`].
+recently: (waiting + held + the request's own) / rate, within [`retry_after_s`, `MAX_RETRY_AFTER_S`]
+(the upper end when nothing has finished lately).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ RATE_WINDOW_S = 120.0  # ... if they are this recent: older ones describe anothe
 
 
 class DrainRate:
-    """Sequences finished per second, over the last `RATE_SAMPLES` finishes of the last
-    `RATE_WINDOW_S`, measured up to now (so a stalled queue's rate falls as time passes)."""
+    """Sequences finished per second, recently: the last `RATE_SAMPLES` finishes over the time since
+    the oldest of them, or, with fewer, the finishes of the last `RATE_WINDOW_S` (or of the uptime)
+    over that time. Measured up to now, so a queue that has stopped draining has a falling rate."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._created = clock()
         self._finishes: deque[float] = deque(maxlen=RATE_SAMPLES)
         self._lock = threading.Lock()  # appended on the worker, read on the event loop
 
@@ -41,14 +44,12 @@ class DrainRate:
         with self._lock:
             self._finishes.append(when)
 
-    def per_second(self) -> float | None:
-        """None until a sequence has finished within the window."""
+    def per_second(self) -> float:
         now = self._clock()
         with self._lock:
             recent = [t for t in self._finishes if now - t <= RATE_WINDOW_S]
-        if not recent:
-            return None
-        return len(recent) / max(now - recent[0], 1e-3)
+        since = recent[0] if len(recent) == RATE_SAMPLES else max(self._created, now - RATE_WINDOW_S)
+        return len(recent) / max(now - since, 1.0)  # a second at least: no estimate from one instant
 
 
 class Admission:
@@ -82,7 +83,6 @@ class Admission:
     def retry_after(self, size: int) -> int:
         """Seconds until the backlog ahead of a request of `size` sequences should have drained."""
         rate = self._drain_rate.per_second()
-        if rate is None:
-            return self._min_retry_s
         backlog = self._scheduler.num_waiting + self.held + size
-        return max(self._min_retry_s, min(math.ceil(backlog / rate), MAX_RETRY_AFTER_S))
+        estimate = math.ceil(backlog / rate) if rate > 0 else MAX_RETRY_AFTER_S  # nothing drains lately
+        return max(self._min_retry_s, min(estimate, MAX_RETRY_AFTER_S))

@@ -16,7 +16,7 @@ class ServerSettings:
     served_model_name: str | None = None  # id in /v1/models; None = the engine's model name
     max_active: int = 8  # sequences interleaved step by step on the worker; the rest wait
     max_queue: int = 64  # sequences waiting for a slot; beyond this new requests get 429
-    retry_after_s: int = 1  # least Retry-After of a 429 (and its value before any sequence has finished)
+    retry_after_s: int = 1  # least Retry-After of a 429 (which is estimated from the drain rate)
     max_n: int = 8  # choices per request (n), and prompts x n for a batched /v1/completions
     max_tokens_limit: int | None = None  # cap on a request's max_tokens; None = the context
     default_max_tokens: int | None = None  # chat default when a request gives none; None = rest of context
