@@ -57,7 +57,7 @@ class ListenSettings:
     log_level: str = "info"
     header_timeout_s: float = 10.0  # a request's head must arrive within this (slowloris)
     keep_alive_timeout_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's)
-    limit_concurrency: int = 512  # connections + running requests; beyond it uvicorn answers 503
+    limit_concurrency: int = 1024  # open connections + running requests; beyond it uvicorn answers 503
     shutdown_timeout_s: float = 5.0  # on SIGTERM, running sequences get this long to finish
 
     def __post_init__(self) -> None:
