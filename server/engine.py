@@ -76,6 +76,8 @@ class Engine:
         return self.target.is_multimodal
 
     def prepare_chat(self, messages: list[dict]) -> PromptInput:
+        """Template, tokenize and process images. It only reads the tokenizer and processor, so it
+        may run on another thread than the one stepping (the HTTP server prepares in a pool)."""
         return self.prompts.chat(messages)
 
     def prepare_text(self, prompt: str | list[int]) -> PromptInput:

@@ -63,13 +63,16 @@ class Admission:
         self._drain_rate = drain_rate
         self.held = 0  # sequences of admitted requests that the scheduler has not taken yet
 
+    def check_room(self, size: int = 1) -> None:
+        """Raise the 429 if the system is full; with `size` 1, before a request's body is even read."""
+        if self._scheduler.num_running + self._scheduler.num_waiting + self.held >= self._capacity:
+            raise self.queue_full(size)
+
     @contextmanager
     def hold(self, size: int) -> Iterator[None]:
         """Admit a request of `size` sequences or raise a 429; hold its room until the block ends
         (the block submits the sequences, which the scheduler then counts itself)."""
-        in_system = self._scheduler.num_running + self._scheduler.num_waiting + self.held
-        if in_system >= self._capacity:
-            raise self.queue_full(size)
+        self.check_room(size)
         self.held += size
         try:
             yield

@@ -7,9 +7,10 @@ lifespan does not run, so the worker also starts on the first request; such a ho
 `app.state.specserve.scheduler.stop()` when it shuts down (or first `await ...drain(timeout)`, as
 `specserve serve` does on SIGTERM).
 
-A request's path: body limits (size, read time) -> JSON parse (strict) -> ready? -> cheap checks
-(n, images, text length) -> admission (429) -> images and tokenizing in the prepare pool -> the
-scheduler, whose worker only starts, steps and releases sequences.
+A request's path: ready? (503) -> room? (429) -> body limits (size, read time) -> JSON parse
+(strict) -> cheap checks (n, images, text length) -> admission of its sequences (429) -> images
+and tokenizing in the prepare pool -> the scheduler, whose worker only starts, steps and releases
+sequences.
 """
 
 from __future__ import annotations
@@ -150,14 +151,16 @@ router = APIRouter()
 
 
 async def _generate(request: Request, body_model: type[M], serve: Any) -> Response:
-    """Parse, check readiness and model, then serve; a client that leaves cancels the work."""
+    """Check readiness and room (a loading, draining or full server reads no body), parse, check
+    the model, then serve; a client that leaves cancels the work."""
     arrival = time.monotonic()
     state = _state(request)
+    state.ready()
+    state.admission.check_room()
     try:
         req = await _parse(request, body_model)
     except ClientLeft:
         return Response(status_code=CLIENT_CLOSED)
-    state.ready()
     state.check_model(req.model)
     try:
         return await unless_disconnected(request, serve(state, req, arrival))

@@ -1,8 +1,9 @@
 """The scheduler: one worker thread owns the engine and interleaves the sequences of many requests.
 
 The engine is not thread-safe and `step` is blocking compute, so a single worker thread calls
-`start`, `step` and `release` (and, through `call`, anything else that touches the engine or its
-tokenizer); the event loop only queues work and awaits results. Fairness comes from round-robin at
+`start`, `step` and `release` (and, through `call`, anything else that must not run beside a step;
+preparing prompts only reads the tokenizer, so the HTTP layer does it in its own pool); the event
+loop only queues work and awaits results. Fairness comes from round-robin at
 the speculative-step level: each loop turn steps the sequence at the head of the active list and
 moves it to the back, so a long generation delays a short one by at most one step per turn, never by
 its whole length. At most `max_active` sequences hold KV memory; the rest wait in FIFO order, and

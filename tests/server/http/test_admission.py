@@ -239,6 +239,11 @@ def test_a_full_queue_refuses_before_decoding_images_or_tokenizing(server, slow,
         with server.http() as http:
             refused = http.post("/v1/chat/completions", json=image_chat)
             refused_text = http.post("/v1/completions", json={"prompt": "hello"})
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:  # a body never sent
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 429")  # answered without waiting for it
     assert refused.status_code == 429 and refused_text.status_code == 429
     openai_schema("ErrorResponse", refused.json())
     assert 1 <= int(refused.headers["retry-after"]) <= MAX_RETRY_AFTER_S
