@@ -18,6 +18,7 @@ backstop `SHUTDOWN_FLUSH_S` later (for a client that stopped reading).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
 from collections.abc import Awaitable, Callable
@@ -84,7 +85,10 @@ class GracefulServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         draining = asyncio.ensure_future(self._drain())
         await super().shutdown(sockets)  # closes the listeners, then waits for running requests
-        await draining
+        if self.force_exit:  # a second Ctrl-C: leave now (the worker is a daemon thread)
+            draining.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await draining
 
 
 def build_server(app: Any, listen: ListenSettings) -> GracefulServer:
