@@ -54,7 +54,7 @@ class BodyLimit:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                 raise _too_slow(self.timeout_s) from None  # the app's APIError handler answers 408
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":

@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessorPil
 from specserve.server.errors import RequestError
 from specserve.server.http.app import create_app
 from specserve.server.http.settings import ServerSettings
-from specserve.server.prompts import MAX_ASPECT_RATIO, processed_size
+from specserve.server.prompts import MAX_ASPECT_RATIO, MAX_PROCESSED_PIXELS, PromptBuilder, processed_size
 from specserve.server.store.tiny_vlm.model import IMAGE_SIZE
 
 PARAM = "messages[0].content[0].image_url.url"
@@ -96,6 +96,17 @@ def test_engine_refuses_extreme_images_before_its_processor(llava, monkeypatch):
     with pytest.raises(RequestError, match="aspect ratio"):
         llava.prepare_chat([{"role": "user", "content": [
             {"type": "image", "image": Image.new("RGB", (100_000, 1))}, {"type": "text", "text": "?"}]}])
+
+
+def test_a_processor_that_would_make_too_many_pixels_is_refused():
+    """A square image within the aspect bound, but a processor that resizes to 5000x5000."""
+    processor = SimpleNamespace(image_processor=SimpleNamespace(size={"height": 5000, "width": 5000}))
+    builder = PromptBuilder(tokenizer=None, processor=processor, multimodal=True)
+    assert 5000 * 5000 > MAX_PROCESSED_PIXELS
+    with pytest.raises(RequestError, match="5000x5000"):
+        builder.check_image_size(64, 64)
+    processor.image_processor.size = {"height": 4096, "width": 4096}
+    builder.check_image_size(64, 64)
 
 
 def test_text_only_engine_refuses_images(make_engine):
