@@ -117,9 +117,9 @@ def running_server(args, draft: str) -> Iterator[str]:
     command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
                "serve", "--model", args.model, "--draft", draft, "--dtype", args.dtype, "--host", HOST,
                "--port", str(port), "--log-level", "warning"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     env = dict(os.environ)
-    if args.threads:  # `serve` has no thread option; torch sizes its intra-op pool from this
-        env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the server (OMP_NUM_THREADS) and of the in-process engine")
+                        help="torch threads of the server (serve --threads) and of the in-process engine")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)

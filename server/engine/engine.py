@@ -99,10 +99,17 @@ class Engine:
         return self.target.is_multimodal
 
     def prepare_chat(self, messages: list[dict]) -> PromptInput:
+        """Template, tokenize and process images. It only reads the tokenizer and processor, so it
+        may run on another thread than the one stepping (the HTTP server prepares in a pool)."""
         return self.prompts.chat(messages)
 
     def prepare_text(self, prompt: str | list[int]) -> PromptInput:
         return self.prompts.text(prompt)
+
+    def check_image_size(self, width: int, height: int) -> None:
+        """Raise `RequestError` for an image this model's processor should not be given (an extreme
+        aspect ratio, too many pixels once resized); `prepare_chat` checks every image with it."""
+        self.prompts.check_image_size(width, height)
 
     def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
         """A new sequence; raises `RequestError` if it cannot fit the context. Prefill is its first step."""

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from PIL import Image
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_utils import get_image_size_for_max_height_width
 
 from .errors import RequestError
 from .outputs import PromptInput
+
+# LLaVA-family processors resize the *shortest* edge to the model's input size before cropping, so a
+# 100000x1 image becomes 6,400,000x64 float pixels (gigabytes) to keep a 64x64 crop of it. Photos,
+# screenshots and even panoramas stay well inside 20:1; beyond it the crop keeps under a twentieth
+# of the image, which then carries little the model can use.
+MAX_ASPECT_RATIO = 20
+MAX_PROCESSED_PIXELS = 4096 * 4096  # what the processor may hold before its crop: ~200 MB as float RGB
 
 
 class PromptBuilder:
@@ -25,6 +34,21 @@ class PromptBuilder:
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return PromptInput(list(prompt))
 
+    def check_image_size(self, width: int, height: int) -> None:
+        """Refuse an image whose processing would be extreme, from its size alone (known from the
+        file's header, before its pixels are decoded). Tokens need no check of their own: a LLaVA
+        processor makes the same number of image tokens for every image (its crop's patches)."""
+        if not self.multimodal:
+            raise RequestError("this model does not accept images", param="messages")
+        if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise RequestError(f"the image is {width}x{height} pixels; this server accepts aspect ratios up "
+                               f"to {MAX_ASPECT_RATIO}:1", param="messages")
+        out_height, out_width = processed_size(self.processor.image_processor, height, width)
+        if out_height * out_width > MAX_PROCESSED_PIXELS:
+            raise RequestError(f"the model's image processor would turn this {width}x{height} image into "
+                               f"{out_width}x{out_height} pixels, more than this server's limit of "
+                               f"{MAX_PROCESSED_PIXELS}", param="messages")
+
     def chat(self, messages: list[dict]) -> PromptInput:
         if not messages:
             raise RequestError("messages must not be empty", param="messages")
@@ -42,10 +66,27 @@ class PromptBuilder:
             {"role": m["role"], "content": [_template_part(p) for p in _parts(m)]} for m in messages
         ]
         text = self.processor.apply_chat_template(templated, add_generation_prompt=True, tokenize=False)
+        for image in images:
+            self.check_image_size(*image.size)
         rgb = [image.convert("RGB") for image in images]
         encoded = self.processor(text=text, images=rgb or None, return_tensors="pt")
         pixel_values = encoded.get("pixel_values") if rgb else None
         return PromptInput(encoded["input_ids"][0].tolist(), pixel_values, len(rgb))
+
+
+def processed_size(image_processor, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the largest array an HF image processor makes of an image before its crop,
+    computed with transformers' own resize rules for each `size` layout it documents."""
+    size = image_processor.size
+    if not getattr(image_processor, "do_resize", True) or size is None:
+        return height, width
+    if size.get("shortest_edge"):  # CLIP/LLaVA: the shortest edge to this, the other one scaled
+        return get_size_with_aspect_ratio((height, width), size["shortest_edge"], size.get("longest_edge"))
+    if size.get("max_height") and size.get("max_width"):
+        return get_image_size_for_max_height_width((height, width), size["max_height"], size["max_width"])
+    if size.get("height") and size.get("width"):
+        return size["height"], size["width"]
+    return height, width  # a layout these rules do not know: the image's own size is the estimate
 
 
 def _parts(message: dict) -> list[dict]:

@@ -1,8 +1,9 @@
 """The scheduler: one worker thread owns the engine and interleaves the sequences of many requests.
 
 The engine is not thread-safe and a step is blocking compute, so a single worker thread calls
-`start`, `step_batch` and `release` (and, through `call`, anything else that touches the engine or
-its tokenizer); the event loop only queues work and awaits results. Continuous batching: each loop
+`start`, `step_batch` and `release` (and, through `call`, anything else that must not run beside a
+step; preparing prompts only reads the tokenizer, so the HTTP layer does it in its own pool); the
+event loop only queues work and awaits results. Continuous batching: each loop
 turn admits waiting sequences while KV slots are free, then steps EVERY active sequence in one
 `step_batch` (new ones are prefilled, the others verified together in one target forward), so
 sequences join and leave between turns and nobody waits for another's whole generation. At most

@@ -4,7 +4,13 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{m
 `GET /health`, `GET /metrics`. All per-app state lives on `app.state.specserve` (a `ServerState`),
 so several apps can live in one process and another service can mount this one. A mounted app's
 lifespan does not run, so the worker also starts on the first request; such a host should call
-`app.state.specserve.scheduler.stop()` when it shuts down.
+`app.state.specserve.scheduler.stop()` when it shuts down (or first `await ...drain(timeout)`, as
+`specserve serve` does on SIGTERM).
+
+A request's path: ready? (503) -> room? (429) -> body limits (size, read time) -> JSON parse
+(strict) -> cheap checks (n, images, text length) -> admission of its sequences (429) -> images
+and tokenizing in the prepare pool -> the scheduler, whose worker only starts, steps and releases
+sequences.
 """
 
 from __future__ import annotations
@@ -17,16 +23,21 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from ... import __version__
 from ..engine.engine import Engine
+from ..engine.events import SequenceRecord
+from ..engine.metrics import SpecMetrics
 from ..engine.scheduler import Scheduler
+from .admission import Admission, DrainRate
 from .chat import serve_chat
 from .completions import serve_completion
-from .errors import from_validation_error, install_error_handlers
+from .errors import APIError, from_validation_error, install_error_handlers
 from .generation import postprocess
 from .middleware import BodyLimit, CountResponses
+from .prepare import PreparePool
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, field_path
 from .responses import ModelCard, ModelList
@@ -39,8 +50,19 @@ PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies (inline images) are parsed o
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client has gone
 
 
+class ClientLeft(Exception):
+    """The client disconnected while its request body was being read."""
+
+
 async def _parse(request: Request, model: type[M]) -> M:
-    body = await request.body()
+    """The body as `model`: JSON only, checked before a byte of it is read."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request body must be application/json, not {media_type or 'untyped'}")
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ClientLeft() from None
     try:
         if len(body) > PARSE_IN_THREAD_BYTES:
             return await asyncio.to_thread(model.model_validate_json, body)
@@ -53,11 +75,16 @@ router = APIRouter()
 
 
 async def _generate(request: Request, body_model: type[M], serve: Any) -> Response:
-    """Parse, check readiness and model, then serve; a client that leaves cancels the work."""
+    """Check readiness and room (a loading, draining or full server reads no body), parse, check
+    the model, then serve; a client that leaves cancels the work."""
     arrival = time.monotonic()
     state = state_of(request)
-    req = await _parse(request, body_model)
     state.ready()
+    state.admission.check_room()
+    try:
+        req = await _parse(request, body_model)
+    except ClientLeft:
+        return Response(status_code=CLIENT_CLOSED)
     state.check_model(req.model)
     try:
         return await unless_disconnected(request, serve(state, req, arrival))
@@ -125,21 +152,40 @@ def create_app(
         waiting=lambda: state.scheduler.num_waiting,
         kv_usage=lambda: getattr(state.scheduler.engine, "kv_cache_usage", 0.0),  # 0 until the model loads
     )
+    drain_rate = DrainRate()
     scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
-                          postprocess=postprocess, observer=prometheus, on_load_failure=on_load_failure)
-    state = ServerState(settings, scheduler, prometheus, int(time.time()))
+                          postprocess=postprocess, observer=_Observers(prometheus, drain_rate),
+                          on_load_failure=on_load_failure)
+    admission = Admission(scheduler, settings.max_active + settings.max_queue, settings.retry_after_s, drain_rate)
+    pool = PreparePool(settings.prepare_workers)
+    state = ServerState(settings, scheduler, admission, pool, prometheus, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         scheduler.start()
         yield
         await asyncio.to_thread(scheduler.stop)
+        pool.shutdown()
 
     app = FastAPI(title="specserve", version=__version__, lifespan=lifespan)
     app.state.specserve = state
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     endpoints = [route.path for route in router.routes]
     app.add_middleware(CountResponses, counter=prometheus.http_requests, endpoints=endpoints)
     return app
+
+
+class _Observers:
+    """The scheduler's hooks, heard by the metrics and by admission's drain rate."""
+
+    def __init__(self, metrics: PrometheusMetrics, drain_rate: DrainRate) -> None:
+        self._metrics, self._drain_rate = metrics, drain_rate
+
+    def on_step(self, delta: SpecMetrics) -> None:
+        self._metrics.on_step(delta)
+
+    def on_finish(self, record: SequenceRecord) -> None:
+        self._metrics.on_finish(record)
+        self._drain_rate.add(record.finish_time)

@@ -11,7 +11,7 @@ from ..engine.metrics import SpecMetrics
 from ..engine.outputs import PromptInput
 from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
 from .images import check_image_count, engine_messages
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletionRequest, ChatMessage, TextPart
 from .responses import (
     AssistantMessage,
     ChatChoice,
@@ -24,12 +24,12 @@ from .responses import (
     TopLogprob,
     Usage,
 )
-from .sampling import chat_params
+from .sampling import chat_params, check_choices, check_prompt_chars
 from .state import ServerState
 
 
 def prepare_chat(engine: Engine, messages: list[dict]) -> PromptInput:
-    """Runs on the worker. A template or processor that rejects the messages (roles that do not
+    """Runs in the prepare pool. A template or processor that rejects the messages (roles that do not
     alternate, an image the processor cannot size) is a problem with the request, not the server."""
     try:
         return engine.prepare_chat(messages)
@@ -37,6 +37,11 @@ def prepare_chat(engine: Engine, messages: list[dict]) -> PromptInput:
         if isinstance(exc, RequestError):
             raise
         raise RequestError(f"could not build the prompt from these messages: {exc}", "messages") from None
+
+
+def text_chars(messages: list[ChatMessage]) -> int:
+    """Characters of the messages' text parts: what the tokenizer will read."""
+    return sum(len(part.text) for m in messages for part in m.content if isinstance(part, TextPart))
 
 
 def chat_logprobs(infos: list[TokenInfo] | None) -> ChatLogprobs | None:
@@ -80,13 +85,18 @@ class ChatRenderer:
 
 
 async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: float) -> Response:
-    """Decode images, apply the chat template (on the worker), then generate the n choices."""
+    """The cheap limits, then a place in the queue (or 429), then images and the chat template (in
+    the prepare pool), then the n choices."""
     engine = state.scheduler.engine
+    n = req.n or 1
+    check_choices(n, 1, state.settings)
     check_image_count(req.messages, state.settings, engine.is_multimodal)
-    messages = await engine_messages(req.messages, state.settings)
-    prompt = await state.call(prepare_chat, messages)
-    params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
-    group = submit(state, [prompt] * len(params), params, arrival)
+    check_prompt_chars(text_chars(req.messages), engine.max_model_len, state.settings, "messages")
+    with state.admission.hold(n):
+        messages = await engine_messages(req.messages, state.settings, engine.check_image_size, state.pool.run)
+        prompt = await state.prepare(prepare_chat, messages)
+        params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
+        group = submit(state, [prompt] * len(params), params, arrival)
     renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name)
     return await respond(state.scheduler, group, renderer, bool(req.stream), req.include_usage,
                          len(prompt.token_ids))

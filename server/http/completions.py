@@ -10,14 +10,14 @@ from ..engine.outputs import PromptInput
 from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
 from .protocol import CompletionRequest
 from .responses import Completion, TextChoice, TextLogprobs, Usage
-from .sampling import check_choices, completion_params
+from .sampling import check_choices, check_prompt_chars, check_prompt_len, completion_params
 from .state import ServerState
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default for this endpoint
 
 
 def prepare_prompts(engine: Engine, prompts: list[str | list[int]]) -> list[PromptInput]:
-    """Runs on the worker (the tokenizer lives there); token ids are range-checked by the engine."""
+    """Runs in the prepare pool; token ids are range-checked by the engine."""
     return [engine.prepare_text(p) for p in prompts]
 
 
@@ -64,19 +64,26 @@ class CompletionRenderer:
 
 
 async def serve_completion(state: ServerState, req: CompletionRequest, arrival: float) -> Response:
-    """Tokenize each prompt (on the worker), then generate n choices per prompt; choice
-    `i * n + j` is the j-th choice of prompt i, as OpenAI numbers them."""
+    """The cheap limits, then a place in the queue (or 429), then each prompt tokenized (in the
+    prepare pool) and n choices per prompt; choice `i * n + j` is the j-th choice of prompt i, as
+    OpenAI numbers them."""
     engine = state.scheduler.engine
     n = req.n or 1
     check_choices(n, len(req.prompt), state.settings)
-    prompts = await state.call(prepare_prompts, req.prompt)
-    all_prompts, all_params = [], []
-    for prompt in prompts:
-        params = completion_params(req, len(prompt.token_ids), engine.max_model_len, state.settings,
-                                   DEFAULT_MAX_TOKENS)
-        all_prompts += [prompt] * len(params)
-        all_params += params
-    group = submit(state, all_prompts, all_params, arrival)
+    for prompt in req.prompt:
+        if isinstance(prompt, str):
+            check_prompt_chars(len(prompt), engine.max_model_len, state.settings, "prompt")
+        else:
+            check_prompt_len(len(prompt), engine.max_model_len, "prompt")
+    with state.admission.hold(n * len(req.prompt)):
+        prompts = await state.prepare(prepare_prompts, req.prompt)
+        all_prompts, all_params = [], []
+        for prompt in prompts:
+            params = completion_params(req, len(prompt.token_ids), engine.max_model_len, state.settings,
+                                       DEFAULT_MAX_TOKENS)
+            all_prompts += [prompt] * len(params)
+            all_params += params
+        group = submit(state, all_prompts, all_params, arrival)
     renderer = CompletionRenderer(state.new_id("cmpl"), state.now(), state.model_name)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return await respond(state.scheduler, group, renderer, bool(req.stream), req.include_usage, prompt_tokens)

@@ -22,8 +22,10 @@ from ..engine.events import NotReady, QueueFull
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
-_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+          408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error", 503: "server_error"}
+_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
+          415: "unsupported_media_type"}
 
 
 class APIError(Exception):
@@ -63,8 +65,9 @@ def engine_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
                         code="queue_full", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, NotReady):
         return APIError(503, str(exc), code="unavailable", headers={"Retry-After": str(retry_after_s)})
-    # An engine bug: the request fails, the server and other requests carry on.
-    return APIError(500, f"internal error while generating ({type(exc).__name__})", code="internal_error")
+    # An engine bug: the request fails, the server and other requests carry on. The scheduler has
+    # logged it with its traceback; the client learns nothing of the server's insides.
+    return APIError(500, "internal error while generating", code="internal_error")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

@@ -155,11 +155,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def submit(state: ServerState, prompts: list, params: list, arrival: float) -> RequestGroup:
-    """Queue the request's sequences (n choices, or a batch of prompts x n): 429 when full."""
+    """Queue the request's sequences (n choices, or a batch of prompts x n): 429 when full (which
+    admission, having held their room, normally prevents)."""
     try:
         return state.scheduler.submit(prompts, params, arrival)
-    except (QueueFull, NotReady) as exc:
-        raise engine_error(exc, state.settings.retry_after_s) from None
+    except QueueFull:
+        raise state.admission.queue_full(len(prompts)) from None
+    except NotReady as exc:
+        raise engine_error(exc) from None
 
 
 async def respond(

@@ -3,9 +3,11 @@
 Every failure is the client's: a 400 naming the content part. Limits are checked as early as the
 data allows: the number of images before anything is decoded, the encoded size before base64
 decoding (or while downloading), and width x height from the image header before pixels are decoded,
-so a decompression bomb (a small file that inflates to gigapixels) is refused without being inflated.
-Only common raster formats are opened: PIL's other plugins (EPS runs Ghostscript, for one) are more
-attack surface than a chat request needs. Decoding runs in a thread, off the event loop.
+so a decompression bomb (a small file that inflates to gigapixels) is refused without being inflated;
+the engine's own size check (`SizeCheck`: aspect ratio, pixels once its processor resizes) also runs
+on the header. Only common raster formats are opened: PIL's other plugins (EPS runs Ghostscript, for
+one) are more attack surface than a chat request needs. Decoding runs in a thread (`Blocking`: the
+app's prepare pool), off the event loop and off the engine's worker.
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from PIL import Image
 
+from ..engine.errors import RequestError
 from .errors import bad_request
 from .protocol import ChatMessage, ImagePart
 from .settings import ServerSettings
+
+SizeCheck = Callable[[int, int], None]  # (width, height); raises RequestError (`Engine.check_image_size`)
+Blocking = Callable[..., Awaitable[Any]]  # `await run(fn, *args)` runs fn(*args) in a thread
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DATA_URL = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
 _ROLES = {"developer": "system"}  # HF chat templates know "system", not OpenAI's newer "developer"
 
 
-def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, param: str, check: SizeCheck | None = None) -> Image.Image:
     """Bytes of an image file -> an RGB PIL image, refusing non-images and oversized images."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
@@ -41,6 +49,11 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
     if width * height > max_pixels:
         raise bad_request(f"the image is {width}x{height} pixels, more than this server's limit of "
                           f"{max_pixels} pixels", param)
+    if check is not None:
+        try:
+            check(width, height)
+        except RequestError as exc:
+            raise bad_request(exc.message, param) from None
     try:
         image.load()  # decodes the pixels (the first frame of an animation)
         if image.mode == "P" and "transparency" in image.info:
@@ -50,7 +63,9 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
         raise bad_request("the image data is corrupt or truncated", param) from None
 
 
-def decode_data_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
+def decode_data_url(
+    url: str, max_bytes: int, max_pixels: int, param: str, check: SizeCheck | None = None,
+) -> Image.Image:
     """`data:image/png;base64,...` -> an RGB PIL image."""
     match = _DATA_URL.fullmatch(url)
     if match is None or ";base64" not in match["params"].lower():
@@ -65,7 +80,7 @@ def decode_data_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Im
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request("the image data URL is not valid base64", param) from None
-    return decode_image(data, max_pixels, param)
+    return decode_image(data, max_pixels, param, check)
 
 
 async def fetch_image_bytes(url: str, settings: ServerSettings, param: str) -> bytes:
@@ -100,15 +115,17 @@ async def _download(url: str, max_bytes: int, param: str) -> bytes:
     return bytes(body)
 
 
-async def load_image(url: str, settings: ServerSettings, param: str) -> Image.Image:
-    """An image part's URL -> an RGB PIL image."""
+async def load_image(
+    url: str, settings: ServerSettings, param: str, check: SizeCheck | None = None,
+    run: Blocking = asyncio.to_thread,
+) -> Image.Image:
+    """An image part's URL -> an RGB PIL image, decoded by `run`."""
     scheme = url[: url.find(":")].lower() if ":" in url else ""
     if scheme == "data":
-        return await asyncio.to_thread(
-            decode_data_url, url, settings.max_image_bytes, settings.max_image_pixels, param)
+        return await run(decode_data_url, url, settings.max_image_bytes, settings.max_image_pixels, param, check)
     if scheme in ("http", "https"):
         data = await fetch_image_bytes(url, settings, param)
-        return await asyncio.to_thread(decode_image, data, settings.max_image_pixels, param)
+        return await run(decode_image, data, settings.max_image_pixels, param, check)
     raise bad_request("an image URL must be a data: URL (or http(s) where the server allows it)", param)
 
 
@@ -126,7 +143,10 @@ def check_image_count(messages: list[ChatMessage], settings: ServerSettings, mul
                           f"{settings.max_images}", "messages")
 
 
-async def engine_messages(messages: list[ChatMessage], settings: ServerSettings) -> list[dict]:
+async def engine_messages(
+    messages: list[ChatMessage], settings: ServerSettings, check: SizeCheck | None = None,
+    run: Blocking = asyncio.to_thread,
+) -> list[dict]:
     """Request messages -> the engine's format: text-only content as one string, otherwise a list
     of {"type": "text", "text"} and {"type": "image", "image": PIL.Image} parts."""
     out = []
@@ -135,7 +155,8 @@ async def engine_messages(messages: list[ChatMessage], settings: ServerSettings)
         for j, part in enumerate(message.content):
             if isinstance(part, ImagePart):
                 param = f"messages[{i}].content[{j}].image_url.url"
-                parts.append({"type": "image", "image": await load_image(part.image_url.url, settings, param)})
+                image = await load_image(part.image_url.url, settings, param, check, run)
+                parts.append({"type": "image", "image": image})
             else:
                 parts.append({"type": "text", "text": part.text})
         role = _ROLES.get(message.role, message.role)

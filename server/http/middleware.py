@@ -1,4 +1,4 @@
-"""ASGI middleware: the request-body limit (413) and HTTP response counting.
+"""ASGI middleware: the request-body limits (size: 413; read time: 408) and HTTP response counting.
 
 Both are plain ASGI wrappers rather than Starlette's `BaseHTTPMiddleware`, which would buffer
 streaming responses and hide client disconnects from the event stream.
@@ -6,6 +6,7 @@ streaming responses and hide client disconnects from the event stream.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 
 from prometheus_client import Counter
@@ -18,13 +19,22 @@ def _too_large(max_bytes: int) -> APIError:
     return APIError(413, f"the request body is larger than this server's limit of {max_bytes} bytes")
 
 
+def _too_slow(timeout_s: float) -> APIError:
+    # Connection: close, because the rest of the body may still be on its way.
+    return APIError(408, f"the request body did not arrive within this server's limit of {timeout_s} s",
+                    headers={"Connection": "close"})
+
+
 class BodyLimit:
     """Refuse bodies over `max_bytes`: at once when Content-Length says so, else (chunked uploads)
-    as soon as the bytes received pass the limit, so an oversized body is never buffered whole."""
+    as soon as the bytes received pass the limit, so an oversized body is never buffered whole.
+    Refuse bodies still incomplete `timeout_s` after the request's head arrived (a client that
+    trickles or stalls its body would otherwise hold a connection and a task for ever)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,11 +44,19 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             await _too_large(self.max_bytes).response()(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body only http.disconnect comes, whenever the client leaves
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                raise _too_slow(self.timeout_s) from None  # the app's APIError handler answers 408
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:

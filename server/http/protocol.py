@@ -1,9 +1,11 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Unknown fields are ignored (as OpenAI and vLLM do), so clients that send features this server does
-not implement (tools, penalties, response_format) still get a plain completion. Ranges that OpenAI's
-spec fixes are checked here; limits that depend on the model or the settings (context length, n, the
-number of images) are checked where those are known (`sampling.py`, `images.py`).
+not implement (tools, penalties, response_format) still get a plain completion. Known fields are
+strict: JSON's types are not coerced (`"max_tokens": true`, `"stream": "yes"` and `"n": "2"` are
+400s naming the field), except that an integer is a valid float. Every number has a range here;
+limits that depend on the model or the settings (context length, n, the number of images) are
+checked where those are known (`sampling.py`, `images.py`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1  # any k past the vocabulary keeps every token; larger numbers only overflow
 
 
 class _Body(BaseModel):
     # NaN/inf are accepted by some JSON encoders; they make no sense for any field here.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class ImageURL(_Body):
@@ -77,7 +80,7 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # extra field (vLLM); -1 or 0 = off
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)  # extra field (vLLM); -1 or 0 = off
     stop: list[str] | None = None
     n: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)

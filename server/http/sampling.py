@@ -11,6 +11,17 @@ from .protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionReq
 from .settings import ServerSettings
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy decoding
+# Tokenizers of served models average 3-5 characters per token on prose and code; a text that needs
+# more than 16 per token to fit the context is refused before it costs a tokenizer pass.
+CHARS_PER_TOKEN_LIMIT = 16
+
+
+def check_prompt_chars(chars: int, max_model_len: int, settings: ServerSettings, field: str) -> None:
+    """Refuse a prompt text longer than `max_prompt_chars` (default: 16 x the context), on arrival."""
+    limit = settings.max_prompt_chars or CHARS_PER_TOKEN_LIMIT * max_model_len
+    if chars > limit:
+        raise bad_request(f"the prompt has {chars} characters; this server accepts at most {limit} per "
+                          f"prompt", field)
 
 
 def check_prompt_len(prompt_len: int, max_model_len: int, field: str) -> None:

@@ -7,37 +7,63 @@ and `run_serve(args)` to run it.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from ..engine.args import add_engine_arguments, engine_config
-from .settings import ServerSettings
+from .settings import ListenSettings, ServerSettings
 
-_D = ServerSettings()  # defaults shown in --help
+_D, _L = ServerSettings(), ListenSettings()  # defaults shown in --help
+logger = logging.getLogger(__name__)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's options (--model, --draft, --dtype, --device, ...) plus the server's."""
     add_engine_arguments(parser)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of the engine (default: torch's own, one per physical "
+                             "core, less one when that would take every CPU: the event loop keeps a core)")
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--host", default=_L.host, help="address to listen on (0.0.0.0: all interfaces)")
+    group.add_argument("--port", type=int, default=_L.port)
     group.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
-    group.add_argument("--max-active", type=int, default=_D.max_active,
-                       help="sequences decoded concurrently, interleaved step by step")
-    group.add_argument("--max-queue", type=int, default=_D.max_queue,
-                       help="sequences allowed to wait for a slot; beyond this requests get 429")
-    group.add_argument("--max-n", type=int, default=_D.max_n, help="choices per request")
-    group.add_argument("--max-tokens-limit", type=int, default=None, help="cap on a request's max_tokens")
-    group.add_argument("--default-max-tokens", type=int, default=None,
-                       help="chat max_tokens when a request sets none (default: the rest of the context)")
-    group.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes)
-    group.add_argument("--max-images", type=int, default=_D.max_images, help="images per request")
-    group.add_argument("--max-image-bytes", type=int, default=_D.max_image_bytes)
-    group.add_argument("--max-image-pixels", type=int, default=_D.max_image_pixels)
-    group.add_argument("--allow-remote-images", action="store_true",
-                       help="fetch http(s) image URLs (the server then makes outbound requests for clients)")
-    group.add_argument("--remote-image-timeout", type=float, default=_D.remote_image_timeout_s)
-    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    group.add_argument("--log-level", default=_L.log_level, choices=["debug", "info", "warning", "error"])
+    limits = parser.add_argument_group("limits (each protects the server from one client)")
+    limits.add_argument("--max-active", type=int, default=_D.max_active,
+                        help="sequences decoded concurrently, interleaved step by step")
+    limits.add_argument("--max-queue", type=int, default=_D.max_queue,
+                        help="sequences allowed to wait for a slot; beyond this requests get 429")
+    limits.add_argument("--max-n", type=int, default=_D.max_n, help="choices per request")
+    limits.add_argument("--max-tokens-limit", type=int, default=None, help="cap on a request's max_tokens")
+    limits.add_argument("--default-max-tokens", type=int, default=None,
+                        help="chat max_tokens when a request sets none (default: the rest of the context)")
+    limits.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="characters of one prompt, checked before tokenizing (default: 16 x the context)")
+    limits.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes)
+    limits.add_argument("--max-images", type=int, default=_D.max_images, help="images per request")
+    limits.add_argument("--max-image-bytes", type=int, default=_D.max_image_bytes)
+    limits.add_argument("--max-image-pixels", type=int, default=_D.max_image_pixels)
+    limits.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch http(s) image URLs (the server then makes outbound requests for clients)")
+    limits.add_argument("--remote-image-timeout", type=float, default=_D.remote_image_timeout_s)
+    limits.add_argument("--prepare-workers", type=int, default=_D.prepare_workers,
+                        help="threads that decode images and tokenize, off the engine's worker")
+    limits.add_argument("--header-timeout", type=float, default=_L.header_timeout_s,
+                        help="seconds for a request's head to arrive; then the connection is closed")
+    limits.add_argument("--body-timeout", type=float, default=_D.body_timeout_s,
+                        help="seconds for a request's body to arrive after its head; then 408")
+    limits.add_argument("--keep-alive-timeout", type=int, default=_L.keep_alive_timeout_s,
+                        help="seconds an idle keep-alive connection stays open")
+    limits.add_argument("--limit-concurrency", type=int, default=_L.limit_concurrency,
+                        help="open connections + running requests; beyond it new requests get 503")
+    limits.add_argument("--shutdown-timeout", type=float, default=_L.shutdown_timeout_s,
+                        help="on SIGTERM/SIGINT, seconds running requests may finish; then open streams end "
+                             "with an error event and [DONE]")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -48,35 +74,84 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_n=args.max_n,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
+        max_prompt_chars=args.max_prompt_chars,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
         max_images=args.max_images,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout,
+        prepare_workers=args.prepare_workers,
     )
 
 
+def listen_from_args(args: argparse.Namespace) -> ListenSettings:
+    return ListenSettings(
+        host=args.host, port=args.port, log_level=args.log_level, header_timeout_s=args.header_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
+def default_threads() -> int:
+    """torch's default intra-op threads (one per physical core), less one if that would take every
+    CPU this process may use: the event loop and the prepare pool then keep a core (on 2 shared
+    cores, 2 torch threads made each step ~40x slower than 1)."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus - 1))
+
+
+def engine_factory(config: Any, threads: int) -> Callable[[], Any]:
+    """The app's engine factory: it runs on the worker thread, which sets its torch threads before
+    the model loads (torch sizes a thread's intra-op pool when that thread first computes)."""
+
+    def load() -> Any:
+        import torch
+
+        from ..engine import Engine
+
+        torch.set_num_threads(threads)
+        logger.info("the engine uses %d torch threads", threads)
+        return Engine.from_config(config)
+
+    return load
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until interrupted. The model loads on the worker thread after the socket is open, so
-    /health answers 503 until it is ready; a model that cannot load stops the server, which exits 1
-    with the reason on one line."""
-    import uvicorn
-
-    from ..engine import Engine
+    """Serve until SIGTERM or SIGINT, which drain the server (`--shutdown-timeout`) and exit 0. The
+    model loads on the worker thread after the socket is open, so /health answers 503 until it is
+    ready; a model that cannot load stops the server, which exits 1 with the reason on one line."""
     from .app import create_app
+    from .transport import build_server
 
-    config = engine_config(args)
     failures: list[str] = []
 
     def load_failed(reason: str) -> None:  # on the worker thread; uvicorn polls should_exit
         failures.append(reason)
         server.should_exit = True
 
-    app = create_app(lambda: Engine.from_config(config), settings_from_args(args), on_load_failure=load_failed)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
-    server.run()
+    load = engine_factory(engine_config(args), args.threads or default_threads())
+    app = create_app(load, settings_from_args(args), on_load_failure=load_failed)
+    server = build_server(app, listen_from_args(args))
+    with _signals_end_quietly():
+        server.run()
     if failures:
         sys.stderr.write(f"specserve: error: the model failed to load: {failures[0]}\n")
         return 1
     return 0
+
+
+@contextmanager
+def _signals_end_quietly() -> Iterator[None]:
+    """uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal to the handler it found so
+    that the default action (death by signal) follows its graceful shutdown. A drained server has
+    done its job, so the handler it finds here ignores the repeat and the command exits 0."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,8 +1,9 @@
-"""What one app holds (`app.state.specserve`): its settings, the scheduler that owns the engine, and
-its metrics; every route reaches them through `state_of(request)`."""
+"""What one app holds (`app.state.specserve`): its settings, the scheduler that owns the engine, the
+admission control, the prepare pool and its metrics; every route reaches them through `state_of(request)`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,19 +15,27 @@ from ..engine.engine import Engine
 from ..engine.errors import RequestError
 from ..engine.events import NotReady
 from ..engine.scheduler import Scheduler
+from .admission import Admission
 from .errors import APIError, engine_error
+from .prepare import PreparePool
 from .prometheus import PrometheusMetrics
 from .settings import ServerSettings
+
+DRAIN_POLL_S = 0.05  # how often a draining server checks whether its requests have finished
 
 
 @dataclass
 class ServerState:
-    """Everything one app needs: its settings, scheduler (which owns the engine) and metrics."""
+    """Everything one app needs: its settings, scheduler (which owns the engine), admission, the
+    prepare pool and metrics."""
 
     settings: ServerSettings
     scheduler: Scheduler
+    admission: Admission
+    pool: PreparePool
     metrics: PrometheusMetrics
     created: int
+    draining: bool = False  # set by `drain`: new requests get 503
 
     @property
     def engine(self) -> Engine | None:
@@ -46,19 +55,40 @@ class ServerState:
         return int(time.time())
 
     def ready(self) -> None:
-        """Start the worker if nobody has (mounted apps), and refuse with 503 until the model is loaded."""
+        """Start the worker if nobody has (mounted apps), and refuse with 503 until the model is
+        loaded, and once draining. A failed load's reason stays in the log: it may name files."""
         self.scheduler.start()
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="unavailable")
+        if self.scheduler.state == "failed":
+            raise APIError(503, "the model failed to load; the server's log has the reason", code="unavailable")
         try:
             self.scheduler.check_ready()
         except NotReady as exc:
             raise engine_error(exc, self.settings.retry_after_s) from None
 
-    async def call(self, fn: Any, *args: Any) -> Any:
-        """Run `fn(engine, *args)` on the worker; what the engine raises becomes its HTTP error."""
+    async def prepare(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(engine, *args)` (template, tokenizer) in the prepare pool; the engine's
+        `RequestError` becomes a 400."""
         try:
-            return await self.scheduler.call(fn, *args)
-        except (RequestError, NotReady) as exc:
-            raise engine_error(exc, self.settings.retry_after_s) from None
+            return await self.pool.run(fn, self.scheduler.engine, *args)
+        except RequestError as exc:
+            raise engine_error(exc) from None
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.num_running + self.scheduler.num_waiting + self.admission.held > 0
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: refuse new requests (503), let admitted ones run for up to `timeout`
+        seconds, then stop the scheduler, which fails what is left (open streams end with an error
+        event and `[DONE]`, waiting JSON requests get a 503) and releases its KV memory."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.busy:
+            await asyncio.to_thread(self.scheduler.stop)
 
     def check_model(self, requested: str | None) -> None:
         engine = self.scheduler.engine

@@ -59,15 +59,16 @@ class RunningServer:
 
 
 @contextmanager
-def run_server(app: FastAPI) -> Iterator[RunningServer]:
-    """Serve `app` with uvicorn on a free loopback port, in a thread; stop it on exit."""
+def run_server(app: FastAPI, server: uvicorn.Server | None = None) -> Iterator[RunningServer]:
+    """Serve `app` with uvicorn on a free loopback port, in a thread; stop it on exit. `server`: a
+    server built for `app` (`specserve serve`'s, with its limits) instead of uvicorn's plain one."""
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets whose proto says TCP, and
     # without it every keep-alive response waits ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = server or uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -85,7 +86,8 @@ def run_server(app: FastAPI) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def launch() -> Callable[[FastAPI], AbstractContextManager[RunningServer]]:
-    """`with launch(app) as server:` runs a real server for a module-scoped fixture."""
+    """`with launch(app) as server:` runs a real server for a module-scoped fixture (`launch(app,
+    server)`: with a server built for it)."""
     return run_server
 
 

@@ -54,6 +54,28 @@ CHAT_CASES = {
     "top_p zero": (chat(top_p=0), "top_p"),
     "top_p above 1": (chat(top_p=1.5), "top_p"),
     "top_k below -1": (chat(top_k=-2), "top_k"),
+    # issue 14, finding 3: top_k of 2^64 was a 500 and 2^63 a 200 of garbage; JSON types were coerced
+    "top_k 2^64": (chat(top_k=2**64), "top_k"),
+    "top_k 2^63": (chat(top_k=2**63), "top_k"),
+    "top_k 2^31": (chat(top_k=2**31), "top_k"),
+    "max_tokens true": (chat(max_tokens=True), "max_tokens"),
+    "max_tokens a float": (chat(max_tokens=4.0), "max_tokens"),
+    "max_tokens a string": (chat(max_tokens="4"), "max_tokens"),
+    "stream a string": (chat(stream="yes"), "stream"),
+    "stream a number": (chat(stream=1), "stream"),
+    "n a string": (chat(n="2"), "n"),
+    "n huge": (chat(n=2**70), "n"),
+    "seed a string": (chat(seed="7"), "seed"),
+    "seed a float": (chat(seed=7.5), "seed"),
+    "logprobs a number": (chat(logprobs=1), "logprobs"),
+    "top_logprobs true": (chat(logprobs=True, top_logprobs=True), "top_logprobs"),
+    "temperature a string": (chat(temperature="0.5"), "temperature"),
+    "top_p true": (chat(top_p=True), "top_p"),
+    "ignore_eos a string": (chat(ignore_eos="true"), "ignore_eos"),
+    "include_usage a number": (chat(stream=True, stream_options={"include_usage": 1}),
+                               "stream_options.include_usage"),
+    "content part text a number": (chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+                                   "messages[0].content[0].text"),
     "empty stop string": (chat(stop=["", "x"]), "stop"),
     "too many stops": (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
     "stop not text": (chat(stop=[1, 2]), "stop[0]"),
@@ -72,6 +94,12 @@ COMPLETION_CASES = {
     "logprobs too big": ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     "batch times n over limit": ({"prompt": ["a", "b", "c"], "n": 2}, "n"),
     "max_tokens over context": ({"prompt": "hi", "max_tokens": 400 + 200}, "max_tokens"),
+    "logprobs true": ({"prompt": "hi", "logprobs": True}, "logprobs"),
+    "echo a string": ({"prompt": "hi", "echo": "no"}, "echo"),
+    "token ids as floats": ({"prompt": [1.0, 2.0]}, "prompt"),
+    "token ids as booleans": ({"prompt": [True, False]}, "prompt"),
+    "token ids past the context": ({"prompt": [5] * 600}, "prompt"),
+    "top_k 2^64": ({"prompt": "hi", "top_k": 2**64}, "top_k"),
 }
 
 
@@ -112,6 +140,21 @@ def test_undecodable_or_non_object_json_is_400(server, raw, openai_schema):
     openai_schema("ErrorResponse", response.json())
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None,
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_only_json_bodies_are_read(server, content_type, openai_schema):
+    headers = {"content-type": content_type} if content_type else {}
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
+    with server.http() as http:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            response = http.post(path, content=body, headers=headers)
+            assert_error(response, 415, None, openai_schema)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+        ok = http.post("/v1/chat/completions", content=body,
+                       headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_unknown_model_is_404(server, openai_schema):
     with server.http() as http:
         response = http.post("/v1/chat/completions", json=chat(model="gpt-17"))
@@ -139,7 +182,8 @@ def test_oversized_body_is_413(server, openai_schema):
                 yield b"x" * 1024
             yield b'"}]}'
 
-        assert_error(http.post("/v1/chat/completions", content=chunks()), 413, None, openai_schema)
+        assert_error(http.post("/v1/chat/completions", content=chunks(),
+                               headers={"content-type": "application/json"}), 413, None, openai_schema)
         assert http.get("/health").status_code == 200
 
 

@@ -140,7 +140,7 @@ def test_full_queue_answers_429_with_retry_after(server, openai_schema):
         with server.http() as http:
             refused = http.post("/v1/chat/completions", json=body(server))
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "3"
+        assert int(refused.headers["retry-after"]) >= 3  # the configured least; more if drains are slow
         openai_schema("ErrorResponse", refused.json())
         assert refused.json()["error"]["type"] == "rate_limit_error"
         with pytest.raises(openai.RateLimitError):
@@ -162,6 +162,7 @@ def test_engine_failure_mid_stream_is_an_error_event(server, sse_payloads, opena
     error = json.loads(payloads[-2])
     openai_schema("ErrorResponse", error)
     assert error["error"]["type"] == "server_error"
+    assert "RuntimeError" not in payloads[-2]
     openai_schema("CreateChatCompletionStreamResponse", json.loads(payloads[0]))
     with pytest.raises(openai.APIError):
         for _ in server.openai().chat.completions.create(
@@ -176,6 +177,7 @@ def test_engine_failure_fails_only_that_request(server, openai_schema):
         ok = http.post("/v1/chat/completions", json=body(server, max_tokens=3))
     assert failed.status_code == 500
     openai_schema("ErrorResponse", failed.json())
+    assert "RuntimeError" not in failed.text  # the log has the class and traceback, the client not
     assert ok.status_code == 200
     assert server.state.scheduler.num_running == 0
 
@@ -202,13 +204,16 @@ def test_503_while_the_model_loads(launch, make_engine, openai_schema):
             assert ok.status_code == 200
 
 
-def test_failed_load_is_reported(launch, openai_schema):
+def test_failed_load_is_reported_without_its_details(launch, openai_schema, caplog):
+    """/health says the load failed; the reason (which names files) is in the log only."""
     def factory():
-        raise FileNotFoundError("no such model folder")
+        raise FileNotFoundError("no such model folder: /home/someone/models/secret-model")
 
-    with launch(create_app(factory, ServerSettings())) as broken:
+    with caplog.at_level("ERROR"), launch(create_app(factory, ServerSettings())) as broken:
         with broken.http() as http:
-            assert wait_for(lambda: "no such model" in http.get("/health").text)
+            assert wait_for(lambda: "failed to load" in http.get("/health").text)
             health = http.get("/health")
     assert health.status_code == 503
     openai_schema("ErrorResponse", health.json())
+    assert "/home/someone" not in health.text and "FileNotFoundError" not in health.text
+    assert "/home/someone/models/secret-model" in caplog.text

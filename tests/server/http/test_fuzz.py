@@ -1,6 +1,7 @@
 """Fuzzing the request schema over a real socket: hypothesis builds request bodies (half valid,
 half with boundary values and arbitrary JSON in any field, plus raw bytes); whatever arrives, the
-server answers below 500 in a schema-valid shape, and it is still serving at the end."""
+server answers below 500 in a schema-valid shape, and it is still serving at the end. A field given
+a value of the wrong JSON type is a 400 naming that field (nothing is coerced)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,31 @@ def test_fuzz_chat_completions(server, openai_schema, sse_payloads, body):
 def test_fuzz_completions(server, openai_schema, sse_payloads, body):
     response = post_json(server, "/v1/completions", body)
     check(response, openai_schema, sse_payloads, "Completion")
+
+
+# A known field and a JSON value of another type: integers (also a float of integral value, or a
+# boolean) are not booleans, booleans are not numbers, strings are neither.
+NOT_INT = st.booleans() | st.floats(allow_nan=False) | st.text(max_size=5) | st.lists(
+    st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+NOT_BOOL = st.integers() | st.floats(allow_nan=False) | st.text(max_size=5) | st.lists(st.booleans(), max_size=2)
+NOT_NUMBER = st.booleans() | st.text(max_size=5) | st.lists(st.floats(allow_nan=False), max_size=2)
+TYPED_FIELDS = {
+    "max_tokens": NOT_INT, "max_completion_tokens": NOT_INT, "n": NOT_INT, "seed": NOT_INT, "top_k": NOT_INT,
+    "top_logprobs": NOT_INT, "stream": NOT_BOOL, "logprobs": NOT_BOOL, "ignore_eos": NOT_BOOL,
+    "temperature": NOT_NUMBER, "top_p": NOT_NUMBER,
+}
+
+
+@FUZZ
+@given(field_and_value=st.sampled_from(sorted(TYPED_FIELDS)).flatmap(
+    lambda name: st.tuples(st.just(name), TYPED_FIELDS[name])))
+def test_fuzz_wrong_json_types_are_400_naming_the_field(server, openai_schema, field_and_value):
+    name, value = field_and_value
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, name: value}
+    response = post_json(server, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    openai_schema("ErrorResponse", response.json())
+    assert response.json()["error"]["param"] == name
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None,

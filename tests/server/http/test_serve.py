@@ -5,19 +5,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 
+from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig
+from specserve.server.http import serve
 from specserve.server.http.app import create_app
-from specserve.server.http.serve import add_serve_arguments, run_serve, settings_from_args
-from specserve.server.http.settings import ServerSettings
+from specserve.server.http.serve import (
+    add_serve_arguments,
+    default_threads,
+    engine_factory,
+    listen_from_args,
+    run_serve,
+    settings_from_args,
+)
+from specserve.server.http.settings import ListenSettings, ServerSettings
 
 
 def free_port() -> int:
@@ -43,11 +56,65 @@ def test_arguments_become_settings():
     assert settings_from_args(parse()) == ServerSettings()
 
 
+def test_limit_arguments_become_settings():
+    args = parse("--max-prompt-chars", "1000", "--body-timeout", "7", "--prepare-workers", "3",
+                 "--header-timeout", "4", "--keep-alive-timeout", "2", "--limit-concurrency", "50",
+                 "--shutdown-timeout", "9", "--threads", "3", "--port", "9002", "--log-level", "warning")
+    settings = settings_from_args(args)
+    assert (settings.max_prompt_chars, settings.body_timeout_s, settings.prepare_workers) == (1000, 7.0, 3)
+    assert listen_from_args(args) == ListenSettings(port=9002, log_level="warning", header_timeout_s=4.0,
+                                                   keep_alive_timeout_s=2, limit_concurrency=50,
+                                                   shutdown_timeout_s=9.0)
+    assert args.threads == 3
+    assert listen_from_args(parse()) == ListenSettings()
+
+
+def test_default_threads_leave_the_event_loop_a_core(monkeypatch):
+    """Finding 6 of issue 14: on 2 shared cores, torch's default 2 threads made each step ~40x slower."""
+    cases = [(2, 2, 1), (1, 1, 1), (8, 4, 4), (4, 4, 3), (64, 32, 32)]  # (cpus, torch's default, threads)
+    for cpus, torch_default, expected in cases:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)), raising=False)
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=torch_default: n)
+        assert default_threads() == expected
+
+
+def test_threads_are_set_on_the_worker_before_the_model_loads(monkeypatch):
+    seen = {}
+
+    def from_config(config):
+        seen.update(threads=torch.get_num_threads(), thread=threading.current_thread().name)
+        return "engine"
+
+    monkeypatch.setattr(Engine, "from_config", staticmethod(from_config))
+    worker = threading.Thread(target=lambda: seen.update(engine=engine_factory(EngineConfig("m"), 3)()),
+                              name="specserve-worker")
+    try:
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(1)  # torch's count is process-wide: back to the suite's (conftest)
+    assert seen == {"threads": 3, "thread": "specserve-worker", "engine": "engine"}
+
+
+def test_a_signal_that_uvicorn_re_raises_after_draining_does_not_kill_the_command():
+    """uvicorn re-raises SIGTERM once its graceful shutdown is done; `run_serve` then exits 0."""
+    before = signal.getsignal(signal.SIGTERM)
+    with serve._signals_end_quietly():
+        signal.raise_signal(signal.SIGTERM)  # the default action would end this process here
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="max_active"):
         ServerSettings(max_active=0)
     with pytest.raises(ValueError, match="default_max_tokens"):
         ServerSettings(default_max_tokens=0)
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        ServerSettings(body_timeout_s=0)
+    with pytest.raises(ValueError, match="limit_concurrency"):
+        ListenSettings(limit_concurrency=0)
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        ListenSettings(header_timeout_s=0)
 
 
 def test_run_serve_loads_the_model_behind_a_live_socket(monkeypatch, launch, tiny_model_dir):
