@@ -96,12 +96,18 @@ def select_best(cands: Candidates, budget: int, device: torch.device) -> DraftTr
     score is at most its parent's, and on equality the shallower parent ranks first."""
     order = sorted(range(1, len(cands.tokens)), key=lambda i: (-cands.scores[i], cands.depths[i], i))
     kept = sorted(order[:budget], key=lambda i: (cands.depths[i], i))
+    return keep_nodes(cands.tokens, cands.parents, kept, device)
+
+
+def keep_nodes(tokens: list[int], parents: list[int], kept: list[int], device: torch.device) -> DraftTree:
+    """The tree of the root (node 0) and the `kept` nodes of a larger candidate tree, renumbered in
+    the order given (which must list parents before children)."""
     new_index = {0: 0}
-    tokens, parents = [cands.tokens[0]], [-1]
+    out_tokens, out_parents = [tokens[0]], [-1]
     for old in kept:
-        new_index[old] = len(tokens)
-        tokens.append(cands.tokens[old])
-        parents.append(new_index[cands.parents[old]])
+        new_index[old] = len(out_tokens)
+        out_tokens.append(tokens[old])
+        out_parents.append(new_index[parents[old]])
     return DraftTree.from_parents(
-        torch.tensor([tokens], device=device), torch.tensor([parents], device=device)
+        torch.tensor([out_tokens], device=device), torch.tensor([out_parents], device=device)
     )

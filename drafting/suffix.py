@@ -42,6 +42,7 @@ import torch
 from ..kernels.tree import DraftTree
 from .base import DraftContext, DraftProposal
 from .budget import TreeBudget, TreeMode
+from .dynamic_tree import keep_nodes
 from .token_index import Match, TokenIndex
 
 
@@ -201,12 +202,4 @@ class WeightedTrie:
 
     def to_tree(self, kept: list[int], device: torch.device) -> DraftTree:
         """The root and `kept` (parents before children), renumbered."""
-        index = {0: 0}
-        tokens, parents = [self.tokens[0]], [-1]
-        for node in kept:
-            index[node] = len(tokens)
-            tokens.append(self.tokens[node])
-            parents.append(index[self.parents[node]])
-        return DraftTree.from_parents(
-            torch.tensor([tokens], device=device), torch.tensor([parents], device=device)
-        )
+        return keep_nodes(self.tokens, self.parents, kept, device)
