@@ -36,6 +36,16 @@ class DraftProposal:
     tree: DraftTree
     draft_probs: torch.Tensor | None = None  # [B, N-1, V]
 
+    def first(self, num_nodes: int) -> DraftProposal:
+        """The tree cut to its first `num_nodes` nodes (root included). Parents precede children,
+        so any prefix is a tree; drafters put their likeliest nodes first (the shallow levels of an
+        EAGLE-2 tree, the head of a chain, the best continuation of a trie)."""
+        if num_nodes >= self.tree.num_nodes:
+            return self
+        tree = DraftTree.from_parents(self.tree.tokens[:, :num_nodes], self.tree.parents[:, :num_nodes])
+        probs = self.draft_probs[:, : num_nodes - 1] if self.draft_probs is not None else None
+        return DraftProposal(tree, probs)
+
 
 class DraftSession(Protocol):
     def propose(self, root_token: int) -> DraftProposal:

@@ -33,6 +33,15 @@ def shape_tree(root_token: int, expand: ExpandFn, budget: TreeBudget, device: to
     return build_dynamic_tree(root_token, expand, budget.branching, budget.depth, budget.draft_nodes, device)
 
 
+def largest_tree(budget: TreeBudget) -> int:
+    """Nodes (root included) of the largest tree a drafter may propose under `budget`."""
+    if budget.mode is TreeMode.CHAIN:
+        return budget.depth + 1
+    if budget.mode is TreeMode.STATIC:
+        return len(PRESETS[budget.preset]) + 1
+    return budget.draft_nodes + 1
+
+
 def level_mask(
     cands: Candidates, nodes: list[int], slots: dict[int, int], committed: int, cache_len: int,
     device: torch.device,

@@ -44,6 +44,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                         help="sequences decoded together: KV slots, and rows of one verify forward "
                              "(default: %(default)s)")
+    parser.add_argument("--batch-tree-tokens", type=int, default=None,
+                        help="tree tokens one verify forward carries over the whole batch, each row getting "
+                             "its share (default: one sequence's largest tree, --tree-nodes + 1; 0: no cap)")
     parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory_gib,
                         help="GiB for the KV cache, allocated at start; fewer slots than --max-num-seqs if "
                              "it is short (default: %(default)s)")
@@ -60,6 +63,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
         draft_quantization=args.draft_quantization, draft_share_prompts=args.draft_share_prompts,
         max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
+        batch_tree_tokens=args.batch_tree_tokens,
     )
 
 

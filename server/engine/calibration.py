@@ -14,8 +14,6 @@ import time
 
 import torch
 
-from ...drafting.budget import TreeBudget
-from ...drafting.static_trees import PRESETS
 from ...kernels.tree import chain_tree
 from .outputs import PromptInput
 from .target import TargetModel
@@ -23,11 +21,6 @@ from .target import TargetModel
 log = logging.getLogger(__name__)
 
 CANDIDATES = (2, 4, 8, 16, 24, 32, 48, 64)
-
-
-def tree_room(budget: TreeBudget) -> int:
-    """KV rows one verify forward may add after a sequence's prefix: its largest possible tree."""
-    return max(budget.draft_nodes, budget.depth, len(PRESETS[budget.preset])) + 1
 
 
 def verify_seconds(target: TargetModel, nodes: int, prefix_len: int, repeats: int) -> float:

@@ -17,9 +17,10 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from ...drafting.base import Proposer
+from ...drafting.shaper import largest_tree
 from ..store.registry import default_draft
 from ..store.resolve import resolve_model
-from .calibration import calibrate_tree_nodes, tree_room
+from .calibration import calibrate_tree_nodes
 from .config import EngineConfig, GiB, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .drafters import make_proposer
@@ -55,6 +56,11 @@ class Engine:
         self.eos_token_ids = eos_token_ids(target.model, tokenizer)
         self.stopwatch = Stopwatch(config.profile, target.device)
         self.cache = self._allocate_kv(config)
+        # Tree tokens one verify forward may carry over the whole batch: by default one sequence's
+        # tree (its budget was chosen, or measured with --tree-nodes auto, to cost about one token),
+        # shared out as the batch grows, down to plain decoding.
+        self.verify_tokens = config.batch_tree_tokens if config.batch_tree_tokens is not None else (
+            largest_tree(config.tree))
         self.free_slots = list(range(self.cache.num_slots))  # lowest first: batches stay contiguous
         self.active: dict[int, Sequence] = {}  # slot -> its sequence
         # share of the KV rows in use, updated by the engine's own thread; others (a metrics scrape)
@@ -63,7 +69,7 @@ class Engine:
 
     def _allocate_kv(self, config: EngineConfig) -> SlotCache:
         """Slots of `max_model_len` tokens (plus room for one draft tree) within the memory budget."""
-        capacity = self.max_model_len + tree_room(config.tree)
+        capacity = self.max_model_len + largest_tree(config.tree)
         per_sequence = capacity * self.target.kv_bytes_per_token()
         slots = min(config.max_num_seqs, int(config.kv_cache_memory_gib * GiB) // per_sequence)
         if slots < 1:
@@ -155,7 +161,8 @@ class Engine:
         decoding = [seq for seq in seqs if id(seq) not in outputs]
         if decoding:
             with self.stopwatch.adds_to([seq.metrics for seq in decoding], "step_seconds"):
-                steps = speculative_step(decoding, self.target, self.proposer, self.cache, self.stopwatch)
+                steps = speculative_step(decoding, self.target, self.proposer, self.cache, self.stopwatch,
+                                         self.verify_tokens)
             outputs.update(zip(map(id, decoding), steps))
         self._count_kv_usage()
         return [outputs[id(seq)] for seq in seqs]

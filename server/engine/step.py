@@ -43,16 +43,25 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
 
 def speculative_step(
     seqs: list[Sequence], target: TargetModel, proposer: Proposer, cache: SlotCache, stopwatch: Stopwatch,
+    verify_tokens: int | None = None,
 ) -> list[StepOutput | Exception]:
     """One target forward that verifies every sequence's draft tree; each emits its accepted tokens
-    plus a bonus one. A failure that belongs to one sequence (its drafter, its detokenizer) is
-    returned in that sequence's place and the others go on; a failing forward fails them all."""
+    plus a bonus one. `verify_tokens` caps the forward's tree tokens over the whole batch: each row's
+    tree is cut to its share (down to the root alone, plain decoding, when the batch is that large).
+    A failure that belongs to one sequence (its drafter, its detokenizer) is returned in that
+    sequence's place and the others go on; a failing forward fails them all."""
     results: dict[int, StepOutput | Exception] = {}
+    share = max(1, verify_tokens // len(seqs)) if verify_tokens else None  # nodes per row, root included
     # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token
     proposals: dict[int, DraftProposal] = {}
+
+    def propose(row: int, seq: Sequence) -> None:
+        proposal = seq.draft.propose(seq.root_token)
+        proposals[row] = proposal.first(share) if share else proposal
+
     with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
         for row, seq in enumerate(seqs):
-            results[row] = per_sequence(lambda: proposals.__setitem__(row, seq.draft.propose(seq.root_token)))
+            results[row] = per_sequence(lambda: propose(row, seq))
     rows = sorted(proposals)
     if rows:
         batch = [seqs[row] for row in rows]

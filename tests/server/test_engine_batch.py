@@ -126,3 +126,33 @@ def test_the_kv_budget_bounds_the_slots_and_refuses_what_cannot_fit(tiny_model_d
     from specserve.server.engine import ModelLoadError
     with pytest.raises(ModelLoadError, match="cannot hold one sequence"):
         engine_for(path, kv_cache_memory_gib=0.5 * per_sequence / 1024**3)
+
+
+def test_a_batch_shares_one_trees_worth_of_verify_tokens(tiny_model_dirs):
+    """Default cap: the forward carries one sequence's tree (8 draft nodes + root = 9 tokens), so 4
+    rows get 2 tokens each (1 draft), and 9 or more rows would decode plainly; output stays exact."""
+    engine = engine_for(tiny_model_dirs["llama"], max_num_seqs=4)
+    assert engine.verify_tokens == 9
+    prompts = [engine.prepare_text(PROMPTS[3] + " " + PROMPTS[3][: 10 + i]) for i in range(4)]
+    seqs = [engine.start(p, SamplingParams(max_tokens=20)) for p in prompts]
+    engine.step_batch(seqs)  # prefill
+    before = [s.metrics.proposed_draft_tokens for s in seqs]
+    engine.step_batch(seqs)
+    drafted = [s.metrics.proposed_draft_tokens - b for s, b in zip(seqs, before)]
+    assert max(drafted) == 1 and min(drafted) >= 0  # n-gram may find no match for a row: root only
+    uncapped = engine_for(tiny_model_dirs["llama"], batch_tree_tokens=0)
+    tokens, _ = run_batched(uncapped, [(0, p, SamplingParams(max_tokens=20)) for p in prompts])
+    for i, p in enumerate(prompts):
+        assert tokens[i] == reference_greedy(engine, p, 20)
+
+
+def test_a_proposal_cut_to_its_first_nodes_is_still_a_tree():
+    from specserve.drafting.base import DraftProposal
+    from specserve.kernels.tree import DraftTree
+
+    tree = DraftTree.from_parents(torch.tensor([[7, 3, 9, 4, 5]]), torch.tensor([[-1, 0, 0, 1, 1]]))
+    probs = torch.rand(1, 4, 10)
+    cut = DraftProposal(tree, probs).first(3)
+    assert cut.tree.tokens.tolist() == [[7, 3, 9]] and cut.tree.parents.tolist() == [[-1, 0, 0]]
+    assert cut.draft_probs.shape == (1, 2, 10)
+    assert DraftProposal(tree).first(9).tree is tree
