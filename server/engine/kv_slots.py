@@ -48,11 +48,12 @@ class SlotLayer(CacheLayerMixin):
         self.cache = cache
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        # torch.empty: pages are committed only when written, so an unused slot costs address space only
+        # zeros, not empty: a batch row attends over the widest row's width, and the masked positions
+        # past its own length must hold finite numbers (a masked weight of 0 times a NaN is NaN)
         _, heads, _, dim = key_states.shape
         shape = (self.cache.num_slots, heads, self.cache.capacity, dim)
-        self.keys = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.empty(shape, dtype=value_states.dtype, device=value_states.device)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:

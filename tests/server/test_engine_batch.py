@@ -121,6 +121,8 @@ def test_the_kv_budget_bounds_the_slots_and_refuses_what_cannot_fit(tiny_model_d
         two.start(two.prepare_text(PROMPTS[2]), SamplingParams(max_tokens=5))
     two.step_batch([a, b])
     assert two.kv_cache_usage > 0
+    # a row attends over the widest row's width: rows never written must be finite (zeros), not garbage
+    assert all(torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all() for layer in two.cache.layers)
     two.release(a)
     two.start(two.prepare_text(PROMPTS[2]), SamplingParams(max_tokens=5))  # the freed slot is reused
     from specserve.server.engine import ModelLoadError

@@ -73,7 +73,7 @@ def check_cut_stream(payloads: list[str], openai_schema) -> None:
 
 
 def test_shutdown_lets_sequences_run_until_the_deadline_then_ends_streams(launch, make_engine, openai_schema):
-    engine = CountingEngine(make_engine(draft="none"))
+    engine = CountingEngine(make_engine(draft="none", max_num_seqs=STREAMS + 1))  # a KV slot for each stream
     app = create_app(engine, ServerSettings(max_active=STREAMS + 1))
     server = build_server(app, ListenSettings(log_level="warning", shutdown_timeout_s=DEADLINE))
     outputs = [[] for _ in range(STREAMS + 1)]
