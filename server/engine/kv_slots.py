@@ -34,6 +34,8 @@ class Binding:
 
     rows: Tensor  # [B] long slot indices
     offsets: Tensor  # [B] long tokens already cached per row
+    row_list: list[int]  # the same two, on the host
+    offset_list: list[int]
     width: int  # max(offsets) + new tokens: the key length attention sees
     start: int | None  # first slot if the rows are a contiguous ascending range (then views, no copy)
 
@@ -61,10 +63,12 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         bound = self.cache.binding
-        positions = bound.offsets[:, None] + torch.arange(key_states.shape[2], device=bound.offsets.device)
-        # advanced indices on dims 0 and 2 put those dims first: the source is [B, N, H, D]
-        self.keys[bound.rows[:, None], :, positions] = key_states.transpose(1, 2)
-        self.values[bound.rows[:, None], :, positions] = value_states.transpose(1, 2)
+        new = key_states.shape[2]
+        # one slice copy per row: an advanced-index write into the whole slot tensor would move far
+        # more memory than the new rows themselves
+        for b, (row, offset) in enumerate(zip(bound.row_list, bound.offset_list)):
+            self.keys[row, :, offset : offset + new].copy_(key_states[b])
+            self.values[row, :, offset : offset + new].copy_(value_states[b])
         return self.rows(self.keys), self.rows(self.values)
 
     def rows(self, tensor: Tensor) -> Tensor:
@@ -88,7 +92,7 @@ class SlotCache(Cache):
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int, device: torch.device) -> None:
         self.num_slots, self.capacity, self.device = num_slots, capacity, device
-        self.binding = Binding(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 0, 0)
+        self.binding = Binding(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [0], [0], 0, 0)
         self.new_tokens = 0
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
@@ -100,7 +104,8 @@ class SlotCache(Cache):
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         offsets_t = torch.tensor(offsets, dtype=torch.long, device=self.device)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.binding = Binding(rows_t, offsets_t, max(offsets) + new_tokens, rows[0] if contiguous else None)
+        self.binding = Binding(rows_t, offsets_t, list(rows), list(offsets), max(offsets) + new_tokens,
+                               rows[0] if contiguous else None)
         self.new_tokens = new_tokens
         return offsets_t
 
