@@ -75,7 +75,7 @@ class SlotLayer(CacheLayerMixin):
         bound = self.cache.binding
         if bound.start is not None:
             return tensor[bound.start : bound.start + len(bound.rows), :, : bound.width]
-        return tensor.index_select(0, bound.rows)[:, :, : bound.width]
+        return tensor[:, :, : bound.width].index_select(0, bound.rows)  # copies the bound width only
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.binding.width, 0
