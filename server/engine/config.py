@@ -34,9 +34,13 @@ class EngineConfig:
     draft_quantization: str = "none"  # "int8": a draft LM runs as dynamic int8 (CPU; drafting.quantize)
     max_num_seqs: int = 8  # sequences the KV cache holds (and a verify batch carries) at once
     kv_cache_memory_gib: float = 2.0  # budget of the KV cache; fewer slots than max_num_seqs if it is short
-    # tree tokens (root included) of one verify forward over the whole batch; None = one sequence's
-    # largest tree (draft_nodes + 1, or the static preset's size), 0 = no cap (every row its full tree)
+    # tree tokens (root included) of one verify forward over the whole batch, shared equally by its
+    # rows; None = planned each step from the measured verify cost (`planner.GoodputPlanner`),
+    # 0 = no cap (every row its full tree)
     batch_tree_tokens: int | None = None
+    # prompt tokens prefilled per engine turn over all new sequences (chunked prefill): a long prompt
+    # delays the running sequences' next tokens by one chunk's forward at a time; None = whole prompts
+    prefill_chunk_tokens: int | None = 256
     draft_share_prompts: bool = False  # suffix drafter: share prompt tokens too, not only generated ones
 
     def __post_init__(self) -> None:
@@ -44,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.batch_tree_tokens is not None and self.batch_tree_tokens < 0:
             raise ValueError("batch_tree_tokens must be >= 0 or None")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be >= 1 or None")
         if self.max_num_seqs < 1 or self.kv_cache_memory_gib <= 0:
             raise ValueError("max_num_seqs must be >= 1 and kv_cache_memory_gib > 0")
         if self.draft_quantization not in DRAFT_QUANTIZATIONS:

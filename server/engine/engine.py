@@ -1,8 +1,9 @@
-"""The engine: prefill, then speculative steps (`step.py`), one sequence at a time.
+"""The engine: chunked prefill, then batched speculative steps (`step.py`).
 
-`start` makes a `Sequence`; each `step` advances it by one target forward (prefill, or verify of a
-draft tree) and returns what it emitted. `generate` and `stream` loop over `step`; the scheduler
-(`scheduler.py`) interleaves the steps of many sequences on one worker thread.
+`start` makes a `Sequence` in a free KV slot; `step_batch` advances a batch of them by one turn (the
+next prompt chunk of new ones, one verify forward for all the others) and returns what each emitted.
+`generate` and `stream` drive one sequence through `step`; the scheduler (`scheduler.py`) drives
+many on one worker thread, batching every active sequence each turn.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from ...drafting.base import Proposer
+from ...drafting.none import NoDraftProposer
 from ...drafting.shaper import largest_tree
 from ..store.registry import default_draft
 from ..store.resolve import resolve_model
-from .calibration import calibrate_tree_nodes
+from .calibration import calibrate_tree_nodes, measure_step_costs
 from .config import EngineConfig, GiB, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .drafters import make_proposer
@@ -28,6 +30,7 @@ from .errors import RequestError
 from .kv_slots import SlotCache
 from .loading import ModelLoadError, eos_token_ids, load_adapter, load_draft_model
 from .outputs import GenerationOutput, PromptInput, StepOutput, TokenLogprob
+from .planner import BatchPlanner, GoodputPlanner, SharePlanner
 from .profiling import Stopwatch
 from .prompts import PromptBuilder
 from .sequence import Sequence
@@ -56,11 +59,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids(target.model, tokenizer)
         self.stopwatch = Stopwatch(config.profile, target.device)
         self.cache = self._allocate_kv(config)
-        # Tree tokens one verify forward may carry over the whole batch: by default one sequence's
-        # tree (its budget was chosen, or measured with --tree-nodes auto, to cost about one token),
-        # shared out as the batch grows, down to plain decoding.
-        self.verify_tokens = config.batch_tree_tokens if config.batch_tree_tokens is not None else (
-            largest_tree(config.tree))
+        self.planner = self._planner(config)
         self.free_slots = list(range(self.cache.num_slots))  # lowest first: batches stay contiguous
         self.active: dict[int, Sequence] = {}  # slot -> its sequence
         # share of the KV rows in use, updated by the engine's own thread; others (a metrics scrape)
@@ -78,6 +77,14 @@ class Engine:
                 f"{self.max_model_len} tokens ({per_sequence / GiB:.2f} GiB); raise --kv-cache-memory "
                 f"or lower --max-model-len")
         return self.target.new_cache(slots, capacity)
+
+    def _planner(self, config: EngineConfig) -> BatchPlanner:
+        """How much of each row's tree a batch's forward carries: a fixed share of
+        `batch_tree_tokens` if set, else whatever maximises expected tokens per second on the verify
+        cost measured here (nothing to measure without a drafter)."""
+        if config.batch_tree_tokens is not None or isinstance(self.proposer, NoDraftProposer):
+            return SharePlanner(config.batch_tree_tokens or 0)
+        return GoodputPlanner(measure_step_costs(self.target, self.num_slots * largest_tree(config.tree)))
 
     @property
     def num_slots(self) -> int:
@@ -141,28 +148,36 @@ class Engine:
         return seq
 
     def step(self, seq: Sequence) -> StepOutput:
-        """Advance `seq` by one target forward (prefill, or one speculative step)."""
-        out = self.step_batch([seq])[0]
+        """Advance `seq` until it emits: its whole prefill (chunk by chunk), or one speculative step."""
+        out = None
+        while out is None:
+            out = self.step_batch([seq])[0]
         if isinstance(out, Exception):
             raise out
         return out
 
     @torch.inference_mode()
-    def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception]:
-        """Advance every sequence by one step: a new sequence is prefilled (one forward each), all
-        the others are verified together in ONE target forward. Results come in the order of `seqs`;
-        a sequence whose own part failed gets its exception instead of an output, and only it."""
+    def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception | None]:
+        """Advance every sequence by one step: new sequences take the next chunk of their prompts (up to
+        `prefill_chunk_tokens` prompt tokens per turn over all of them, first come first served; one
+        forward each), all the others are verified together in ONE target forward. Results come in
+        the order of `seqs`: None for a sequence still prefilling (nothing to emit yet), the
+        exception for a sequence whose own part failed (only it), else its output."""
         if any(seq.finished or seq.slot < 0 for seq in seqs):
             raise ValueError("a sequence has finished or been released")
-        outputs: dict[int, StepOutput | Exception] = {}
+        outputs: dict[int, StepOutput | Exception | None] = {}
+        budget = self.config.prefill_chunk_tokens or max(seq.prompt_len for seq in seqs)
         for seq in seqs:
             if not seq.prefilled:
-                outputs[id(seq)] = per_sequence(lambda: prefill(seq, self.target, self.proposer, self.cache))
+                chunk = min(budget, seq.prompt_len - seq.prefix_len)
+                outputs[id(seq)] = per_sequence(
+                    lambda: prefill(seq, self.target, self.proposer, self.cache, chunk)) if chunk else None
+                budget -= chunk
         decoding = [seq for seq in seqs if id(seq) not in outputs]
         if decoding:
             with self.stopwatch.adds_to([seq.metrics for seq in decoding], "step_seconds"):
                 steps = speculative_step(decoding, self.target, self.proposer, self.cache, self.stopwatch,
-                                         self.verify_tokens)
+                                         self.planner)
             outputs.update(zip(map(id, decoding), steps))
         self._count_kv_usage()
         return [outputs[id(seq)] for seq in seqs]

@@ -13,7 +13,8 @@ from .metrics import SpecMetrics
 
 class Stopwatch:
     """`with stopwatch.adds_to(metrics, "verify_seconds"):` adds the block's wall time to that field of
-    `metrics` (one `SpecMetrics`, or a list: every sequence of a batch waited for the whole block). Disabled, it returns a context that does nothing, so unprofiled steps pay no timing cost.
+    `metrics` (one `SpecMetrics`, or a list: every sequence of a batch waited for the whole block).
+    Disabled, it returns a context that does nothing, so unprofiled steps pay no timing cost.
 
     CUDA kernels run asynchronously: the clock is read only after the device has finished its queued
     work, or a block's GPU time would be billed to whichever later block first waits for the device."""

@@ -3,10 +3,10 @@
 The engine is not thread-safe and a step is blocking compute, so a single worker thread calls
 `start`, `step_batch` and `release` (and, through `call`, anything else that must not run beside a
 step; preparing prompts only reads the tokenizer, so the HTTP layer does it in its own pool); the
-event loop only queues work and awaits results. Continuous batching: each loop
-turn admits waiting sequences while KV slots are free, then steps EVERY active sequence in one
-`step_batch` (new ones are prefilled, the others verified together in one target forward), so
-sequences join and leave between turns and nobody waits for another's whole generation. At most
+event loop only queues work and awaits results. Continuous batching: each loop turn admits waiting
+sequences while KV slots are free, then steps EVERY active sequence in one `step_batch` (new ones
+take their next prompt chunk, the others are verified together in one target forward), so sequences
+join and leave between turns and nobody waits for another's whole generation. At most
 `max_active` sequences (and no more than the engine's KV slots) are active; the rest wait in FIFO
 order, and once `max_active + max_queue` sequences are in the system new requests are refused
 (`QueueFull`, an HTTP 429).
@@ -47,7 +47,7 @@ class SteppingEngine(Protocol):
     """What the scheduler drives (an `Engine`, or a scripted stand-in in tests)."""
 
     def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence: ...
-    def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception]: ...
+    def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception | None]: ...
     def release(self, seq: Sequence) -> None: ...
 
 
@@ -67,7 +67,8 @@ class Scheduler:
 
     def __init__(
         self, engine_or_factory: SteppingEngine | Callable[[], SteppingEngine], *, max_active: int,
-        max_queue: int, postprocess: Callable[[SteppingEngine, StepOutput], Any] | None = None, observer: SchedulerObserver | None = None,
+        max_queue: int, postprocess: Callable[[SteppingEngine, StepOutput], Any] | None = None,
+        observer: SchedulerObserver | None = None,
         on_load_failure: Callable[[str], None] | None = None,
     ) -> None:
         """`on_load_failure(reason)` is called (on the worker) when the factory raises: `specserve
@@ -249,6 +250,8 @@ class Scheduler:
 
     def _settle_step(self, entry: _Entry, out: Any, now: float) -> None:
         """Deliver one sequence's step (or its failure) to its request."""
+        if out is None:  # still prefilling its prompt: nothing to deliver yet
+            return
         if not isinstance(out, Exception):
             try:
                 payload = self._postprocess(self._engine, out) if self._postprocess else out

@@ -11,6 +11,16 @@ from .config import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .metrics import SpecMetrics
 from .outputs import PromptInput, StepOutput, TokenLogprob
+from .planner import AcceptanceRate
+from .target import PromptEmbeds
+
+
+@dataclass
+class PendingPrefill:
+    """A prompt on its way into the KV cache, one chunk per engine turn."""
+
+    prompt: PromptEmbeds
+    hidden: list[torch.Tensor] = field(default_factory=list)  # chunks' last hidden states (for the drafter)
 
 
 @dataclass
@@ -24,12 +34,14 @@ class Sequence:
     generator: torch.Generator | None = None
     slot: int = -1  # the sequence's row of the engine's KV cache (`SlotCache`); -1 once released
     draft: DraftSession | None = None
+    prefill: PendingPrefill | None = None  # between the first and the last chunk of the prompt
     root_token: int = -1  # last emitted token, not yet in the cache
     prefix_len: int = 0  # tokens in the target cache
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # output text so far (stop strings excluded)
     sent: int = 0  # characters of `text` already returned to the caller
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    acceptance: AcceptanceRate = field(default_factory=AcceptanceRate)  # recent, for the batch planner
     finish_reason: str | None = None
 
     @property

@@ -1,9 +1,10 @@
-"""The two kinds of engine step, one target forward each: `prefill` (one sequence) and
-`speculative_step` (a batch of sequences).
+"""The two kinds of engine step, one target forward each: `prefill` (one chunk of one sequence's
+prompt) and `speculative_step` (a batch of sequences).
 
-`speculative_step` is the algorithm: every sequence proposes a draft tree, one target forward
-verifies all the trees, each row accepts its longest agreed path plus a bonus token, the KV cache is
-compacted row by row, the drafters are told, and each sequence emits its tokens.
+`speculative_step` is the algorithm: every sequence proposes a draft tree, the batch planner cuts
+each tree to what pays at this batch size, one target forward verifies all the trees, each row
+accepts its longest agreed path plus a bonus token, the KV cache is compacted row by row, the
+drafters are told, and each sequence emits its tokens.
 """
 
 from __future__ import annotations
@@ -17,47 +18,58 @@ from ...kernels.tree import DraftTree, stack_trees
 from .config import SamplingParams
 from .kv_slots import SlotCache
 from .outputs import StepOutput, TokenLogprob
+from .planner import BatchPlanner
 from .profiling import Stopwatch
-from .sequence import Sequence
+from .sequence import PendingPrefill, Sequence
 from .target import TargetModel
 
 
-def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotCache) -> StepOutput:
-    """The first step: the prompt through the target, the drafter opened, the first token emitted."""
-    out = target.prefill(seq.prompt, cache, seq.slot)
+def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotCache,
+            max_tokens: int) -> StepOutput | None:
+    """The next chunk of the prompt (at most `max_tokens` tokens) through the target; the vision tower
+    runs once, before the first chunk. After the last chunk the drafter is opened and the first token
+    emitted; before it there is nothing to emit (None)."""
+    if seq.prefill is None:
+        seq.prefill = PendingPrefill(target.embed(seq.prompt))
+    pending, start = seq.prefill, seq.prefix_len
+    end = min(seq.prompt_len, start + max_tokens)
+    hidden = target.prefill(pending.prompt.embeds[:, start:end], cache, seq.slot, start)
+    seq.prefix_len = end
     needs_hidden = proposer.needs_hidden_states
+    if needs_hidden:
+        pending.hidden.append(hidden)
+    if end < seq.prompt_len:
+        return None
+    seq.prefill = None
     seq.draft = proposer.open(DraftContext(
         seq.prompt.token_ids, seq.params.logits_params, seq.generator,
-        hidden=out.hidden[0] if needs_hidden else None,
-        inputs_embeds=out.inputs_embeds[0] if needs_hidden else None,
-        image_mask=out.image_mask[0] if needs_hidden else None,
+        hidden=torch.cat(pending.hidden, dim=1)[0] if needs_hidden else None,
+        inputs_embeds=pending.prompt.embeds[0] if needs_hidden else None,
+        image_mask=pending.prompt.image_mask[0] if needs_hidden else None,
     ))
+    last_logits = target.logits(hidden[:, -1])
     if seq.params.greedy:
-        token = out.last_logits.argmax(-1)
+        token = last_logits.argmax(-1)
     else:
-        token = sample(_probs(out.last_logits, seq.params.logits_params), seq.generator)
+        token = sample(_probs(last_logits, seq.params.logits_params), seq.generator)
     seq.root_token = int(token)
-    seq.prefix_len = seq.prompt_len
-    return seq.emit([seq.root_token], _logprobs(out.last_logits, token, seq.params))
+    return seq.emit([seq.root_token], _logprobs(last_logits, token, seq.params))
 
 
 def speculative_step(
     seqs: list[Sequence], target: TargetModel, proposer: Proposer, cache: SlotCache, stopwatch: Stopwatch,
-    verify_tokens: int | None = None,
+    planner: BatchPlanner,
 ) -> list[StepOutput | Exception]:
     """One target forward that verifies every sequence's draft tree; each emits its accepted tokens
-    plus a bonus one. `verify_tokens` caps the forward's tree tokens over the whole batch: each row's
-    tree is cut to its share (down to the root alone, plain decoding, when the batch is that large).
-    A failure that belongs to one sequence (its drafter, its detokenizer) is returned in that
-    sequence's place and the others go on; a failing forward fails them all."""
+    plus a bonus one. The `planner` cuts each row's tree to what pays in this batch (down to the root
+    alone, plain decoding). A failure that belongs to one sequence (its drafter, its detokenizer) is
+    returned in that sequence's place and the others go on; a failing forward fails them all."""
     results: dict[int, StepOutput | Exception] = {}
-    share = max(1, verify_tokens // len(seqs)) if verify_tokens else None  # nodes per row, root included
     # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token
     proposals: dict[int, DraftProposal] = {}
 
     def propose(row: int, seq: Sequence) -> None:
-        proposal = seq.draft.propose(seq.root_token)
-        proposals[row] = proposal.first(share) if share else proposal
+        proposals[row] = seq.draft.propose(seq.root_token)
 
     with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
         for row, seq in enumerate(seqs):
@@ -65,7 +77,10 @@ def speculative_step(
     rows = sorted(proposals)
     if rows:
         batch = [seqs[row] for row in rows]
-        trees = [proposals[row] for row in rows]
+        # 2. plan: how much of each tree this batch's forward should carry
+        sizes = planner.plan([proposals[row].tree for row in rows], [s.acceptance.value for s in batch],
+                             [s.params.seed is not None and not s.params.greedy for s in batch])
+        trees = [proposals[row].first(size) for row, size in zip(rows, sizes)]
         for row, out in zip(rows, _verify_and_emit(batch, trees, target, proposer, cache, stopwatch)):
             results[row] = out
     return [results[row] for row in range(len(seqs))]
@@ -76,14 +91,14 @@ def _verify_and_emit(
     cache: SlotCache, stopwatch: Stopwatch,
 ) -> list[StepOutput | Exception]:
     tree = stack_trees([p.tree for p in proposals])  # padded to the largest tree
-    # 2. verify: the target scores every node of every tree in one forward
+    # 3. verify: the target scores every node of every tree in one forward
     with stopwatch.adds_to([seq.metrics for seq in seqs], "verify_seconds"):
         out = target.verify(tree, cache, [s.slot for s in seqs], [s.prefix_len for s in seqs])
-    # 3. accept: per row, the longest path the target agrees with plus a bonus token
+    # 4. accept: per row, the longest path the target agrees with plus a bonus token
     results = accept(seqs, proposals, tree, out.logits)
-    # 4. one host sync for the whole batch
+    # 5. one host sync for the whole batch
     paths, emitted = _to_host(results)
-    # 5. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
+    # 6. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
     width = max(r.accepted_nodes.shape[1] for r in results)
     cache.compact(torch.stack([_pad(r.accepted_nodes[0], width) for r in results]))
     outputs: list[StepOutput | Exception] = []
@@ -99,12 +114,13 @@ def _advance(
     seq: Sequence, proposal: DraftProposal, path: list[int], tokens: list[int], hidden: torch.Tensor | None,
     path_logits: torch.Tensor, stopwatch: Stopwatch,
 ) -> StepOutput:
-    # 6. update the drafter with what entered the cache (root + accepted drafts)
+    # 7. update the drafter with what entered the cache (root + accepted drafts)
     with stopwatch.adds_to(seq.metrics, "draft_seconds"):
         seq.draft.commit([seq.root_token] + tokens[:-1], hidden)
     seq.root_token = tokens[-1]
     seq.metrics.observe(proposal.tree.num_nodes - 1, len(path) - 1)
-    # 7. emit: accepted drafts + bonus; stop conditions may cut the run
+    seq.acceptance.observe(proposal.tree.max_depth, len(path) - 1)
+    # 8. emit: accepted drafts + bonus; stop conditions may cut the run
     return seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params))
 
 

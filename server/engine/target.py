@@ -39,10 +39,8 @@ class ForwardOutput:
 
 
 @dataclass(frozen=True)
-class PrefillOutput:
-    last_logits: torch.Tensor  # [1, V]
-    hidden: torch.Tensor  # [1, L, H] last hidden states at every prompt position
-    inputs_embeds: torch.Tensor  # [1, L, H] what the decoder consumed (visual embeddings at image slots)
+class PromptEmbeds:
+    embeds: torch.Tensor  # [1, L, H] what the decoder consumes (visual embeddings at image slots)
     image_mask: torch.Tensor  # [1, L] bool, True at image placeholder positions
 
 
@@ -146,8 +144,8 @@ class TargetModel:
         return logits.float() if logits.dtype != torch.float64 else logits
 
     @torch.inference_mode()
-    def prefill(self, prompt: PromptInput, cache: SlotCache, slot: int) -> PrefillOutput:
-        """Run the whole prompt (vision tower + projector first, if it has images) into `slot`."""
+    def embed(self, prompt: PromptInput) -> PromptEmbeds:
+        """The prompt's input embeddings, the vision tower and projector run on its images (once)."""
         ids = torch.tensor([prompt.token_ids], device=self.device)
         embeds = self.embed_tokens(ids)
         image_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -155,10 +153,15 @@ class TargetModel:
             features = self.adapter.image_features(prompt.pixel_values.to(self.device, self.dtype))
             image_mask = ids == self.adapter.image_token_id
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-        cache.bind([slot], [0], ids.shape[1])
-        out = self.adapter.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state
-        return PrefillOutput(self.logits(hidden[:, -1]), hidden, embeds, image_mask)
+        return PromptEmbeds(embeds, image_mask)
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, cache: SlotCache, slot: int, offset: int) -> torch.Tensor:
+        """Run prompt embeddings [1, n, H] into `slot` after its `offset` cached tokens (a whole prompt,
+        or one chunk of it); returns the last hidden states [1, n, H]."""
+        cache.bind([slot], [offset], embeds.shape[1])
+        # one row, no padding: the model's own causal mask and positions (from the cache's length) fit
+        return self.adapter.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
 
     @torch.inference_mode()
     def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int]) -> ForwardOutput:

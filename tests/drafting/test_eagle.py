@@ -32,8 +32,8 @@ def head_dir(tmp_path_factory, model_dir, mode: ImageMode, vocab: list[int] | No
     return folder
 
 
-def eagle_engine(model_dir, folder, tree: TreeBudget = TREE) -> Engine:
-    config = EngineConfig(model=str(model_dir), draft=str(folder), dtype="float64", tree=tree)
+def eagle_engine(model_dir, folder, tree: TreeBudget = TREE, **config) -> Engine:
+    config = EngineConfig(model=str(model_dir), draft=str(folder), dtype="float64", tree=tree, **config)
     engine = Engine.from_config(config)
     assert isinstance(engine.proposer, EagleProposer)  # detected by its keys, not its name
     return engine
@@ -79,6 +79,21 @@ def test_greedy_llava_with_image(tiny_model_dirs, tmp_path_factory, mode):
     assert out.metrics.verify_steps > 0
 
 
+def test_a_prompt_prefilled_in_chunks_gives_the_head_the_same_features(tiny_model_dirs, tmp_path_factory):
+    """Chunks of 5 tokens cut through the image's placeholder run; the head is opened once, on the
+    hidden states of every chunk: same output and the same drafts accepted as one whole-prompt pass."""
+    model_dir = tiny_model_dirs["llava"]
+    folder = head_dir(tmp_path_factory, model_dir, ImageMode.DECOUPLED)
+    # batch_tree_tokens=0: every proposal verified whole (the default planner's cut depends on timing)
+    whole, chunked = (eagle_engine(model_dir, folder, prefill_chunk_tokens=size, batch_tree_tokens=0)
+                      for size in (None, 5))
+    prompt = image_prompt(whole)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    a, b = whole.generate(prompt, params), chunked.generate(prompt, params)
+    assert b.token_ids == a.token_ids == reference_greedy(whole, prompt, 30)
+    assert b.metrics.to_dict() == a.metrics.to_dict()
+
+
 @pytest.mark.parametrize("mode", [ImageMode.FUSED, ImageMode.DECOUPLED_POOLED])
 def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory, mode):
     """Open on a prompt, propose, commit root + two tokens with their target features, propose again:
@@ -89,10 +104,11 @@ def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory,
     prompt = image_prompt(engine)
     root, a1, a2, bonus = 5, 17, 42, 9  # any tokens: the session must not care whether they were drafted
     full = PromptInput(prompt.token_ids + [root, a1, a2, bonus], prompt.pixel_values, 1)
-    out = engine.target.prefill(full, engine.target.new_cache(1, len(full.token_ids)), 0)
-    hidden, length = out.hidden[0], len(prompt.token_ids)
+    out = engine.target.embed(full)
+    hidden = engine.target.prefill(out.embeds, engine.target.new_cache(1, len(full.token_ids)), 0, 0)[0]
+    length = len(prompt.token_ids)
     session: EagleSession = engine.proposer.open(DraftContext(
-        prompt.token_ids, LogitsParams(), None, hidden[:length], out.inputs_embeds[0, :length],
+        prompt.token_ids, LogitsParams(), None, hidden[:length], out.embeds[0, :length],
         out.image_mask[0, :length],
     ))
     session.propose(root)
@@ -101,7 +117,7 @@ def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory,
     head = engine.proposer.head
     with torch.inference_mode():
         entries = prompt_entries(head, engine.target.embed_tokens, torch.tensor(full.token_ids), hidden,
-                                 out.inputs_embeds[0], out.image_mask[0])
+                                 out.embeds[0], out.image_mask[0])
         n = len(entries.inputs)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         mask = torch.zeros(n, n, dtype=torch.float64).masked_fill_(~causal, torch.finfo(torch.float64).min)

@@ -11,6 +11,7 @@ from PIL import Image
 from specserve.drafting.budget import TreeBudget
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.planner import GoodputPlanner, StepCosts
 
 PROMPTS = [
     "the quick brown fox",
@@ -36,16 +37,17 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
 
 def run_batched(engine: Engine, arrivals: list[tuple[int, object, SamplingParams]], abort: dict[int, int] = {}):
     """Step every live sequence together each turn; request i joins at turn arrivals[i][0] and is
-    released at turn abort[i] if given. Returns each request's tokens and the largest batch seen."""
-    live, tokens, largest = {}, {i: [] for i in range(len(arrivals))}, 0
+    released at turn abort[i] if given. Returns each request's tokens, the largest batch seen and
+    each request's sequence."""
+    live, tokens, largest, seqs = {}, {i: [] for i in range(len(arrivals))}, 0, {}
     for turn in range(500):
         for i, (join, prompt, params) in enumerate(arrivals):
             if join == turn:
-                live[i] = engine.start(prompt, params)
+                live[i] = seqs[i] = engine.start(prompt, params)
         for i in [i for i in live if abort.get(i) == turn]:
             engine.release(live.pop(i))
         if not live and turn > max(a[0] for a in arrivals):
-            return tokens, largest
+            return tokens, largest, seqs
         order = list(live)
         largest = max(largest, len(order))
         for i, out in zip(order, engine.step_batch([live[i] for i in order])):
@@ -62,7 +64,7 @@ def test_greedy_batch_with_joins_and_leaves_equals_generate(tiny_model_dirs, fam
     engine = engine_for(tiny_model_dirs[family], draft)
     params = [SamplingParams(max_tokens=n) for n in (30, 24, 36, 12, 40)]
     arrivals = [(join, engine.prepare_text(text), p) for join, text, p in zip((0, 0, 2, 5, 5), PROMPTS, params)]
-    tokens, largest = run_batched(engine, arrivals, abort={4: 8})
+    tokens, largest, _ = run_batched(engine, arrivals, abort={4: 8})
     assert largest >= 4  # the batch really carried several sequences at once
     for i, (_, prompt, p) in enumerate(arrivals[:4]):
         assert tokens[i] == reference_greedy(engine, prompt, p.max_tokens), PROMPTS[i]
@@ -77,7 +79,7 @@ def test_image_and_text_requests_in_one_batch(tiny_model_dirs):
         {"type": "image", "image": image}, {"type": "text", "text": "describe the red circle"}]}])
     text_only = engine.prepare_chat([{"role": "user", "content": "a red circle, a blue square"}])
     arrivals = [(0, with_image, SamplingParams(max_tokens=25)), (1, text_only, SamplingParams(max_tokens=30))]
-    tokens, largest = run_batched(engine, arrivals)
+    tokens, largest, _ = run_batched(engine, arrivals)
     assert largest == 2
     assert tokens[0] == reference_greedy(engine, with_image, 25)
     assert tokens[1] == reference_greedy(engine, text_only, 30)
@@ -89,7 +91,7 @@ def test_a_seeded_sampled_request_is_the_same_alone_and_in_a_batch(tiny_model_di
     prompt = engine.prepare_text(PROMPTS[2])
     alone = engine.generate(prompt, sampled).token_ids
     greedy = [(0, engine.prepare_text(t), SamplingParams(max_tokens=30)) for t in PROMPTS[:2]]
-    tokens, _ = run_batched(engine, [*greedy, (1, prompt, sampled)])
+    tokens, _, _ = run_batched(engine, [*greedy, (1, prompt, sampled)])
     assert tokens[2] == alone
     for i, (_, p, params) in enumerate(greedy):
         assert tokens[i] == reference_greedy(engine, p, params.max_tokens)
@@ -130,11 +132,9 @@ def test_the_kv_budget_bounds_the_slots_and_refuses_what_cannot_fit(tiny_model_d
         engine_for(path, kv_cache_memory_gib=0.5 * per_sequence / 1024**3)
 
 
-def test_a_batch_shares_one_trees_worth_of_verify_tokens(tiny_model_dirs):
-    """Default cap: the forward carries one sequence's tree (8 draft nodes + root = 9 tokens), so 4
-    rows get 2 tokens each (1 draft), and 9 or more rows would decode plainly; output stays exact."""
-    engine = engine_for(tiny_model_dirs["llama"], max_num_seqs=4)
-    assert engine.verify_tokens == 9
+def test_a_fixed_batch_tree_budget_is_shared_by_the_rows(tiny_model_dirs):
+    """--batch-tree-tokens 9: 4 rows get 2 tokens each (1 draft); output stays exact."""
+    engine = engine_for(tiny_model_dirs["llama"], max_num_seqs=4, batch_tree_tokens=9)
     prompts = [engine.prepare_text(PROMPTS[3] + " " + PROMPTS[3][: 10 + i]) for i in range(4)]
     seqs = [engine.start(p, SamplingParams(max_tokens=20)) for p in prompts]
     engine.step_batch(seqs)  # prefill
@@ -143,9 +143,50 @@ def test_a_batch_shares_one_trees_worth_of_verify_tokens(tiny_model_dirs):
     drafted = [s.metrics.proposed_draft_tokens - b for s, b in zip(seqs, before)]
     assert max(drafted) == 1 and min(drafted) >= 0  # n-gram may find no match for a row: root only
     uncapped = engine_for(tiny_model_dirs["llama"], batch_tree_tokens=0)
-    tokens, _ = run_batched(uncapped, [(0, p, SamplingParams(max_tokens=20)) for p in prompts])
+    tokens, _, _ = run_batched(uncapped, [(0, p, SamplingParams(max_tokens=20)) for p in prompts])
     for i, p in enumerate(prompts):
         assert tokens[i] == reference_greedy(engine, p, 20)
+
+
+@pytest.mark.parametrize("cost", ["flat", "steep"])
+def test_the_planner_sizes_the_batch_to_the_measured_cost_and_output_stays_exact(tiny_model_dirs, cost):
+    """By default the engine measures its verify cost at load and plans each step on it. With free
+    tokens every row keeps its whole tree; when each token costs as much as the first, drafting stops."""
+    engine = engine_for(tiny_model_dirs["llama"], max_num_seqs=4)
+    assert isinstance(engine.planner, GoodputPlanner) and len(engine.planner.costs.tokens) >= 2
+    engine.planner = GoodputPlanner(StepCosts((1, 64), (1.0, 1.0) if cost == "flat" else (1.0, 64.0)))
+    prompts = [engine.prepare_text(PROMPTS[3] + " " + PROMPTS[3][: 10 + i]) for i in range(4)]
+    tokens, largest, seqs = run_batched(engine, [(0, p, SamplingParams(max_tokens=20)) for p in prompts])
+    assert largest == 4
+    drafted = sum(seq.metrics.proposed_draft_tokens for seq in seqs.values())
+    assert drafted > 20 if cost == "flat" else drafted == 0
+    for i, p in enumerate(prompts):
+        assert tokens[i] == reference_greedy(engine, p, 20)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tiny_model_dirs):
+    """--prefill-chunk 6: a 40-token prompt takes 7 turns to prefill, and in each of them the running
+    sequence still gets its tokens; both outputs are exact."""
+    engine = engine_for(tiny_model_dirs["llama"], prefill_chunk_tokens=6)
+    running = engine.start(engine.prepare_text(PROMPTS[0]), SamplingParams(max_tokens=30))
+    while running.prefix_len < running.prompt_len:  # the short prompt's own chunks
+        engine.step_batch([running])
+    long_prompt = engine.prepare_text((PROMPTS[3] + " ") * 3)
+    assert len(long_prompt.token_ids) > 36
+    newcomer = engine.start(long_prompt, SamplingParams(max_tokens=10))
+    quiet_turns = 0
+    while True:
+        out_running, out_new = engine.step_batch([running, newcomer])
+        assert out_running.token_ids  # never stalled by the newcomer's prefill
+        if out_new is not None:
+            break
+        quiet_turns += 1
+        assert newcomer.prefix_len == 6 * quiet_turns  # one chunk per turn
+    assert quiet_turns == -(-len(long_prompt.token_ids) // 6) - 1
+    while not (running.finished and newcomer.finished):
+        engine.step_batch([s for s in (running, newcomer) if not s.finished])
+    assert running.output_ids == reference_greedy(engine, engine.prepare_text(PROMPTS[0]), 30)
+    assert newcomer.output_ids == reference_greedy(engine, long_prompt, 10)
 
 
 def test_a_proposal_cut_to_its_first_nodes_is_still_a_tree():

@@ -19,14 +19,16 @@ NO_EOS = {"ignore_eos": True}  # fixed lengths, whatever the random model says
 
 @pytest.fixture(scope="module")
 def server(launch, make_engine):
-    with launch(create_app(make_engine(), ServerSettings(max_n=4))) as running:
+    # batch_tree_tokens=0: every proposal verified whole, so the spec_decode counts of two engines
+    # agree (the default planner's cut follows each engine's own measured verify cost)
+    with launch(create_app(make_engine(batch_tree_tokens=0), ServerSettings(max_n=4))) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def reference(make_engine):
     """A second engine on the same weights, driven directly (the server's is on its worker)."""
-    return make_engine()
+    return make_engine(batch_tree_tokens=0)
 
 
 @pytest.fixture(scope="module")
