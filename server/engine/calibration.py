@@ -58,9 +58,11 @@ def calibrate_tree_nodes(
     return chosen, ratios
 
 
-def measure_step_costs(target: TargetModel, max_tokens: int, prefix_len: int = 128, repeats: int = 2) -> StepCosts:
-    """Verify-forward seconds at 1, 2, 4, ... tokens and at `max_tokens` (the largest batch of trees)."""
+def measure_step_costs(target: TargetModel, max_tokens: int, prefix_len: int = 128, repeats: int = 3) -> StepCosts:
+    """Verify-forward seconds at 1, 2, 4, ... tokens and at `max_tokens` (the largest batch of trees),
+    made non-decreasing (more tokens never cost less; a dip is noise of the measurement)."""
     sizes = sorted({*(2**i for i in range(max(max_tokens, 2).bit_length()) if 2**i < max_tokens), max(max_tokens, 2)})
-    seconds = tuple(verify_seconds(target, size, prefix_len, repeats) for size in sizes)
+    measured = [verify_seconds(target, size, prefix_len, repeats) for size in sizes]
+    seconds = tuple(max(measured[: i + 1]) for i in range(len(measured)))
     log.info("verify forward cost by tokens (ms): %s", {t: round(s * 1000, 1) for t, s in zip(sizes, seconds)})
     return StepCosts(tuple(sizes), seconds)

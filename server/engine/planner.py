@@ -1,13 +1,14 @@
 """How many of its draft nodes each row of a batch sends to the verify forward.
 
 A drafter proposes a tree as if its sequence ran alone. In a batch the verify forward carries every
-row's tree, and once the forward is compute-bound each extra node delays every row. The planner cuts
-each row's proposal to a prefix (parents precede children, so a prefix is a tree) so as to maximise
-the batch's expected tokens per second:
+row's tree padded to the widest (`stack_trees`), so it runs B x w tokens for B rows of width w, and
+once the forward is compute-bound each extra node delays every row. The planner picks the width, and
+cuts each row's proposal to its first w nodes (parents precede children, so a prefix is a tree), so
+as to maximise the batch's expected tokens per second:
 
-    goodput = (B + sum_r gain_r(n_r)) / cost(B + sum_r (n_r - 1))
+    goodput(w) = (B + sum_r gain_r(min(w, N_r))) / cost(B * w)
 
-- B rows each emit at least one token (the bonus); n_r nodes of row r are verified, root included;
+- B rows each emit at least one token (the bonus); N_r is the size of row r's proposal;
 - `cost(T)`: measured seconds of a verify forward of T tokens (`StepCosts`, from
   `calibration.measure_step_costs` at load);
 - `gain_r(n)`: the expected accepted draft tokens of row r's first n nodes. With `k_d` nodes at depth d
@@ -15,13 +16,11 @@ the batch's expected tokens per second:
   reached with probability prod_{e <= d} (1 - (1 - a_r) ** k_e): a chain gives a_r ** d, extra
   siblings raise the odds at their depth.
 
-Rows are extended greedily, best expected tokens per extra node first (each row's gain curve is
-replaced by its upper concave hull so a low-value sibling cannot hide a valuable deeper node), and
-the best prefix of that order wins. With costs flat in T (memory-bound) every row keeps its whole tree;
-with a large batch on a compute-bound machine rows shrink, down to plain decoding when no draft pays.
+With costs flat in T (memory-bound) every row keeps its whole tree; with a large batch on a
+compute-bound machine the width shrinks, down to 1 (plain decoding) when no draft pays.
 
 A seeded sampling request is *pinned*: its tree is never cut, so its random draws, and hence its
-output, do not depend on what else is in the batch.
+output, do not depend on what else is in the batch; the width is then at least its tree's size.
 """
 
 from __future__ import annotations
@@ -92,42 +91,23 @@ def expected_gains(depths: list[int], rate: float) -> list[float]:
     return gains
 
 
-def hull_steps(gains: list[float]) -> list[tuple[float, int]]:
-    """The upper concave hull of gain(n) from n = 1: (gain per extra node, nodes after the step) for
-    each step, in order of decreasing gain per node."""
-    steps: list[tuple[float, int]] = []
-    at = 0
-    while at < len(gains) - 1:
-        best, end = max(((gains[j] - gains[at]) / (j - at), j) for j in range(at + 1, len(gains)))
-        steps.append((best, end + 1))
-        at = end
-    return steps
-
-
 @dataclass
 class GoodputPlanner:
-    """Cut rows to the prefixes that maximise expected tokens per second (module docstring)."""
+    """The width that maximises expected tokens per second (module docstring)."""
 
     costs: StepCosts
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
-        depths = [tree.depths[0].tolist() for tree in trees]
-        cut = [len(d) if pin else 1 for d, pin in zip(depths, pinned)]
-        tokens = sum(cut)
-        gain = len(trees) + sum(expected_gains(d, r)[-1] for d, r, pin in zip(depths, rates, pinned) if pin)
-        steps = sorted(
-            (-per_node, row, end)
-            for row, (d, r, pin) in enumerate(zip(depths, rates, pinned)) if not pin
-            for per_node, end in hull_steps(expected_gains(d, r))
-        )
-        best_goodput, best_cut = gain / self.costs(tokens), list(cut)
-        for neg_per_node, row, end in steps:  # within a row the hull's steps come out in order
-            tokens += end - cut[row]
-            gain += -neg_per_node * (end - cut[row])
-            cut[row] = end
-            if gain / self.costs(tokens) > best_goodput:
-                best_goodput, best_cut = gain / self.costs(tokens), list(cut)
-        return best_cut
+        sizes = [tree.num_nodes for tree in trees]
+        gains = [expected_gains(tree.depths[0].tolist(), rate) for tree, rate in zip(trees, rates)]
+        narrowest = max((n for n, pin in zip(sizes, pinned) if pin), default=1)
+
+        def goodput(width: int) -> float:
+            gain = sum(g[min(width, len(g)) - 1] for g in gains)
+            return (len(trees) + gain) / self.costs(len(trees) * width)
+
+        width = max(range(narrowest, max(sizes) + 1), key=goodput)  # the first (narrowest) of equals
+        return [n if pin else min(n, width) for n, pin in zip(sizes, pinned)]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from specserve.server.engine.planner import (
     SharePlanner,
     StepCosts,
     expected_gains,
-    hull_steps,
 )
 
 FLAT = StepCosts((1, 256), (0.010, 0.010))  # memory-bound: every token is free
@@ -35,12 +34,13 @@ def test_expected_gain_of_a_chain_is_the_geometric_sum_and_siblings_add_to_their
     assert expected_gains([0, 1, 1], 0.5) == pytest.approx([0.0, 0.5, 0.75])
 
 
-def test_the_hull_lets_a_deep_node_carry_a_low_value_sibling_before_it():
-    gains = [0.0, 0.9, 0.9001, 1.7]  # node 2 is nearly worthless, node 3 (deeper) is not
-    steps = hull_steps(gains)
-    assert steps[0] == (pytest.approx(0.9), 2)
-    assert steps[1][1] == 4 and steps[1][0] == pytest.approx(0.4)  # nodes 2 and 3 taken together
-    assert [per_node for per_node, _ in steps] == sorted((p for p, _ in steps), reverse=True)
+def test_the_width_is_what_pays_for_the_padded_batch():
+    """Rows are padded to the widest: a short row's tree rides for free up to the chosen width, and
+    one row's long tree is cut when widening every row would not pay."""
+    costs = StepCosts((1, 4, 64), (1.0, 1.0, 1.6))  # past 4 tokens each token adds 1% of a forward
+    trees = [chain(9), chain(3), chain(1), chain(1)]
+    assert GoodputPlanner(costs).plan(trees, [0.9, 0.9, 0.9, 0.9], [False] * 4) == [9, 3, 1, 1]
+    assert GoodputPlanner(costs).plan(trees, [0.3, 0.9, 0.9, 0.9], [False] * 4) == [3, 3, 1, 1]
 
 
 def test_free_tokens_keep_every_tree_whole_and_costly_tokens_with_poor_drafts_keep_none():
@@ -49,16 +49,10 @@ def test_free_tokens_keep_every_tree_whole_and_costly_tokens_with_poor_drafts_ke
     assert GoodputPlanner(LINEAR).plan(trees, [0.3, 0.3, 0.3], [False] * 3) == [1, 1, 1]
 
 
-def test_under_a_compute_bound_cost_the_better_drafter_gets_the_tokens():
-    # past 4 tokens each token adds 5% of the forward: a near-sure draft pays, a 10% one does not
-    costs = StepCosts((1, 4, 64), (1.0, 1.0, 4.0))
-    sizes = GoodputPlanner(costs).plan([chain(5)] * 4, [0.99, 0.1, 0.1, 0.1], [False] * 4)
-    assert sizes[0] > 1 and sizes[1:] == [1, 1, 1]
-
-
 def test_a_pinned_row_is_never_cut():
-    trees = [chain(8), chain(8)]
-    assert GoodputPlanner(LINEAR).plan(trees, [0.1, 0.1], [True, False]) == [8, 1]
+    trees = [chain(8), chain(12)]
+    # the batch is as wide as the pinned tree anyway: the other row's first 8 nodes ride along
+    assert GoodputPlanner(LINEAR).plan(trees, [0.1, 0.1], [True, False]) == [8, 8]
     assert SharePlanner(4).plan(trees, [0.1, 0.1], [True, False]) == [8, 2]
 
 

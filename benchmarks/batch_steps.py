@@ -1,0 +1,111 @@
+"""Batched engine steps in-process: how output tokens/s grows with the batch, per drafter and dtype.
+
+    python benchmarks/batch_steps.py --model smollm2-135m --drafts none ngram --dtypes float32 bfloat16 --threads 1
+
+For each (dtype, drafter) one engine; for each batch size B, B requests (greedy, `ignore_eos`, the
+`--prompts` set in turn) are started and prefilled, then every turn steps all of them together
+(`Engine.step_batch`) until the first finishes. Reported per B: ms per turn, output tokens/s over
+the batch, tokens per row per turn (mean accepted length incl. bonus), draft nodes verified per row
+per turn (after the batch planner's cut), and the verify-forward cost curve the planner measured at
+load (ms by tokens). No HTTP, no scheduler: the engine's own batching, isolated.
+
+Writes batch-steps-<model>.{md,json} into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from prompts import PROMPT_SETS
+
+from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.planner import GoodputPlanner
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_batch(engine: Engine, texts: list[str], batch: int, max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    seqs = [engine.start(engine.prepare_chat([{"role": "user", "content": texts[i % len(texts)]}]), params)
+            for i in range(batch)]
+    while any(not seq.prefilled for seq in seqs):
+        engine.step_batch(seqs)
+    before = [(seq.metrics.proposed_draft_tokens, len(seq.output_ids)) for seq in seqs]
+    turns, start = 0, time.perf_counter()
+    while not any(seq.finished for seq in seqs):
+        engine.step_batch(seqs)
+        turns += 1
+    seconds = time.perf_counter() - start
+    tokens = sum(len(seq.output_ids) - b[1] for seq, b in zip(seqs, before))
+    drafted = sum(seq.metrics.proposed_draft_tokens - b[0] for seq, b in zip(seqs, before))
+    for seq in seqs:
+        engine.release(seq)
+    return {"ms_per_turn": 1000 * seconds / turns, "tokens_per_s": tokens / seconds,
+            "tokens_per_row_turn": tokens / (turns * batch), "drafted_per_row_turn": drafted / (turns * batch)}
+
+
+def report(args, runs: dict) -> str:
+    lines = [
+        f"# Batched engine steps: {args.model}, in-process", "",
+        f"Command: `python benchmarks/batch_steps.py {' '.join(args.argv)}`  ",
+        f"`{args.prompts}` prompts, {args.max_tokens} tokens per request, greedy, torch threads "
+        f"{args.threads}. Tokens/s over the whole batch; per row and turn: tokens emitted (incl. bonus) and "
+        "draft nodes verified after the planner's cut.", "",
+        "| dtype | drafter | batch | ms/turn | output tok/s | vs batch 1 | tokens/row/turn | drafted/row/turn |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (dtype, draft), run in runs.items():
+        first = run["batches"][str(args.batches[0])]["tokens_per_s"]
+        for batch, r in run["batches"].items():
+            lines.append(f"| {dtype} | {draft} | {batch} | {r['ms_per_turn']:.0f} | {r['tokens_per_s']:.1f} | "
+                         f"{r['tokens_per_s'] / first:.2f}x | {r['tokens_per_row_turn']:.2f} | "
+                         f"{r['drafted_per_row_turn']:.1f} |")
+    lines += ["", "Verify-forward cost measured at load (ms by tokens), per dtype:", ""]
+    for (dtype, draft), run in runs.items():
+        if run["costs_ms"]:
+            lines.append(f"- {dtype} ({draft}): " + ", ".join(f"{t}: {ms:.0f}" for t, ms in run["costs_ms"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--drafts", nargs="+", default=["none", "ngram"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    torch.set_num_threads(args.threads)
+    runs = {}
+    for dtype in args.dtypes:
+        for draft in args.drafts:
+            engine = Engine.from_config(EngineConfig(args.model, draft=draft, dtype=dtype,
+                                                     max_num_seqs=max(args.batches)))
+            costs = engine.planner.costs if isinstance(engine.planner, GoodputPlanner) else None
+            runs[dtype, draft] = {
+                "costs_ms": {t: s * 1000 for t, s in zip(costs.tokens, costs.seconds)} if costs else {},
+                "batches": {str(b): run_batch(engine, PROMPT_SETS[args.prompts], b, args.max_tokens)
+                            for b in args.batches},
+            }
+            del engine
+    table = report(args, runs)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"batch-steps-{Path(args.model).name}"
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(json.dumps({f"{d}/{k}": v for (d, k), v in runs.items()}, indent=2))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

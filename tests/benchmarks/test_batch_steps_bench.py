@@ -1,0 +1,23 @@
+"""The batched-steps benchmark (`benchmarks/batch_steps.py`) on the tiny llama: counts, not timings."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_a_run_reports_every_batch_and_the_planners_costs(benchmark_script, tiny_model_dirs, tmp_path):
+    bench = benchmark_script("batch_steps")
+    model = tiny_model_dirs["llama"]
+    runs = bench.main(["--model", str(model), "--drafts", "none", "ngram", "--batches", "1", "3",
+                       "--max-tokens", "8", "--out", str(tmp_path)])
+    assert set(runs) == {("float32", "none"), ("float32", "ngram")}
+    for (_, draft), run in runs.items():
+        assert set(run["batches"]) == {"1", "3"}
+        for r in run["batches"].values():
+            assert r["tokens_per_s"] > 0 and r["tokens_per_row_turn"] >= 1.0
+        assert (run["costs_ms"] != {}) == (draft == "ngram")  # no planner to measure for without a drafter
+    assert all(r["drafted_per_row_turn"] == 0 for r in runs["float32", "none"]["batches"].values())
+    table = (tmp_path / f"batch-steps-{model.name}.md").read_text()
+    assert "| float32 | ngram | 3 |" in table
+    assert json.loads((tmp_path / f"batch-steps-{model.name}.json").read_text()).keys() == {"float32/none",
+                                                                                          "float32/ngram"}
