@@ -36,12 +36,6 @@ class DraftProposal:
     tree: DraftTree
     draft_probs: torch.Tensor | None = None  # [B, N-1, V]
 
-    @classmethod
-    def root_only(cls, root_token: int, device: torch.device) -> DraftProposal:
-        """No drafts: verifying it is one step of plain decoding."""
-        tokens = torch.tensor([[root_token]], device=device)
-        return cls(DraftTree.from_parents(tokens, torch.full_like(tokens, -1)))
-
     def first(self, num_nodes: int) -> DraftProposal:
         """The tree cut to its first `num_nodes` nodes (root included). Parents precede children,
         so any prefix is a tree; drafters put their likeliest nodes first (the shallow levels of an
@@ -54,11 +48,8 @@ class DraftProposal:
 
 
 class DraftSession(Protocol):
-    def propose(self, root_token: int, max_nodes: int | None = None) -> DraftProposal:
-        """A tree whose node 0 is `root_token`; its other nodes are draft tokens. The engine will
-        verify at most `max_nodes` nodes of it (root included; None: no limit), so a drafter whose
-        nodes cost model forwards grows no more than that; with 1 it drafts nothing but still takes
-        the root in (the session's state must follow the sequence either way)."""
+    def propose(self, root_token: int) -> DraftProposal:
+        """A tree whose node 0 is `root_token`; its other nodes are draft tokens."""
         ...
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 class TreeMode(enum.Enum):
@@ -33,13 +33,3 @@ class TreeBudget:
     def __post_init__(self) -> None:
         if self.depth < 1 or self.branching < 1 or self.draft_nodes < 1:
             raise ValueError(f"tree depth, branching and draft_nodes must be >= 1, got {self}")
-
-    def within(self, max_nodes: int | None) -> TreeBudget | None:
-        """This budget shrunk to trees of at most `max_nodes` nodes (root included); None if that
-        leaves no draft node. A static preset has a fixed shape: it stays as it is (the engine cuts
-        the proposal)."""
-        if max_nodes is None or self.mode is TreeMode.STATIC:
-            return self
-        if max_nodes <= 1:
-            return None
-        return replace(self, depth=min(self.depth, max_nodes - 1), draft_nodes=min(self.draft_nodes, max_nodes - 1))

@@ -53,8 +53,7 @@ class DraftModelSession:
         self.cache = None
 
     @torch.inference_mode()
-    def propose(self, root_token: int, max_nodes: int | None = None) -> DraftProposal:
-        budget = self.tree.within(max_nodes)
+    def propose(self, root_token: int) -> DraftProposal:
         ids = torch.tensor([self.pending + [root_token]], device=self.device)
         self.pending = []
         root_logits = self.model(
@@ -63,12 +62,10 @@ class DraftModelSession:
         self.prefix_len = self.cache.get_seq_length()  # committed tokens + root
         self.root_logps = root_logits.float().log_softmax(-1)
         self.node_slots = {}
-        if budget is None:  # nothing will be verified: the root entered the cache, that is all
-            proposal = DraftProposal.root_only(root_token, self.device)
-        elif budget.mode is TreeMode.CHAIN and not self.params.greedy:
-            proposal = self._sample_chain(root_token, root_logits, budget.depth)
+        if self.tree.mode is TreeMode.CHAIN and not self.params.greedy:
+            proposal = self._sample_chain(root_token, root_logits)
         else:
-            proposal = DraftProposal(shape_tree(root_token, self._expand, budget, self.device))
+            proposal = DraftProposal(shape_tree(root_token, self._expand, self.tree, self.device))
         # drop the tree rows; the committed text and the root stay
         self.cache.crop(self.prefix_len - self.cache.get_seq_length())
         return proposal
@@ -95,15 +92,15 @@ class DraftModelSession:
             self.node_slots[node] = cache_len + row
         return out.logits[0]
 
-    def _sample_chain(self, root_token: int, logits: torch.Tensor, depth: int) -> DraftProposal:
+    def _sample_chain(self, root_token: int, logits: torch.Tensor) -> DraftProposal:
         """Sample `depth` tokens from the processed draft distribution q, one forward per token."""
         tokens, probs = [root_token], []
-        for step in range(depth):
+        for step in range(self.tree.depth):
             q = process_logits(logits, self.params.temperature, self.params.top_p, self.params.top_k)
             token = sample(q, self.generator)
             tokens.append(int(token))
             probs.append(q)
-            if step + 1 < depth:
+            if step + 1 < self.tree.depth:
                 logits = self.model(
                     input_ids=token.view(1, 1), past_key_values=self.cache, use_cache=True
                 ).logits[:, -1]

@@ -106,14 +106,11 @@ class EagleSession:
         self.cache = None
 
     @torch.inference_mode()
-    def propose(self, root_token: int, max_nodes: int | None = None) -> DraftProposal:
-        self.features = {0: self._catch_up(root_token)}  # the root's entry is cached either way
+    def propose(self, root_token: int) -> DraftProposal:
+        self.features = {0: self._catch_up(root_token)}
         self.node_slots = {}
-        budget = self.tree.within(max_nodes)
-        if budget is None:
-            return DraftProposal.root_only(root_token, self.device)
         # drafts are one-hot (no draft distribution): tree acceptance samples losslessly in every mode
-        tree = shape_tree(root_token, self._expand, budget, self.device)
+        tree = shape_tree(root_token, self._expand, self.tree, self.device)
         self.cache.crop(self.length - self.cache.get_seq_length())  # drop the tree rows
         return DraftProposal(tree)
 

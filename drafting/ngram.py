@@ -68,11 +68,10 @@ class NgramSession:
     def close(self) -> None:
         self.ends.clear()
 
-    def propose(self, root_token: int, max_nodes: int | None = None) -> DraftProposal:
+    def propose(self, root_token: int) -> DraftProposal:
         sequence = self.tokens + [root_token]
         continuations = self._continuations(sequence)
         budget = self.tree.depth if self.tree.mode is TreeMode.CHAIN else self.tree.draft_nodes
-        budget = budget if max_nodes is None else min(budget, max_nodes - 1)
         tokens, parents = merge_into_trie(root_token, continuations, budget)
         tree = DraftTree.from_parents(
             torch.tensor([tokens], device=self.device), torch.tensor([parents], device=self.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.tree import DraftTree
 from .base import DraftContext, DraftProposal
 
 
@@ -19,10 +20,12 @@ class NoDraftProposer:
 
 class NoDraftSession:
     def __init__(self, device: torch.device) -> None:
+        self.parents = torch.tensor([[-1]], device=device)
         self.device = device
 
-    def propose(self, root_token: int, max_nodes: int | None = None) -> DraftProposal:
-        return DraftProposal.root_only(root_token, self.device)
+    def propose(self, root_token: int) -> DraftProposal:
+        tokens = torch.tensor([[root_token]], device=self.device)
+        return DraftProposal(DraftTree.from_parents(tokens, self.parents))
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         pass

@@ -119,7 +119,7 @@ class SuffixSession:
         self.proposer.publish(self.text[start:])
         self.own = None
 
-    def propose(self, root_token: int, max_nodes: int | None = None) -> DraftProposal:
+    def propose(self, root_token: int) -> DraftProposal:
         self.own.extend(0, [root_token])
         tree = self.proposer.tree
         chain = tree.mode is TreeMode.CHAIN
@@ -134,7 +134,6 @@ class SuffixSession:
                    for m in shared]
         # keep the heaviest nodes; a longer match earns a larger tree (adaptive speculation length)
         size = min(tree.depth if chain else tree.draft_nodes, math.ceil(self.config.spec_factor * best))
-        size = size if max_nodes is None else min(size, max_nodes - 1)
         select = trie.heaviest_path if chain else trie.heaviest
         kept = select(size, self.config.min_prob)
         self._observe(trie, kept, shared, firsts[len(own):])

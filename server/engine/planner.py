@@ -17,9 +17,7 @@ as to maximise the batch's expected tokens per second:
   siblings raise the odds at their depth.
 
 With costs flat in T (memory-bound) every row keeps its whole tree; with a large batch on a
-compute-bound machine the width shrinks, down to 1 (plain decoding) when no draft pays. Drafters are
-told the likely width before they draft (`limit`: twice the last width), so a model drafter does not
-grow levels the cut would throw away.
+compute-bound machine the width shrinks, down to 1 (plain decoding) when no draft pays.
 
 A seeded sampling request is *pinned*: its tree is never cut, so its random draws, and hence its
 output, do not depend on what else is in the batch; the width is then at least its tree's size.
@@ -35,11 +33,6 @@ from ...kernels.tree import DraftTree
 
 
 class BatchPlanner(Protocol):
-    def limit(self, batch_size: int) -> int | None:
-        """Before drafting: the most nodes (root included) a row of this batch may need, so drafters
-        skip work the cut would discard (None: no limit)."""
-        ...
-
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         """Nodes (root included) to verify of each row's tree (a batch of one each)."""
         ...
@@ -103,12 +96,6 @@ class GoodputPlanner:
     """The width that maximises expected tokens per second (module docstring)."""
 
     costs: StepCosts
-    last_width: int | None = None
-
-    def limit(self, batch_size: int) -> int | None:
-        """Twice the last chosen width: drafters skip what the cut would most likely discard, and the
-        width can still double each step when drafts start paying again."""
-        return None if self.last_width is None else 2 * self.last_width
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         sizes = [tree.num_nodes for tree in trees]
@@ -120,7 +107,6 @@ class GoodputPlanner:
             return (len(trees) + gain) / self.costs(len(trees) * width)
 
         width = max(range(narrowest, max(sizes) + 1), key=goodput)  # the first (narrowest) of equals
-        self.last_width = width
         return [n if pin else min(n, width) for n, pin in zip(sizes, pinned)]
 
 
@@ -129,9 +115,6 @@ class SharePlanner:
     """A fixed cap: the forward carries `tokens` tree tokens, each row an equal share (0 = no cap)."""
 
     tokens: int
-
-    def limit(self, batch_size: int) -> int | None:
-        return max(1, self.tokens // batch_size) if self.tokens else None
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         share = max(1, self.tokens // len(trees)) if self.tokens else None

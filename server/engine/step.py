@@ -65,13 +65,11 @@ def speculative_step(
     alone, plain decoding). A failure that belongs to one sequence (its drafter, its detokenizer) is
     returned in that sequence's place and the others go on; a failing forward fails them all."""
     results: dict[int, StepOutput | Exception] = {}
-    # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token, no larger
-    #    than the planner expects to verify (a seeded sampling row: its whole tree)
+    # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token
     proposals: dict[int, DraftProposal] = {}
-    limit = planner.limit(len(seqs))
 
     def propose(row: int, seq: Sequence) -> None:
-        proposals[row] = seq.draft.propose(seq.root_token, None if _pinned(seq) else limit)
+        proposals[row] = seq.draft.propose(seq.root_token)
 
     with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
         for row, seq in enumerate(seqs):
@@ -81,17 +79,11 @@ def speculative_step(
         batch = [seqs[row] for row in rows]
         # 2. plan: how much of each tree this batch's forward should carry
         sizes = planner.plan([proposals[row].tree for row in rows], [s.acceptance.value for s in batch],
-                             [_pinned(s) for s in batch])
+                             [s.params.seed is not None and not s.params.greedy for s in batch])
         trees = [proposals[row].first(size) for row, size in zip(rows, sizes)]
         for row, out in zip(rows, _verify_and_emit(batch, trees, target, proposer, cache, stopwatch)):
             results[row] = out
     return [results[row] for row in range(len(seqs))]
-
-
-def _pinned(seq: Sequence) -> bool:
-    """A seeded sampling request's tree is never limited nor cut: its random draws, and so its output,
-    must not depend on the other rows of the batch."""
-    return seq.params.seed is not None and not seq.params.greedy
 
 
 def _verify_and_emit(

@@ -94,29 +94,6 @@ def test_a_prompt_prefilled_in_chunks_gives_the_head_the_same_features(tiny_mode
     assert b.metrics.to_dict() == a.metrics.to_dict()
 
 
-def test_a_limited_session_catches_up_and_stays_in_step(tiny_model_dirs, tmp_path_factory):
-    """propose(root, max_nodes=1) drafts nothing but still runs the catch-up: the next proposals of a
-    limited and an unlimited session are the same."""
-    model_dir = tiny_model_dirs["llava"]
-    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, ImageMode.DECOUPLED))
-    prompt = image_prompt(engine)
-    out = engine.target.embed(prompt)
-    hidden = engine.target.prefill(out.embeds, engine.target.new_cache(1, len(prompt.token_ids)), 0, 0)[0]
-    context = DraftContext(prompt.token_ids, LogitsParams(), None, hidden, out.embeds[0], out.image_mask[0])
-    limited, free = engine.proposer.open(context), engine.proposer.open(context)
-    features = torch.randn(2, hidden.shape[1], dtype=hidden.dtype, generator=torch.Generator().manual_seed(0))
-    assert limited.propose(5, max_nodes=1).tree.num_nodes == 1
-    assert free.propose(5).tree.num_nodes > 1
-    for session in (limited, free):
-        session.commit([5], features[:1])
-    assert 1 < limited.propose(9, max_nodes=3).tree.num_nodes <= 3
-    free.propose(9)
-    for session in (limited, free):
-        session.commit([9], features[1:])
-    a, b = limited.propose(13), free.propose(13)
-    assert a.tree.tokens.tolist() == b.tree.tokens.tolist() and limited.length == free.length
-
-
 @pytest.mark.parametrize("mode", [ImageMode.FUSED, ImageMode.DECOUPLED_POOLED])
 def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory, mode):
     """Open on a prompt, propose, commit root + two tokens with their target features, propose again:

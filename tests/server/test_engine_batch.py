@@ -102,7 +102,7 @@ def test_a_failing_drafter_fails_only_its_own_sequence(tiny_model_dirs):
     seqs = [engine.start(engine.prepare_text(t), SamplingParams(max_tokens=20)) for t in PROMPTS[:3]]
     engine.step_batch(seqs)  # prefill: the drafters are open now
 
-    def broken(root_token, max_nodes=None):
+    def broken(root_token):
         raise RuntimeError("drafter fault")
 
     seqs[1].draft.propose = broken

@@ -77,14 +77,3 @@ def test_the_acceptance_rate_follows_a_rows_history_and_drifts_back_to_the_prior
     for _ in range(40):
         rate.observe(drafted_depth=0, accepted=0)  # not drafted: no evidence, old evidence fades
     assert low < rate.value == pytest.approx(0.5, abs=0.05)
-
-
-def test_drafters_are_told_twice_the_last_width_or_the_fixed_share():
-    planner = GoodputPlanner(LINEAR)
-    assert planner.limit(4) is None  # nothing planned yet: draft whole trees
-    planner.plan([chain(6), chain(6)], [0.3, 0.3], [False, False])
-    assert planner.limit(2) == 2  # width 1 last time: one draft node each, enough to notice a change
-    flat = GoodputPlanner(FLAT)
-    flat.plan([chain(6), chain(4)], [0.3, 0.3], [False, False])
-    assert flat.limit(2) == 12
-    assert SharePlanner(8).limit(4) == 2 and SharePlanner(8).limit(16) == 1 and SharePlanner(0).limit(4) is None
