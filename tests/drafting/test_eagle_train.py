@@ -156,7 +156,7 @@ def test_tiny_vlm_greedy_lossless_in_every_mode(tiny_vlm_dir, tmp_path, mode):
     if mode != "trained":
         save_head(new_head(base.target.config, HeadConfig(image_mode=mode)), folder)
     config = EngineConfig(str(tiny_vlm_dir), draft=str(folder), dtype="float32",
-                          tree=TreeBudget(depth=5, branching=4, draft_nodes=16))
+                          tree=TreeBudget(depth=5, branching=4, draft_nodes=16), batch_tree_tokens=0)
     engine = Engine(config, base.target, base.tokenizer, base.prompts.processor)
     image = Image.new("RGB", (64, 64), (250, 250, 240))
     image.paste((0, 0, 255), (10, 12, 40, 44))

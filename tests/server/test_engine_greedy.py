@@ -59,8 +59,10 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
 
 def engine_for(path, draft: str = "none", tree: TreeBudget = TreeBudget(), proposer=None,
                draft_quantization: str = "none") -> Engine:
+    # batch_tree_tokens=0: every proposal is verified whole, so the drafters' accepted counts checked
+    # here do not depend on the batch planner's measured costs
     config = EngineConfig(model=str(path), draft=draft, dtype="float64", tree=tree,
-                          draft_quantization=draft_quantization)
+                          draft_quantization=draft_quantization, batch_tree_tokens=0)
     if proposer is None:
         return Engine.from_config(config)
     base = Engine.from_config(EngineConfig(model=str(path), dtype="float64"))
