@@ -3,6 +3,11 @@
 A session proposes a token tree rooted at the sequence's last emitted token (the *root*, which the
 target has not consumed yet) and is told, after verification, which tokens entered the target's KV
 cache, with the target's last hidden states at them (EAGLE/MSD heads draft from those).
+
+The engine asks the proposer for a whole batch's proposals at once (`propose_batch`): model drafters
+run every session's forward of a tree level as one forward (`batched.py`), over a KV cache with one
+slot per sequence (the sequence's slot in the target's cache) that the engine sizes with `reserve`.
+Drafters without a model (n-gram, suffix, none) propose session by session (`SequentialProposer`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class DraftContext:
     hidden: torch.Tensor | None = None  # [L, H] target last hidden states (only if the proposer asks)
     inputs_embeds: torch.Tensor | None = None  # [L, H] the target's input embeddings (visual at images)
     image_mask: torch.Tensor | None = None  # [L] bool, True at image placeholder positions
+    slot: int = 0  # the sequence's slot in the target's KV cache; a model drafter uses the same in its own
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,39 @@ class Proposer(Protocol):
 
     def open(self, context: DraftContext) -> DraftSession:
         ...
+
+    def propose_batch(self, sessions: list[DraftSession], roots: list[int]) -> list[DraftProposal | Exception]:
+        """Every session's proposal below its root, or the exception its own drafting raised (that
+        session fails, the others go on). Raises if what the sessions share (a batched forward) fails."""
+        ...
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the drafter's own KV cache takes per cached token of one sequence (0: none)."""
+        ...
+
+    def reserve(self, num_slots: int, capacity: int) -> None:
+        """Size the drafter's KV cache: `num_slots` sequences of up to `capacity` drafter rows each.
+        The engine calls it once, before opening sessions."""
+        ...
+
+
+class SequentialProposer:
+    """Base of the drafters without a model (n-gram, suffix, none): sessions propose one by one on
+    the host, and there is no drafter KV cache to size."""
+
+    needs_hidden_states = False
+
+    def propose_batch(self, sessions: list[DraftSession], roots: list[int]) -> list[DraftProposal | Exception]:
+        proposals: list[DraftProposal | Exception] = []
+        for session, root in zip(sessions, roots):
+            try:
+                proposals.append(session.propose(root))
+            except Exception as exc:  # this session's fault only
+                proposals.append(exc)
+        return proposals
+
+    def kv_bytes_per_token(self) -> int:
+        return 0
+
+    def reserve(self, num_slots: int, capacity: int) -> None:
+        pass

@@ -1,23 +1,26 @@
 """Drafting with a separate small LM that shares the target's tokenizer.
 
-The session keeps the draft model's own KV cache in step with the target's: after every proposal the
-cache holds the committed tokens plus the root; tree rows added while drafting are cropped away, and
-accepted tokens are fed in at the next proposal (in the same forward as the new root).
+The session keeps the draft model's KV rows (its slot of the proposer's `SlotCache`) in step with the
+target's: opening runs the prompt; each proposal first feeds the tokens accepted last time and the
+new root (the catch-up), then drafts. Tree rows lie past the session's committed length, so the next
+catch-up simply overwrites them.
 
 Dynamic mode grows an EAGLE-2 tree (`dynamic_tree.build_dynamic_tree`); each level's frontier is run
 through the draft model in one forward with a tree mask, so a node attends to the committed text and
 to its own ancestors. Chain mode at temperature > 0 samples one path from the draft distribution q and
-returns q, for lossless min(1, p/q) acceptance.
+returns q, for lossless min(1, p/q) acceptance. Every forward is yielded to `batched.drive`, so the
+sessions of a batch share each draft forward.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
+from ..kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ..kernels.sampling import LogitsParams, process_logits, sample
-from ..kernels.tree import DraftTree, additive_mask
+from ..kernels.tree import DraftTree
 from .base import DraftContext, DraftProposal
+from .batched import DraftForward, Drafting, DraftReply, causal, drive, one_proposal, pad_forwards, replies
 from .budget import TreeBudget, TreeMode
 from .dynamic_tree import Candidates
 from .shaper import level_mask, shape_tree
@@ -29,81 +32,114 @@ class DraftModelProposer:
     def __init__(self, model: torch.nn.Module, tree: TreeBudget) -> None:
         self.model = model
         self.tree = tree
+        self.dtype = model.get_input_embeddings().weight.dtype  # the activations' (int8 weights keep it)
+        self.cache: SlotCache | None = None
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.model.config, self.dtype)
+
+    def reserve(self, num_slots: int, capacity: int) -> None:
+        self.cache = SlotCache(self.model.config.num_hidden_layers, num_slots, capacity, self.model.device)
 
     def open(self, context: DraftContext) -> DraftModelSession:
-        return DraftModelSession(self.model, self.tree, context)
+        if self.cache is None:
+            raise RuntimeError("reserve() the drafter's KV cache before opening sessions")
+        return DraftModelSession(self, context)
+
+    @torch.inference_mode()
+    def propose_batch(self, sessions: list[DraftModelSession], roots: list[int]) -> list[DraftProposal | Exception]:
+        return drive([s.slot for s in sessions], [s.drafting(r) for s, r in zip(sessions, roots)], self.run)
+
+    @torch.inference_mode()
+    def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
+        """One draft-model forward for the rows of every session; logits only at the scored rows."""
+        ids, positions, mask, n = pad_forwards(forwards, self.dtype)
+        self.cache.bind(slots, [f.offset for f in forwards], n)
+        keep = sorted({row for f in forwards for row in f.scored})  # the LM head runs on these columns only
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+            use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=ids.device),
+        ).logits
+        column = {row: i for i, row in enumerate(keep)}
+        scored = [logits[b, column[row]] for b, f in enumerate(forwards) for row in f.scored]
+        if not scored:
+            return replies(None, logits.new_zeros(0, 0), forwards)
+        scored = torch.stack(scored)
+        log_probs = (scored if scored.dtype == torch.float64 else scored.float()).log_softmax(-1)
+        return replies(None, log_probs, forwards)
 
 
 class DraftModelSession:
-    def __init__(self, model: torch.nn.Module, tree: TreeBudget, context: DraftContext) -> None:
-        self.model = model
-        self.tree = tree
+    def __init__(self, proposer: DraftModelProposer, context: DraftContext) -> None:
+        self.proposer = proposer
+        self.tree = proposer.tree
         self.params: LogitsParams = context.params
         self.generator = context.generator
-        self.device = model.device
-        self.cache = DynamicCache()  # full-attention layers, which crop exactly
-        self.pending: list[int] = list(context.token_ids)  # committed, not yet in the draft cache
+        self.slot = context.slot
+        self.device = proposer.model.device
+        self.pending: list[int] = []  # committed tokens not yet in the draft cache
+        self.length = 0  # committed tokens in the slot (after a proposal: the root's included)
         self.node_slots: dict[int, int] = {}  # candidate node -> its cache row, this proposal only
+        with torch.inference_mode():
+            drive([self.slot], [self._tokens(context.token_ids, scored=[])], proposer.run)
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         # tokens[0] is the root, which the last proposal already put in the draft cache
         self.pending.extend(tokens[1:])
 
     def close(self) -> None:
-        self.cache = None
+        self.node_slots = {}
 
-    @torch.inference_mode()
     def propose(self, root_token: int) -> DraftProposal:
-        ids = torch.tensor([self.pending + [root_token]], device=self.device)
-        self.pending = []
-        root_logits = self.model(
-            input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
-        self.prefix_len = self.cache.get_seq_length()  # committed tokens + root
-        self.root_logps = root_logits.float().log_softmax(-1)
+        return one_proposal(self.proposer.propose_batch([self], [root_token])[0])
+
+    def drafting(self, root_token: int) -> Drafting:
+        """Catch up, then draft a tree (or sample a chain); returns the proposal."""
+        tokens, self.pending = self.pending + [root_token], []
+        root_logps = (yield from self._tokens(tokens, scored=[len(tokens) - 1])).log_probs
         self.node_slots = {}
         if self.tree.mode is TreeMode.CHAIN and not self.params.greedy:
-            proposal = self._sample_chain(root_token, root_logits)
-        else:
-            proposal = DraftProposal(shape_tree(root_token, self._expand, self.tree, self.device))
-        # drop the tree rows; the committed text and the root stay
-        self.cache.crop(self.prefix_len - self.cache.get_seq_length())
-        return proposal
+            return (yield from self._sample_chain(root_token, root_logps))
+        tree = yield from shape_tree(root_token, lambda c, n, level: self._expand(c, n, level, root_logps),
+                                     self.tree, self.device)
+        return DraftProposal(tree)
 
-    def _expand(self, cands: Candidates, nodes: list[int], level: int) -> torch.Tensor:
-        """Children log-probs of the given candidate nodes; runs them through the draft model."""
+    def _tokens(self, tokens: list[int], scored: list[int]) -> Drafting:
+        """Append committed tokens (causally) to the slot; returns the reply."""
+        n = len(tokens)
+        ids = torch.tensor(tokens, device=self.device)
+        positions = torch.arange(self.length, self.length + n, device=self.device)
+        reply = yield DraftForward(ids, positions, causal(self.length, n, self.device), self.length, scored)
+        self.length += n
+        return reply
+
+    def _expand(self, cands: Candidates, nodes: list[int], level: int, root_logps: torch.Tensor) -> Drafting:
+        """Children log-probs [len(nodes), V] of the given candidate nodes; runs them through the model."""
         if level == 0:
-            return self.root_logps
-        logits = self._forward_nodes(cands, nodes, level)
-        return logits.float().log_softmax(-1)
-
-    def _forward_nodes(self, cands: Candidates, nodes: list[int], level: int) -> torch.Tensor:
-        # Each node sees the committed prefix (incl. root) and the cache slots of its ancestors.
-        cache_len = self.cache.get_seq_length()
-        allowed = level_mask(cands, nodes, self.node_slots, self.prefix_len, cache_len, self.device)
-        mask = additive_mask(allowed, self.model.dtype)
-        positions = torch.full((1, len(nodes)), self.prefix_len - 1 + level, device=self.device)
-        tokens = torch.tensor([[cands.tokens[node] for node in nodes]], device=self.device)
-        out = self.model(
-            input_ids=tokens, attention_mask=mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True,
-        )
+            return root_logps
+        # each node sees the committed prefix (root included) and the cache rows of its ancestors
+        cache_len = self.length + len(self.node_slots)
+        allowed = level_mask(cands, nodes, self.node_slots, self.length, cache_len, self.device)
+        positions = torch.full((len(nodes),), self.length - 1 + level, device=self.device)
+        tokens = torch.tensor([cands.tokens[node] for node in nodes], device=self.device)
+        reply = yield DraftForward(tokens, positions, allowed, cache_len, list(range(len(nodes))))
         for row, node in enumerate(nodes):
             self.node_slots[node] = cache_len + row
-        return out.logits[0]
+        return reply.log_probs
 
-    def _sample_chain(self, root_token: int, logits: torch.Tensor) -> DraftProposal:
+    def _sample_chain(self, root_token: int, logps: torch.Tensor) -> Drafting:
         """Sample `depth` tokens from the processed draft distribution q, one forward per token."""
         tokens, probs = [root_token], []
         for step in range(self.tree.depth):
-            q = process_logits(logits, self.params.temperature, self.params.top_p, self.params.top_k)
+            q = process_logits(logps, self.params.temperature, self.params.top_p, self.params.top_k)
             token = sample(q, self.generator)
             tokens.append(int(token))
             probs.append(q)
             if step + 1 < self.tree.depth:
-                logits = self.model(
-                    input_ids=token.view(1, 1), past_key_values=self.cache, use_cache=True
-                ).logits[:, -1]
+                offset = self.length + step  # the committed text, then the chain's earlier tokens
+                allowed = torch.ones(1, offset + 1, dtype=torch.bool, device=self.device)
+                position = torch.tensor([offset], device=self.device)
+                logps = (yield DraftForward(token.view(1), position, allowed, offset, [0])).log_probs
         parents = list(range(-1, len(tokens) - 1))
         tree = DraftTree.from_parents(
             torch.tensor([tokens], device=self.device), torch.tensor([parents], device=self.device)

@@ -13,8 +13,9 @@ Worked example (branching=2, depth=2, budget=3), root r:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -22,7 +23,10 @@ from ..kernels.tree import DraftTree
 
 # expand(candidates, frontier node ids, level) -> log-probs [len(frontier), V] of each frontier node's
 # children. Node ids index the candidates (0 = root); the drafter reads tokens and ancestors from them.
-ExpandFn = Callable[["Candidates", list[int], int], torch.Tensor]
+# It is a generator function: a model drafter yields the forward it needs (`batched.DraftForward`) and
+# returns the log-probs, so the trees of a whole batch grow together (see `batched.drive`); the tree
+# builders below pass whatever it yields through (`yield from`).
+ExpandFn = Callable[["Candidates", list[int], int], Generator[Any, Any, torch.Tensor]]
 
 
 @dataclass
@@ -55,14 +59,14 @@ class Candidates:
 
 def build_dynamic_tree(
     root_token: int, expand: ExpandFn, branching: int, depth: int, budget: int, device: torch.device
-) -> DraftTree:
+) -> Generator[Any, Any, DraftTree]:
     """Grow candidates for `depth` levels (expanding the `branching` best nodes of each new level by
     their `branching` best children), then keep the `budget` best draft nodes by path score. Growth
     stops early once deeper nodes could no longer be kept (same tree, fewer `expand` calls)."""
     cands = Candidates([root_token], [-1], [0.0], [0])
     frontier = [0]
     for level in range(depth):
-        logps = expand(cands, frontier, level)  # [len(frontier), V]
+        logps = yield from expand(cands, frontier, level)  # [len(frontier), V]
         # clamp: log-softmax rounding can give +1e-7, and a child must never outscore its parent
         top_logp, top_tok = logps.float().clamp(max=0.0).topk(branching, dim=-1)
         top_logp, top_tok = top_logp.tolist(), top_tok.tolist()  # one host sync per level

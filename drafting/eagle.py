@@ -1,28 +1,33 @@
 """EAGLE-2 / MSD drafting with a one-layer head over the target's own features.
 
-A session keeps the head's KV cache in step with the target's. Drafter entry k pairs a token with the
-target feature one position before it (see `eagle_inputs` for the alignment and the image modes):
+A session keeps the head's KV rows (its slot of the proposer's `SlotCache`) in step with the target's.
+Drafter entry k pairs a token with the target feature one position before it (see `eagle_inputs`
+for the alignment and the image modes):
 
-- open: the prompt's entries (positions 1..L-1) wait, as inputs, for the first proposal;
-- propose(root): the waiting entries plus fc(e(root), h at the last committed position) run through
-  the head in one causal forward (the catch-up); the last output is the root's predicted feature,
-  whose LM-head logits give the root's children. Each deeper tree level runs its frontier in one
-  forward with a tree mask, pairing each node's token with its parent's *predicted* feature (the
-  target has not seen drafted nodes). The tree rows are then cropped from the cache;
+- open: the prompt's entries (positions 1..L-1) run through the head in one causal forward;
+- drafting(root): the entries of the tokens accepted last time plus fc(e(root), h at the last
+  committed position) run through the head in one causal forward (the catch-up); the last output is
+  the root's predicted feature, whose LM-head logits give the root's children. Each deeper tree level
+  runs its frontier in one forward with a tree mask, pairing each node's token with its parent's
+  *predicted* feature (the target has not seen drafted nodes). The tree rows lie past the session's
+  committed length, so the next catch-up simply overwrites them;
 - commit(root + accepted, h at them): h[i] pairs with the token after tokens[i], i.e. with the
   next accepted token or, for the last one, the bonus token, which arrives as the next root. The
   root's own entry already used true features, so it stays; the drafted entries it replaces were
-  cropped with the tree.
+  never committed.
+
+Every forward is yielded to `batched.drive`, so the sessions of a batch share each head forward and
+each LM-head projection.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from ..kernels.tree import additive_mask
+from ..kernels.kv_cache import SlotCache, kv_bytes_per_token
 from .base import DraftContext, DraftProposal
+from .batched import DraftForward, Drafting, DraftReply, causal, drive, one_proposal, pad_forwards, replies, scored_rows
 from .budget import TreeBudget
 from .dynamic_tree import Candidates
 from .eagle_head import EagleHead
@@ -68,34 +73,57 @@ class EagleProposer:
         self.embed_tokens = embed_tokens
         self.projection = VocabProjection(lm_head, softcap, head.draft_vocab)
         self.tree = tree
+        self.dtype = head.fc.weight.dtype
+        self.cache: SlotCache | None = None
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.head.layer_config, self.dtype)
+
+    def reserve(self, num_slots: int, capacity: int) -> None:
+        self.cache = SlotCache(1, num_slots, capacity, self.head.fc.weight.device)
 
     def open(self, context: DraftContext) -> EagleSession:
         if context.hidden is None:
             raise ValueError("EAGLE drafting needs the target's hidden states in the DraftContext")
+        if self.cache is None:
+            raise RuntimeError("reserve() the drafter's KV cache before opening sessions")
         return EagleSession(self, context)
+
+    @torch.inference_mode()
+    def propose_batch(self, sessions: list[EagleSession], roots: list[int]) -> list[DraftProposal | Exception]:
+        return drive([s.slot for s in sessions], [s.drafting(r) for s, r in zip(sessions, roots)], self.run)
+
+    @torch.inference_mode()
+    def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
+        """One head forward for the rows of every session, then one LM-head projection of the rows
+        they score."""
+        inputs, positions, mask, n = pad_forwards(forwards, self.dtype)
+        self.cache.bind(slots, [f.offset for f in forwards], n)
+        features = self.head(inputs, positions, mask, self.cache)
+        return replies(features, self.projection.log_probs(scored_rows(features, forwards)), forwards)
 
 
 class EagleSession:
     def __init__(self, proposer: EagleProposer, context: DraftContext) -> None:
+        self.proposer = proposer
         self.head = proposer.head
         self.embed_tokens = proposer.embed_tokens
-        self.projection = proposer.projection
         self.tree = proposer.tree
+        self.slot = context.slot
         self.device = context.hidden.device
-        self.dtype = context.hidden.dtype
         ids = torch.tensor(context.token_ids, device=self.device)
         image_mask = context.image_mask if context.image_mask is not None else torch.zeros_like(ids).bool()
+        self.pending_tokens: list[int] = []  # committed tokens whose entries wait for the catch-up
+        self.pending_hidden = context.hidden[-1:]  # [len(pending_tokens) + 1, H], paired with them + root
+        self.length = 0  # committed drafter entries in the slot (the last one is the root's)
+        self.features: dict[int, torch.Tensor] = {}  # candidate node -> predicted feature, this proposal
+        self.node_slots: dict[int, int] = {}  # candidate node -> its cache row, this proposal
         with torch.inference_mode():
             entries = prompt_entries(
                 self.head, self.embed_tokens, ids, context.hidden, context.inputs_embeds, image_mask
             )
-        self.pending_inputs = entries.inputs  # [n, H] entries not yet in the cache
-        self.pending_tokens: list[int] = []  # committed tokens whose entries wait for fusion
-        self.pending_hidden = context.hidden[-1:]  # [len(pending_tokens) + 1, H], paired with them + root
-        self.cache: DynamicCache | None = DynamicCache()
-        self.length = 0  # committed drafter entries in the cache (the last one is the root's)
-        self.features: dict[int, torch.Tensor] = {}  # candidate node -> predicted feature, this proposal
-        self.node_slots: dict[int, int] = {}  # candidate node -> its cache row, this proposal
+            if len(entries.inputs):
+                drive([self.slot], [self._entries(entries.inputs, scored=[])], proposer.run)
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         # tokens[0] is the root, whose entry the last proposal already cached with true features
@@ -103,48 +131,55 @@ class EagleSession:
         self.pending_hidden = hidden
 
     def close(self) -> None:
-        self.cache = None
+        self.features, self.node_slots = {}, {}
 
-    @torch.inference_mode()
     def propose(self, root_token: int) -> DraftProposal:
-        self.features = {0: self._catch_up(root_token)}
+        return one_proposal(self.proposer.propose_batch([self], [root_token])[0])
+
+    def drafting(self, root_token: int) -> Drafting:
+        """Catch up, then grow the tree level by level; returns the proposal."""
+        root_logps = yield from self._catch_up(root_token)
         self.node_slots = {}
         # drafts are one-hot (no draft distribution): tree acceptance samples losslessly in every mode
-        tree = shape_tree(root_token, self._expand, self.tree, self.device)
-        self.cache.crop(self.length - self.cache.get_seq_length())  # drop the tree rows
+        tree = yield from shape_tree(root_token, lambda c, n, level: self._expand(c, n, level, root_logps),
+                                     self.tree, self.device)
         return DraftProposal(tree)
 
-    def _catch_up(self, root_token: int) -> torch.Tensor:
-        """Run the waiting entries and the root's through the head; returns the root's feature [H]."""
-        tokens = torch.tensor(self.pending_tokens + [root_token], device=self.device)
-        fused = self.head.fuse(self.embed_tokens(tokens), self.pending_hidden)
-        inputs = torch.cat([self.pending_inputs, fused])
-        self.pending_inputs = inputs[:0]
+    def _entries(self, inputs: torch.Tensor, scored: list[int]) -> Drafting:
+        """Append committed entries [n, H] (causally) to the slot; returns the reply."""
         n = len(inputs)
         positions = torch.arange(self.length, self.length + n, device=self.device)
-        # row i sees the cached entries and entries 0..i of this chunk
-        allowed = torch.arange(self.length + n, device=self.device) <= positions[:, None]
-        features = self.head(inputs[None], positions[None], additive_mask(allowed, self.dtype), self.cache)
+        reply = yield DraftForward(inputs, positions, causal(self.length, n, self.device), self.length, scored)
         self.length += n
-        return features[0, -1]
+        return reply
 
-    def _expand(self, cands: Candidates, nodes: list[int], level: int) -> torch.Tensor:
+    def _catch_up(self, root_token: int) -> Drafting:
+        """The waiting entries and the root's through the head; returns the root's children log-probs
+        [1, V] (the root's predicted feature is kept as node 0's)."""
+        tokens = torch.tensor(self.pending_tokens + [root_token], device=self.device)
+        inputs = self.head.fuse(self.embed_tokens(tokens), self.pending_hidden)
+        reply = yield from self._entries(inputs, scored=[len(inputs) - 1])
+        self.features = {0: reply.outputs[-1]}
+        return reply.log_probs
+
+    def _expand(self, cands: Candidates, nodes: list[int], level: int, root_logps: torch.Tensor) -> Drafting:
         """Log-probs [len(nodes), V] of the children of `nodes` (all at depth `level`)."""
-        if level > 0:
-            self._run_level(cands, nodes, level)
-        return self.projection.log_probs(torch.stack([self.features[node] for node in nodes]))
+        if level == 0:
+            return root_logps
+        return (yield from self._run_level(cands, nodes, level))
 
-    def _run_level(self, cands: Candidates, nodes: list[int], level: int) -> None:
+    def _run_level(self, cands: Candidates, nodes: list[int], level: int) -> Drafting:
         """One forward for a tree level: node = fc(e(its token), its parent's predicted feature)."""
-        cache_len = self.cache.get_seq_length()
+        cache_len = self.length + len(self.node_slots)  # committed entries, then this proposal's nodes
         # committed entries (the root's included) and the cache rows of each node's ancestors
         allowed = level_mask(cands, nodes, self.node_slots, self.length, cache_len, self.device)
         tokens = torch.tensor([cands.tokens[node] for node in nodes], device=self.device)
         parents = torch.stack([self.features[cands.parents[node]] for node in nodes])
         inputs = self.head.fuse(self.embed_tokens(tokens), parents)
         # the root's entry sits at length - 1, so a node at depth `level` sits `level` after it
-        positions = torch.full((1, len(nodes)), self.length - 1 + level, device=self.device)
-        features = self.head(inputs[None], positions, additive_mask(allowed, self.dtype), self.cache)[0]
+        positions = torch.full((len(nodes),), self.length - 1 + level, device=self.device)
+        reply = yield DraftForward(inputs, positions, allowed, cache_len, list(range(len(nodes))))
         for row, node in enumerate(nodes):
             self.node_slots[node] = cache_len + row
-            self.features[node] = features[row]
+            self.features[node] = reply.outputs[row]
+        return reply.log_probs

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.tree import DraftTree
-from .base import DraftContext, DraftProposal
+from .base import DraftContext, DraftProposal, SequentialProposer
 from .budget import TreeBudget, TreeMode
 
 
@@ -28,8 +28,7 @@ class NgramConfig:
     min_n: int = 1
 
 
-class NgramProposer:
-    needs_hidden_states = False
+class NgramProposer(SequentialProposer):
 
     def __init__(self, tree: TreeBudget, device: torch.device, config: NgramConfig = NgramConfig()):
         # The trie's shape comes from what the text repeats, not from ranked guesses, so a fixed shape

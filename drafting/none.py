@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..kernels.tree import DraftTree
-from .base import DraftContext, DraftProposal
+from .base import DraftContext, DraftProposal, SequentialProposer
 
 
-class NoDraftProposer:
-    needs_hidden_states = False
+class NoDraftProposer(SequentialProposer):
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

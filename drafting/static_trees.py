@@ -12,6 +12,9 @@ Worked example, preset [(0,), (1,), (0, 0)] over root r, drafter ranking r -> [a
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import Any
+
 import torch
 
 from ..kernels.tree import DraftTree
@@ -41,7 +44,7 @@ def validate_preset(paths: tuple[tuple[int, ...], ...]) -> None:
 
 def build_static_tree(
     root_token: int, expand: ExpandFn, paths: tuple[tuple[int, ...], ...], device: torch.device
-) -> DraftTree:
+) -> Generator[Any, Any, DraftTree]:
     """Fill the preset's shape level by level; one `expand` call per level."""
     validate_preset(paths)
     cands = Candidates([root_token], [-1], [0.0], [0])
@@ -51,7 +54,8 @@ def build_static_tree(
         parents = sorted({p[:-1] for p in paths if len(p) == level + 1}, key=lambda p: node_of[p])
         frontier = [node_of[p] for p in parents]
         width = 1 + max(p[-1] for p in paths if len(p) == level + 1)
-        top_logp, top_tok = expand(cands, frontier, level).float().topk(width, dim=-1)
+        logps = yield from expand(cands, frontier, level)
+        top_logp, top_tok = logps.float().topk(width, dim=-1)
         top_logp, top_tok = top_logp.tolist(), top_tok.tolist()  # one host sync per level
         for row, parent_path in enumerate(parents):
             ranks = sorted(p[-1] for p in paths if p[:-1] == parent_path and len(p) == level + 1)

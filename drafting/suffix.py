@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.tree import DraftTree
-from .base import DraftContext, DraftProposal
+from .base import DraftContext, DraftProposal, SequentialProposer
 from .budget import TreeBudget, TreeMode
 from .dynamic_tree import keep_nodes
 from .token_index import Match, TokenIndex
@@ -67,8 +67,7 @@ class SuffixStats:
     shared_nodes: int = 0  # draft nodes that past outputs support (the own text may support them too)
 
 
-class SuffixProposer:
-    needs_hidden_states = False
+class SuffixProposer(SequentialProposer):
 
     def __init__(self, tree: TreeBudget, device: torch.device, config: SuffixConfig = SuffixConfig()) -> None:
         if tree.mode is TreeMode.STATIC:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -25,6 +26,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from specserve.drafting.eagle_head import HeadConfig, ImageMode, new_head, save_head
 from specserve.server.store.pull import pull
 
 CHAT_TEMPLATE = (
@@ -118,6 +120,21 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def random_head_dir(tmp_path_factory):
+    """`random_head_dir(model_dir, mode, vocab=None)`: a folder holding a randomly initialised EAGLE/MSD
+    head for a tiny model (losslessness must not depend on the head's quality)."""
+
+    def make(model_dir: Path, mode: ImageMode, vocab: list[int] | None = None) -> Path:
+        folder = tmp_path_factory.mktemp(f"head-{mode.value}")
+        head = new_head(AutoConfig.from_pretrained(model_dir).get_text_config(), HeadConfig(image_mode=mode))
+        head.draft_vocab = None if vocab is None else torch.tensor(vocab)
+        save_head(head, folder)
+        return folder
+
+    return make
 
 
 @pytest.fixture(scope="session")

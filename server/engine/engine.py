@@ -19,7 +19,8 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from ...drafting.base import Proposer
 from ...drafting.none import NoDraftProposer
-from ...drafting.shaper import largest_tree
+from ...drafting.shaper import draft_rows, largest_tree
+from ...kernels.kv_cache import SlotCache
 from ..store.registry import default_draft
 from ..store.resolve import resolve_model
 from .calibration import calibrate_tree_nodes, measure_step_costs
@@ -27,7 +28,6 @@ from .config import EngineConfig, GiB, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .drafters import make_proposer
 from .errors import RequestError
-from .kv_slots import SlotCache
 from .loading import ModelLoadError, eos_token_ids, load_adapter, load_draft_model
 from .outputs import GenerationOutput, PromptInput, StepOutput, TokenLogprob
 from .planner import BatchPlanner, GoodputPlanner, SharePlanner
@@ -67,15 +67,19 @@ class Engine:
         self.kv_cache_usage = 0.0
 
     def _allocate_kv(self, config: EngineConfig) -> SlotCache:
-        """Slots of `max_model_len` tokens (plus room for one draft tree) within the memory budget."""
+        """Slots of `max_model_len` tokens (plus room for one draft tree) within the memory budget,
+        which also holds the model drafter's own cache (one slot per sequence)."""
         capacity = self.max_model_len + largest_tree(config.tree)
-        per_sequence = capacity * self.target.kv_bytes_per_token()
+        draft_capacity = self.max_model_len + draft_rows(config.tree)
+        per_sequence = (capacity * self.target.kv_bytes_per_token()
+                        + draft_capacity * self.proposer.kv_bytes_per_token())
         slots = min(config.max_num_seqs, int(config.kv_cache_memory_gib * GiB) // per_sequence)
         if slots < 1:
             raise ModelLoadError(
                 f"a KV cache of {config.kv_cache_memory_gib} GiB cannot hold one sequence of "
                 f"{self.max_model_len} tokens ({per_sequence / GiB:.2f} GiB); raise --kv-cache-memory "
                 f"or lower --max-model-len")
+        self.proposer.reserve(slots, draft_capacity)
         return self.target.new_cache(slots, capacity)
 
     def _planner(self, config: EngineConfig) -> BatchPlanner:

@@ -13,10 +13,10 @@ import torch
 
 from ...drafting.base import DraftContext, DraftProposal, Proposer
 from ...kernels.acceptance import AcceptResult, chain_sample_accept, greedy_accept, tree_sample_accept
+from ...kernels.kv_cache import SlotCache
 from ...kernels.sampling import LogitsParams, logprobs_topk, process_logits, sample
 from ...kernels.tree import DraftTree, stack_trees
 from .config import SamplingParams
-from .kv_slots import SlotCache
 from .outputs import StepOutput, TokenLogprob
 from .planner import BatchPlanner
 from .profiling import Stopwatch
@@ -46,6 +46,7 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
         hidden=torch.cat(pending.hidden, dim=1)[0] if needs_hidden else None,
         inputs_embeds=pending.prompt.embeds[0] if needs_hidden else None,
         image_mask=pending.prompt.image_mask[0] if needs_hidden else None,
+        slot=seq.slot,
     ))
     last_logits = target.logits(hidden[:, -1])
     if seq.params.greedy:
@@ -64,16 +65,13 @@ def speculative_step(
     plus a bonus one. The `planner` cuts each row's tree to what pays in this batch (down to the root
     alone, plain decoding). A failure that belongs to one sequence (its drafter, its detokenizer) is
     returned in that sequence's place and the others go on; a failing forward fails them all."""
-    results: dict[int, StepOutput | Exception] = {}
-    # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token
-    proposals: dict[int, DraftProposal] = {}
-
-    def propose(row: int, seq: Sequence) -> None:
-        proposals[row] = seq.draft.propose(seq.root_token)
-
+    # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token (model
+    # drafters run the whole batch's tree levels together)
     with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
-        for row, seq in enumerate(seqs):
-            results[row] = per_sequence(lambda: propose(row, seq))
+        drafted = proposer.propose_batch([seq.draft for seq in seqs], [seq.root_token for seq in seqs])
+    results: dict[int, StepOutput | Exception] = {
+        row: out for row, out in enumerate(drafted) if isinstance(out, Exception)}
+    proposals = {row: out for row, out in enumerate(drafted) if not isinstance(out, Exception)}
     rows = sorted(proposals)
     if rows:
         batch = [seqs[row] for row in rows]

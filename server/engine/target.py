@@ -20,8 +20,8 @@ from transformers import (
     PretrainedConfig,
 )
 
+from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import DraftTree
-from .kv_slots import SlotCache
 from .outputs import PromptInput
 
 TORCH_DTYPES = {
@@ -129,10 +129,7 @@ class TargetModel:
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one cached token takes over all decoder layers."""
-        config = self.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * config.num_hidden_layers * heads * head_dim * self.dtype.itemsize
+        return kv_bytes_per_token(self.config, self.dtype)
 
     def new_cache(self, num_slots: int, capacity: int) -> SlotCache:
         return SlotCache(self.config.num_hidden_layers, num_slots, capacity, self.device)

@@ -8,9 +8,11 @@ V = 8
 
 
 def table_expand(table):
-    """An expand callback from a table: child log-probs depend only on the node's token."""
+    """An expand generator from a table: child log-probs depend only on the node's token; it needs no
+    model forward, so it yields nothing."""
 
     def expand(cands, frontier, level):
+        yield from ()
         rows = []
         for node in frontier:
             row = torch.full((V,), -30.0)
@@ -22,17 +24,31 @@ def table_expand(table):
     return expand
 
 
+def built(tree_builder):
+    """Run a tree builder whose expand needs no forward: it must return at once."""
+    try:
+        next(tree_builder)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the builder asked for a forward")
+
+
+def scores(expand, cands, frontier, level):
+    return built(expand(cands, frontier, level))
+
+
 def test_docstring_example():
     # root 0 -> a=1 (0.9), b=2 (0.37); a -> c=3 (0.82), d=4 (0.135); b -> e=5 (0.74), f=6 (0.05)
     table = {0: {1: 0.9, 2: 0.37}, 1: {3: 0.82, 4: 0.135}, 2: {5: 0.74, 6: 0.05}}
-    tree = build_dynamic_tree(0, table_expand(table), branching=2, depth=2, budget=3, device=torch.device("cpu"))
+    tree = built(build_dynamic_tree(0, table_expand(table), branching=2, depth=2, budget=3, device=torch.device("cpu")))
     assert tree.tokens[0].tolist() == [0, 1, 2, 3]
     assert tree.parents[0].tolist() == [-1, 0, 0, 1]
 
 
 def test_budget_larger_than_candidates_keeps_all_and_is_connected():
     table = {t: {(t + 1) % V: 0.6, (t + 2) % V: 0.3} for t in range(V)}
-    tree = build_dynamic_tree(0, table_expand(table), branching=2, depth=3, budget=100, device=torch.device("cpu"))
+    tree = built(build_dynamic_tree(0, table_expand(table), branching=2, depth=3, budget=100,
+                                    device=torch.device("cpu")))
     # depth 3, branching 2: 2 + 4 + 4 candidates (only the best 2 of level 2 are expanded)
     assert tree.num_nodes == 1 + 2 + 4 + 4
     parents = tree.parents[0].tolist()
@@ -42,7 +58,7 @@ def test_budget_larger_than_candidates_keeps_all_and_is_connected():
 
 def test_chain_when_top_k_is_one():
     table = {t: {(t + 3) % V: 0.5} for t in range(V)}
-    tree = build_dynamic_tree(1, table_expand(table), branching=1, depth=4, budget=4, device=torch.device("cpu"))
+    tree = built(build_dynamic_tree(1, table_expand(table), branching=1, depth=4, budget=4, device=torch.device("cpu")))
     assert tree.tokens[0].tolist() == [1, 4, 7, 2, 5]
     assert tree.parents[0].tolist() == [-1, 0, 1, 2, 3]
 
@@ -52,7 +68,7 @@ def full_growth_tree(root, expand, branching, depth, budget):
     cands = Candidates([root], [-1], [0.0], [0])
     frontier = [0]
     for level in range(depth):
-        top_logp, top_tok = expand(cands, frontier, level).clamp(max=0.0).topk(branching, dim=-1)
+        top_logp, top_tok = scores(expand, cands, frontier, level).clamp(max=0.0).topk(branching, dim=-1)
         new = [n for row, parent in enumerate(frontier)
                for n in cands.add_children(parent, top_tok[row].tolist(), top_logp[row].tolist())]
         frontier = sorted(new, key=lambda i: -cands.scores[i])[:branching]
@@ -70,8 +86,8 @@ def test_early_stop_keeps_the_full_growth_tree_and_skips_forwards():
         branching, depth, budget = 1 + trial % 3, 2 + trial % 5, 1 + trial % 9
         calls = []
         expand = table_expand(table)
-        tree = build_dynamic_tree(0, lambda c, f, lvl: calls.append(lvl) or expand(c, f, lvl),
-                                  branching, depth, budget, torch.device("cpu"))
+        tree = built(build_dynamic_tree(0, lambda c, f, lvl: calls.append(lvl) or expand(c, f, lvl),
+                                  branching, depth, budget, torch.device("cpu")))
         reference = full_growth_tree(0, expand, branching, depth, budget)
         assert tree.tokens.tolist() == reference.tokens.tolist()
         assert tree.parents.tolist() == reference.parents.tolist()
@@ -84,8 +100,8 @@ def test_early_stop_on_a_flat_first_level():
     table = {0: {1: 0.25, 2: 0.25, 3: 0.25, 4: 0.25}, **{t: {5: 0.9} for t in range(1, 5)}}
     levels = []
     expand = table_expand(table)
-    tree = build_dynamic_tree(0, lambda c, f, lvl: levels.append(lvl) or expand(c, f, lvl),
-                              branching=4, depth=5, budget=3, device=torch.device("cpu"))
+    tree = built(build_dynamic_tree(0, lambda c, f, lvl: levels.append(lvl) or expand(c, f, lvl),
+                              branching=4, depth=5, budget=3, device=torch.device("cpu")))
     assert levels == [0]
     assert tree.parents[0].tolist() == [-1, 0, 0, 0]  # three of the four tied children
 
@@ -94,7 +110,7 @@ def test_static_preset_docstring_example():
     from specserve.drafting.static_trees import build_static_tree
 
     table = {0: {1: 0.6, 2: 0.3}, 1: {3: 0.9}}
-    tree = build_static_tree(0, table_expand(table), ((0,), (1,), (0, 0)), torch.device("cpu"))
+    tree = built(build_static_tree(0, table_expand(table), ((0,), (1,), (0, 0)), torch.device("cpu")))
     assert tree.tokens[0].tolist() == [0, 1, 2, 3]
     assert tree.parents[0].tolist() == [-1, 0, 0, 1]
 
@@ -118,11 +134,11 @@ def test_shape_tree_follows_the_budget_mode():
 
     table = {0: {1: 0.6, 2: 0.3}, 1: {3: 0.9, 4: 0.05}, 2: {5: 0.9}, 3: {6: 0.9}}
     cpu = torch.device("cpu")
-    chain = shape_tree(0, table_expand(table), TreeBudget(depth=3, mode=TreeMode.CHAIN), cpu)
+    chain = built(shape_tree(0, table_expand(table), TreeBudget(depth=3, mode=TreeMode.CHAIN), cpu))
     assert chain.tokens[0].tolist() == [0, 1, 3, 6] and chain.parents[0].tolist() == [-1, 0, 1, 2]
-    dynamic = shape_tree(0, table_expand(table), TreeBudget(depth=2, branching=2, draft_nodes=3), cpu)
+    dynamic = built(shape_tree(0, table_expand(table), TreeBudget(depth=2, branching=2, draft_nodes=3), cpu))
     assert dynamic.tokens[0].tolist() == [0, 1, 2, 3]  # 1 (0.6), 3 (0.54), 2 (0.3)
-    static = shape_tree(0, table_expand(table), TreeBudget(mode=TreeMode.STATIC, preset="small-8"), cpu)
+    static = built(shape_tree(0, table_expand(table), TreeBudget(mode=TreeMode.STATIC, preset="small-8"), cpu))
     assert static.num_nodes == 9  # the preset's 8 draft nodes and the root
 
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from specserve.drafting.base import DraftContext
 from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.eagle import EagleProposer, EagleSession
-from specserve.drafting.eagle_head import HeadConfig, ImageMode, new_head, save_head
+from specserve.drafting.eagle_head import ImageMode
 from specserve.drafting.eagle_inputs import prompt_entries
 from specserve.kernels.sampling import LogitsParams
 from specserve.server.engine import Engine
@@ -21,15 +21,6 @@ from specserve.server.engine.outputs import PromptInput
 
 TEXT_PROMPTS = ["the quick brown fox", "Summarise: the cat sat on the mat. The mat was red."]
 TREE = TreeBudget(depth=4, branching=3, draft_nodes=10)
-
-
-def head_dir(tmp_path_factory, model_dir, mode: ImageMode, vocab: list[int] | None = None):
-    engine = Engine.from_config(EngineConfig(model=str(model_dir), dtype="float64"))
-    folder = tmp_path_factory.mktemp(f"head-{mode.value}")
-    head = new_head(engine.target.config, HeadConfig(image_mode=mode))
-    head.draft_vocab = None if vocab is None else torch.tensor(vocab)
-    save_head(head, folder)
-    return folder
 
 
 def eagle_engine(model_dir, folder, tree: TreeBudget = TREE, **config) -> Engine:
@@ -56,10 +47,10 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("tree_mode", list(TreeMode))
-def test_greedy_text_model(tiny_model_dirs, tmp_path_factory, family, tree_mode):
+def test_greedy_text_model(tiny_model_dirs, random_head_dir, family, tree_mode):
     model_dir = tiny_model_dirs[family]
     tree = TreeBudget(depth=4, branching=3, draft_nodes=10, mode=tree_mode, preset="small-8")
-    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, ImageMode.DECOUPLED), tree)
+    engine = eagle_engine(model_dir, random_head_dir(model_dir, ImageMode.DECOUPLED), tree)
     for text in TEXT_PROMPTS:
         prompt = engine.prepare_text(text)
         assert engine.generate(prompt, SamplingParams(max_tokens=40)).token_ids == reference_greedy(
@@ -68,10 +59,10 @@ def test_greedy_text_model(tiny_model_dirs, tmp_path_factory, family, tree_mode)
 
 
 @pytest.mark.parametrize("mode", list(ImageMode))
-def test_greedy_llava_with_image(tiny_model_dirs, tmp_path_factory, mode):
+def test_greedy_llava_with_image(tiny_model_dirs, random_head_dir, mode):
     model_dir = tiny_model_dirs["llava"]
     vocab = list(range(0, 380, 3)) if mode is ImageMode.DECOUPLED else None  # and a draft vocabulary
-    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, mode, vocab))
+    engine = eagle_engine(model_dir, random_head_dir(model_dir, mode, vocab))
     prompt = image_prompt(engine)
     assert prompt.num_images == 1
     out = engine.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True))
@@ -79,11 +70,11 @@ def test_greedy_llava_with_image(tiny_model_dirs, tmp_path_factory, mode):
     assert out.metrics.verify_steps > 0
 
 
-def test_a_prompt_prefilled_in_chunks_gives_the_head_the_same_features(tiny_model_dirs, tmp_path_factory):
+def test_a_prompt_prefilled_in_chunks_gives_the_head_the_same_features(tiny_model_dirs, random_head_dir):
     """Chunks of 5 tokens cut through the image's placeholder run; the head is opened once, on the
     hidden states of every chunk: same output and the same drafts accepted as one whole-prompt pass."""
     model_dir = tiny_model_dirs["llava"]
-    folder = head_dir(tmp_path_factory, model_dir, ImageMode.DECOUPLED)
+    folder = random_head_dir(model_dir, ImageMode.DECOUPLED)
     # batch_tree_tokens=0: every proposal verified whole (the default planner's cut depends on timing)
     whole, chunked = (eagle_engine(model_dir, folder, prefill_chunk_tokens=size, batch_tree_tokens=0)
                       for size in (None, 5))
@@ -95,12 +86,12 @@ def test_a_prompt_prefilled_in_chunks_gives_the_head_the_same_features(tiny_mode
 
 
 @pytest.mark.parametrize("mode", [ImageMode.FUSED, ImageMode.DECOUPLED_POOLED])
-def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory, mode):
+def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, random_head_dir, mode):
     """Open on a prompt, propose, commit root + two tokens with their target features, propose again:
     the head's cache must equal one causal pass of the head over the whole sequence, i.e. catch-up
     pairs each token with the feature one position before it, also across a multi-token commit."""
     model_dir = tiny_model_dirs["llava"]
-    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, mode))
+    engine = eagle_engine(model_dir, random_head_dir(model_dir, mode))
     prompt = image_prompt(engine)
     root, a1, a2, bonus = 5, 17, 42, 9  # any tokens: the session must not care whether they were drafted
     full = PromptInput(prompt.token_ids + [root, a1, a2, bonus], prompt.pixel_values, 1)
@@ -124,13 +115,14 @@ def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, tmp_path_factory,
         cache = DynamicCache()
         head(entries.inputs[None], torch.arange(n)[None], mask[None, None], cache)
     assert session.length == n
-    torch.testing.assert_close(session.cache.layers[0].keys, cache.layers[0].keys, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(session.cache.layers[0].values, cache.layers[0].values, rtol=1e-12, atol=1e-12)
+    slot = engine.proposer.cache.layers[0]  # the session's committed rows of its slot
+    torch.testing.assert_close(slot.keys[session.slot, :, :n], cache.layers[0].keys[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(slot.values[session.slot, :, :n], cache.layers[0].values[0], rtol=1e-12, atol=1e-12)
 
 
-def test_sampling_is_seeded_and_reproducible(tiny_model_dirs, tmp_path_factory):
+def test_sampling_is_seeded_and_reproducible(tiny_model_dirs, random_head_dir):
     model_dir = tiny_model_dirs["llava"]
-    engine = eagle_engine(model_dir, head_dir(tmp_path_factory, model_dir, ImageMode.DECOUPLED))
+    engine = eagle_engine(model_dir, random_head_dir(model_dir, ImageMode.DECOUPLED))
     prompt = image_prompt(engine)
     runs = [
         engine.generate(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=seed, ignore_eos=True))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from specserve.drafting.base import DraftContext
+from specserve.drafting.batched import drive
 from specserve.drafting.budget import TreeBudget
 from specserve.drafting.dynamic_tree import Candidates
 from specserve.drafting.eagle import EagleProposer
@@ -83,13 +84,18 @@ def test_unrolled_passes_equal_the_sessions_tree_levels(tiny_model_dirs):
     p = 5  # the session's prompt is ids[:p]; its root is ids[p], drafted chain ids[p+1], ids[p+2]
     hidden = teacher.hidden[0]
     proposer = EagleProposer(head, engine.target.embed_tokens, engine.target.lm_head, None, TreeBudget())
+    proposer.reserve(num_slots=1, capacity=32)
     session = proposer.open(DraftContext(ids[:p], LogitsParams(), None, hidden[:p],
                                          teacher.inputs_embeds[0, :p], teacher.image_mask[0, :p]))
     chain = Candidates(ids[p : p + 3], [-1, 0, 1], [0.0] * 3, [0, 1, 2])
+
+    def catch_up_then_two_levels():
+        yield from session._catch_up(ids[p])
+        yield from session._run_level(chain, [1], 1)
+        yield from session._run_level(chain, [2], 2)
+
     with torch.inference_mode():
-        session.features = {0: session._catch_up(ids[p])}
-        session._run_level(chain, [1], 1)
-        session._run_level(chain, [2], 2)
+        assert drive([session.slot], [catch_up_then_two_levels()], proposer.run) == [None]
     for depth in range(3):  # the node at depth d consumes ids[p + d]: the entry with source p + d
         torch.testing.assert_close(session.features[depth], passes[depth][p + depth - 1], rtol=1e-10, atol=1e-10)
 

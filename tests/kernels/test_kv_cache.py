@@ -41,7 +41,7 @@ def test_tree_attention_is_exact(attention_llama, exact_to):
 
 
 def test_compact_rows_docstring_example_and_ragged_rows():
-    """The engine's slot cache runs this on every layer (tests/server/test_kv_slots.py checks the
+    """The engine's slot cache runs this on every layer (tests/kernels/test_slot_cache.py checks the
     model-level result)."""
     # slot values stand for the rows: 10, 11 prefix; 20.. tree nodes; row 1 has prefix 1
     rows = torch.tensor([[10, 11, 20, 21, 22, 23, 24], [10, 30, 31, 32, 33, 34, 35]], dtype=torch.float64)

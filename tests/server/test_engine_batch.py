@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from specserve.drafting.budget import TreeBudget
+from specserve.drafting.eagle_head import ImageMode
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.planner import GoodputPlanner, StepCosts
@@ -59,8 +60,10 @@ def run_batched(engine: Engine, arrivals: list[tuple[int, object, SamplingParams
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("draft", ["none", "ngram"])
+@pytest.mark.parametrize("draft", ["none", "ngram", "draft-lm"])
 def test_greedy_batch_with_joins_and_leaves_equals_generate(tiny_model_dirs, family, draft):
+    if draft == "draft-lm":  # the other family drafts (same tokenizer), batched level by level
+        draft = str(tiny_model_dirs["qwen2" if family == "llama" else "llama"])
     engine = engine_for(tiny_model_dirs[family], draft)
     params = [SamplingParams(max_tokens=n) for n in (30, 24, 36, 12, 40)]
     arrivals = [(join, engine.prepare_text(text), p) for join, text, p in zip((0, 0, 2, 5, 5), PROMPTS, params)]
@@ -72,8 +75,10 @@ def test_greedy_batch_with_joins_and_leaves_equals_generate(tiny_model_dirs, fam
     assert engine.free_slots == list(range(engine.num_slots))  # every slot came back
 
 
-def test_image_and_text_requests_in_one_batch(tiny_model_dirs):
-    engine = engine_for(tiny_model_dirs["llava"])
+@pytest.mark.parametrize("draft", ["ngram", "msd-head"])
+def test_image_and_text_requests_in_one_batch(tiny_model_dirs, random_head_dir, draft):
+    model = tiny_model_dirs["llava"]
+    engine = engine_for(model, str(random_head_dir(model, ImageMode.DECOUPLED)) if draft == "msd-head" else draft)
     image = Image.new("RGB", (48, 40), (200, 30, 30))
     with_image = engine.prepare_chat([{"role": "user", "content": [
         {"type": "image", "image": image}, {"type": "text", "text": "describe the red circle"}]}])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from specserve.drafting.base import DraftContext, DraftProposal
+from specserve.drafting.base import DraftContext, DraftProposal, SequentialProposer
 from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.kernels.tree import DraftTree
 from specserve.server.engine import Engine
@@ -21,11 +21,10 @@ PROMPTS = [
 ]
 
 
-class WrongTokenProposer:
+class WrongTokenProposer(SequentialProposer):
     """Proposes a full tree of random tokens: nearly every node is rejected, which exercises the
-    rejection paths (and the rare accidental accept)."""
-
-    needs_hidden_states = False
+    rejection paths (and the rare accidental accept). An embedder's own drafter: `SequentialProposer`
+    supplies the batch interface."""
 
     def __init__(self, vocab: int, seed: int = 0) -> None:
         self.vocab = vocab

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specserve.kernels.kv_cache import SlotCache
 from specserve.kernels.tree import DraftTree, chain_tree
-from specserve.server.engine.kv_slots import SlotCache
 
 
 def forward(model, cache: SlotCache, tree: DraftTree, slots: list[int], prefix_lens: list[int]) -> torch.Tensor:

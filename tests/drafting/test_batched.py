@@ -1,0 +1,119 @@
+"""Model drafters draft a batch together (`drafting/batched.py`): each session gets the tree it drafts
+alone, the batch takes as many drafter forwards as its longest session (not the sum), and a fault in
+one session's drafting fails only that session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from specserve.drafting.batched import DraftForward, pad_forwards
+from specserve.drafting.budget import TreeBudget
+from specserve.drafting.draft_model import DraftModelProposer
+from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle_head import ImageMode
+from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
+
+PROMPTS = ["the quick brown fox", "Summarise: the cat sat on the mat. The mat was red.", "hi"]
+TREE = TreeBudget(depth=4, branching=3, draft_nodes=8)
+
+
+def drafter_engine(tiny_model_dirs, random_head_dir, drafter: str) -> Engine:
+    """float64, trees verified whole: a draft LM (the tiny Qwen2 drafting for the tiny Llama, same
+    tokenizer) or a random MSD head on the tiny LLaVA."""
+    if drafter == "draft-lm":
+        model, draft = tiny_model_dirs["llama"], str(tiny_model_dirs["qwen2"])
+    else:
+        model = tiny_model_dirs["llava"]
+        draft = str(random_head_dir(model, ImageMode.DECOUPLED))
+    engine = Engine.from_config(EngineConfig(model=str(model), draft=draft, dtype="float64", tree=TREE,
+                                             batch_tree_tokens=0))
+    assert isinstance(engine.proposer, DraftModelProposer if drafter == "draft-lm" else EagleProposer)
+    return engine
+
+
+def prompts(engine: Engine) -> list:
+    texts = [engine.prepare_text(t) for t in PROMPTS]
+    if not engine.is_multimodal:
+        return texts
+    image = Image.new("RGB", (48, 40), (200, 30, 30))
+    return [engine.prepare_chat([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "describe it"}]}]), *texts[1:]]
+
+
+def started(engine: Engine, max_tokens: int = 40) -> list:
+    """Sequences for every prompt, prefilled (drafters open, first tokens emitted)."""
+    seqs = [engine.start(p, SamplingParams(max_tokens=max_tokens)) for p in prompts(engine)]
+    assert all(out is not None for out in engine.step_batch(seqs))
+    return seqs
+
+
+def counting_runs(proposer) -> list[int]:
+    """Record the number of rows of every batched drafter forward."""
+    rows, run = [], proposer.run
+    proposer.run = lambda slots, forwards: rows.append(len(slots)) or run(slots, forwards)
+    return rows
+
+
+@pytest.mark.parametrize("drafter", ["draft-lm", "msd-head"])
+def test_a_batch_drafts_each_sessions_own_tree_in_fewer_forwards(tiny_model_dirs, random_head_dir, drafter):
+    together, alone = (drafter_engine(tiny_model_dirs, random_head_dir, drafter) for _ in range(2))
+    batch, singles = started(together), started(alone)
+    for turn in range(3):  # three proposals each, with commits between them (catch-ups of accepted drafts)
+        batched_rows, single_rows = counting_runs(together.proposer), counting_runs(alone.proposer)
+        proposals = together.proposer.propose_batch([s.draft for s in batch], [s.root_token for s in batch])
+        per_session = []
+        for seq in singles:
+            before = len(single_rows)
+            per_session.append(seq.draft.propose(seq.root_token))
+            assert len(single_rows) - before >= 2  # a catch-up and at least one tree level
+        for mine, own in zip(proposals, per_session):
+            assert mine.tree.tokens.tolist() == own.tree.tokens.tolist()
+            assert mine.tree.parents.tolist() == own.tree.parents.tolist()
+        # one forward per round, each carrying every session still drafting: the longest session's count
+        assert len(batched_rows) < len(single_rows) and batched_rows[0] == len(batch)
+        # advance both engines by one real step so the next proposals start from new commits
+        for engine, seqs in ((together, batch), (alone, singles)):
+            outs = engine.step_batch(seqs)
+            assert all(not isinstance(out, Exception) for out in outs), outs
+    assert [s.output_ids for s in batch] == [s.output_ids for s in singles]
+
+
+def test_a_fault_in_one_sessions_drafting_fails_only_that_sequence(tiny_model_dirs, random_head_dir):
+    engine = drafter_engine(tiny_model_dirs, random_head_dir, "draft-lm")
+    seqs = started(engine, max_tokens=30)
+    real = seqs[1].draft.drafting
+
+    def broken(root_token):  # its first forward runs in the batch, then it fails
+        yield next(real(root_token))
+        raise RuntimeError("drafter fault")
+
+    seqs[1].draft.drafting = broken
+    outs = engine.step_batch(seqs)
+    assert isinstance(outs[1], RuntimeError)
+    engine.release(seqs.pop(1))
+    reference = Engine.from_config(EngineConfig(model=str(tiny_model_dirs["llama"]), dtype="float64"))
+    while not all(s.finished for s in seqs):
+        live = [s for s in seqs if not s.finished]
+        assert all(not isinstance(out, Exception) for out in engine.step_batch(live))
+    for seq, prompt in zip(seqs, [PROMPTS[0], PROMPTS[2]]):
+        alone = reference.generate(reference.prepare_text(prompt), SamplingParams(max_tokens=30))
+        assert seq.output_ids == alone.token_ids  # the others kept drafting, exactly
+
+
+def test_pad_forwards_docstring_example():
+    """Session a catches up 2 entries at offset 7, session b runs a level of 3 nodes at offset 4."""
+    a = DraftForward(torch.tensor([5, 6]), torch.tensor([7, 8]), torch.ones(2, 9, dtype=torch.bool).tril(7), 7, [1])
+    level = torch.zeros(3, 7, dtype=torch.bool)
+    level[:, :4] = True
+    level[torch.arange(3), 4 + torch.arange(3)] = True
+    b = DraftForward(torch.tensor([1, 2, 3]), torch.tensor([4, 4, 4]), level, 4, [0, 1, 2])
+    ids, positions, mask, n = pad_forwards([a, b], torch.float64)
+    assert n == 3 and ids.tolist() == [[5, 6, 0], [1, 2, 3]] and mask.shape == (2, 1, 3, 10)
+    seen = (mask[:, 0] == 0).int()
+    assert seen[0, 2].tolist() == [0] * 9 + [1]  # a's padding row sees only itself (column 7 + 2)
+    assert seen[0, :2, :9].tolist() == a.allowed.int().tolist() and seen[0, :2, 9].sum() == 0
+    assert seen[1, :, :7].tolist() == level.int().tolist() and seen[1, :, 7:].sum() == 0
+    assert positions.tolist() == [[7, 8, 8], [4, 4, 4]]
