@@ -25,32 +25,34 @@ log = logging.getLogger(__name__)
 CANDIDATES = (2, 4, 8, 16, 24, 32, 48, 64)
 
 
-def verify_seconds(target: TargetModel, nodes: int, prefix_len: int, repeats: int) -> float:
-    """Fastest wall time of verifying `nodes` tree nodes after a `prefix_len`-token prefix (the minimum
-    is the least disturbed by other work on the machine)."""
+def verify_seconds(target: TargetModel, sizes: list[int], prefix_len: int, repeats: int) -> list[float]:
+    """Fastest wall time of verifying a chain of each of `sizes` nodes after a `prefix_len`-token
+    prefix (the minimum is the least disturbed by other work on the machine). The prefix is prefilled
+    once; every verify overwrites the rows after it."""
     vocab = target.config.vocab_size
     prefix = torch.randint(0, vocab, (prefix_len,)).tolist()
-    cache = target.new_cache(1, prefix_len + nodes)
+    cache = target.new_cache(1, prefix_len + max(sizes))
     target.prefill(target.embed(PromptInput(prefix)).embeds, cache, 0, 0)
-    tree = chain_tree(torch.randint(0, vocab, (1, nodes), device=target.device))
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up kernels and allocations
-        start = time.perf_counter()
-        target.verify(tree, cache, [0], [prefix_len])  # overwrites the same rows each time
-        if target.device.type == "cuda":
-            torch.cuda.synchronize(target.device)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    fastest = []
+    for nodes in sizes:
+        tree = chain_tree(torch.randint(0, vocab, (1, nodes), device=target.device))
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up kernels and allocations
+            start = time.perf_counter()
+            target.verify(tree, cache, [0], [prefix_len])
+            if target.device.type == "cuda":
+                torch.cuda.synchronize(target.device)
+            times.append(time.perf_counter() - start)
+        fastest.append(min(times[1:]))
+    return fastest
 
 
 def calibrate_tree_nodes(
     target: TargetModel, max_cost_ratio: float = 1.3, prefix_len: int = 256, repeats: int = 5
 ) -> tuple[int, dict[int, float]]:
     """The chosen draft-node budget (root excluded) and the measured cost ratio of every size."""
-    base = verify_seconds(target, 1, prefix_len, repeats)
-    ratios: dict[int, float] = {}
-    for size in CANDIDATES:
-        ratios[size] = verify_seconds(target, size + 1, prefix_len, repeats) / base
+    base, *seconds = verify_seconds(target, [1, *(size + 1 for size in CANDIDATES)], prefix_len, repeats)
+    ratios = {size: s / base for size, s in zip(CANDIDATES, seconds)}
     fitting = [size for size, ratio in ratios.items() if ratio <= max_cost_ratio]
     chosen = max(fitting, default=CANDIDATES[0])
     log.info("tree budget calibration (verify cost / one token): %s -> %d nodes",
@@ -62,7 +64,7 @@ def measure_step_costs(target: TargetModel, max_tokens: int, prefix_len: int = 1
     """Verify-forward seconds at 1, 2, 4, ... tokens and at `max_tokens` (the largest batch of trees),
     made non-decreasing (more tokens never cost less; a dip is noise of the measurement)."""
     sizes = sorted({*(2**i for i in range(max(max_tokens, 2).bit_length()) if 2**i < max_tokens), max(max_tokens, 2)})
-    measured = [verify_seconds(target, size, prefix_len, repeats) for size in sizes]
+    measured = verify_seconds(target, sizes, prefix_len, repeats)
     seconds = tuple(max(measured[: i + 1]) for i in range(len(measured)))
     log.info("verify forward cost by tokens (ms): %s", {t: round(s * 1000, 1) for t, s in zip(sizes, seconds)})
     return StepCosts(tuple(sizes), seconds)
