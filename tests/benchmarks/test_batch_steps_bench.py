@@ -17,6 +17,7 @@ def test_a_run_reports_every_batch_and_the_planners_costs(benchmark_script, tiny
             assert r["tokens_per_s"] > 0 and r["tokens_per_row_turn"] >= 1.0
         assert (run["costs_ms"] != {}) == (draft == "ngram")  # no planner to measure for without a drafter
     assert all(r["drafted_per_row_turn"] == 0 for r in runs["float32", "none"]["batches"].values())
+    assert all(0 < r["draft_ms_per_turn"] < r["ms_per_turn"] for r in runs["float32", "ngram"]["batches"].values())
     table = (tmp_path / f"batch-steps-{model.name}.md").read_text()
     assert "| float32 | ngram | 3 |" in table
     assert json.loads((tmp_path / f"batch-steps-{model.name}.json").read_text()).keys() == {"float32/none",
