@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from ..kernels.sampling import LogitsParams
-from ..kernels.tree import DraftTree
+from ..kernels.tree import DraftTree, chain_tree
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ class DraftProposal:
         return DraftProposal(tree, probs)
 
 
+def root_only(root_token: int, device: torch.device) -> DraftProposal:
+    """The proposal of no draft: the root alone (verifying it is one plain decoding step)."""
+    return DraftProposal(chain_tree(torch.tensor([[root_token]], device=device)))
+
+
 class DraftSession(Protocol):
     def propose(self, root_token: int) -> DraftProposal:
         """A tree whose node 0 is `root_token`; its other nodes are draft tokens."""
@@ -74,9 +79,13 @@ class Proposer(Protocol):
     def open(self, context: DraftContext) -> DraftSession:
         ...
 
-    def propose_batch(self, sessions: list[DraftSession], roots: list[int]) -> list[DraftProposal | Exception]:
+    def propose_batch(
+        self, sessions: list[DraftSession], roots: list[int], grow: list[bool] | None = None,
+    ) -> list[DraftProposal | Exception]:
         """Every session's proposal below its root, or the exception its own drafting raised (that
-        session fails, the others go on). Raises if what the sessions share (a batched forward) fails."""
+        session fails, the others go on). Raises if what the sessions share (a batched forward) fails.
+        A session with `grow` False proposes its root alone (it only keeps up with the text: the
+        engine found that drafting cannot pay this turn); None = every session drafts."""
         ...
 
     def kv_bytes_per_token(self) -> int:
@@ -95,9 +104,16 @@ class SequentialProposer:
 
     needs_hidden_states = False
 
-    def propose_batch(self, sessions: list[DraftSession], roots: list[int]) -> list[DraftProposal | Exception]:
+    device: torch.device
+
+    def propose_batch(
+        self, sessions: list[DraftSession], roots: list[int], grow: list[bool] | None = None,
+    ) -> list[DraftProposal | Exception]:
         proposals: list[DraftProposal | Exception] = []
-        for session, root in zip(sessions, roots):
+        for i, (session, root) in enumerate(zip(sessions, roots)):
+            if grow is not None and not grow[i]:
+                proposals.append(root_only(root, self.device))  # the session learns the text at commit
+                continue
             try:
                 proposals.append(session.propose(root))
             except Exception as exc:  # this session's fault only

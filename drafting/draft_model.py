@@ -19,7 +19,7 @@ import torch
 from ..kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ..kernels.sampling import LogitsParams, process_logits, sample
 from ..kernels.tree import DraftTree
-from .base import DraftContext, DraftProposal
+from .base import DraftContext, DraftProposal, root_only
 from .batched import DraftForward, Drafting, DraftReply, causal, drive, one_proposal, pad_forwards, replies
 from .budget import TreeBudget, TreeMode
 from .dynamic_tree import Candidates
@@ -47,8 +47,12 @@ class DraftModelProposer:
         return DraftModelSession(self, context)
 
     @torch.inference_mode()
-    def propose_batch(self, sessions: list[DraftModelSession], roots: list[int]) -> list[DraftProposal | Exception]:
-        return drive([s.slot for s in sessions], [s.drafting(r) for s, r in zip(sessions, roots)], self.run)
+    def propose_batch(
+        self, sessions: list[DraftModelSession], roots: list[int], grow: list[bool] | None = None,
+    ) -> list[DraftProposal | Exception]:
+        grow = grow or [True] * len(sessions)
+        drafts = [s.drafting(r, g) for s, r, g in zip(sessions, roots, grow)]
+        return drive([s.slot for s in sessions], drafts, self.run)
 
     @torch.inference_mode()
     def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
@@ -93,10 +97,12 @@ class DraftModelSession:
     def propose(self, root_token: int) -> DraftProposal:
         return one_proposal(self.proposer.propose_batch([self], [root_token])[0])
 
-    def drafting(self, root_token: int) -> Drafting:
-        """Catch up, then draft a tree (or sample a chain); returns the proposal."""
+    def drafting(self, root_token: int, grow: bool = True) -> Drafting:
+        """Catch up, then draft a tree or sample a chain (unless not `grow`); returns the proposal."""
         tokens, self.pending = self.pending + [root_token], []
-        root_logps = (yield from self._tokens(tokens, scored=[len(tokens) - 1])).log_probs
+        root_logps = (yield from self._tokens(tokens, scored=[len(tokens) - 1] if grow else [])).log_probs
+        if not grow:
+            return root_only(root_token, self.device)
         self.node_slots = {}
         if self.tree.mode is TreeMode.CHAIN and not self.params.greedy:
             return (yield from self._sample_chain(root_token, root_logps))

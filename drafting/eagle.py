@@ -10,7 +10,8 @@ for the alignment and the image modes):
   the root's predicted feature, whose LM-head logits give the root's children. Each deeper tree level
   runs its frontier in one forward with a tree mask, pairing each node's token with its parent's
   *predicted* feature (the target has not seen drafted nodes). The tree rows lie past the session's
-  committed length, so the next catch-up simply overwrites them;
+  committed length, so the next catch-up simply overwrites them. With `grow` False only the
+  catch-up runs (the turn verifies the root alone);
 - commit(root + accepted, h at them): h[i] pairs with the token after tokens[i], i.e. with the
   next accepted token or, for the last one, the bonus token, which arrives as the next root. The
   root's own entry already used true features, so it stays; the drafted entries it replaces were
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..kernels.kv_cache import SlotCache, kv_bytes_per_token
-from .base import DraftContext, DraftProposal
+from .base import DraftContext, DraftProposal, root_only
 from .batched import DraftForward, Drafting, DraftReply, causal, drive, one_proposal, pad_forwards, replies, scored_rows
 from .budget import TreeBudget
 from .dynamic_tree import Candidates
@@ -90,8 +91,12 @@ class EagleProposer:
         return EagleSession(self, context)
 
     @torch.inference_mode()
-    def propose_batch(self, sessions: list[EagleSession], roots: list[int]) -> list[DraftProposal | Exception]:
-        return drive([s.slot for s in sessions], [s.drafting(r) for s, r in zip(sessions, roots)], self.run)
+    def propose_batch(
+        self, sessions: list[EagleSession], roots: list[int], grow: list[bool] | None = None,
+    ) -> list[DraftProposal | Exception]:
+        grow = grow or [True] * len(sessions)
+        drafts = [s.drafting(r, g) for s, r, g in zip(sessions, roots, grow)]
+        return drive([s.slot for s in sessions], drafts, self.run)
 
     @torch.inference_mode()
     def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
@@ -136,9 +141,11 @@ class EagleSession:
     def propose(self, root_token: int) -> DraftProposal:
         return one_proposal(self.proposer.propose_batch([self], [root_token])[0])
 
-    def drafting(self, root_token: int) -> Drafting:
-        """Catch up, then grow the tree level by level; returns the proposal."""
-        root_logps = yield from self._catch_up(root_token)
+    def drafting(self, root_token: int, grow: bool = True) -> Drafting:
+        """Catch up, then grow the tree level by level (unless not `grow`); returns the proposal."""
+        root_logps = yield from self._catch_up(root_token, scored=grow)
+        if not grow:
+            return root_only(root_token, self.device)
         self.node_slots = {}
         # drafts are one-hot (no draft distribution): tree acceptance samples losslessly in every mode
         tree = yield from shape_tree(root_token, lambda c, n, level: self._expand(c, n, level, root_logps),
@@ -153,12 +160,12 @@ class EagleSession:
         self.length += n
         return reply
 
-    def _catch_up(self, root_token: int) -> Drafting:
+    def _catch_up(self, root_token: int, scored: bool = True) -> Drafting:
         """The waiting entries and the root's through the head; returns the root's children log-probs
-        [1, V] (the root's predicted feature is kept as node 0's)."""
+        [1, V] if `scored` (the root's predicted feature is kept as node 0's)."""
         tokens = torch.tensor(self.pending_tokens + [root_token], device=self.device)
         inputs = self.head.fuse(self.embed_tokens(tokens), self.pending_hidden)
-        reply = yield from self._entries(inputs, scored=[len(inputs) - 1])
+        reply = yield from self._entries(inputs, scored=[len(inputs) - 1] if scored else [])
         self.features = {0: reply.outputs[-1]}
         return reply.log_probs
 

@@ -29,7 +29,6 @@ class NgramConfig:
 
 
 class NgramProposer(SequentialProposer):
-
     def __init__(self, tree: TreeBudget, device: torch.device, config: NgramConfig = NgramConfig()):
         # The trie's shape comes from what the text repeats, not from ranked guesses, so a fixed shape
         # has nothing to fill it with; chain mode keeps the single best continuation.

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.tree import DraftTree
-from .base import DraftContext, DraftProposal, SequentialProposer
+from .base import DraftContext, DraftProposal, SequentialProposer, root_only
 
 
 class NoDraftProposer(SequentialProposer):
-
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
@@ -19,12 +17,10 @@ class NoDraftProposer(SequentialProposer):
 
 class NoDraftSession:
     def __init__(self, device: torch.device) -> None:
-        self.parents = torch.tensor([[-1]], device=device)
         self.device = device
 
     def propose(self, root_token: int) -> DraftProposal:
-        tokens = torch.tensor([[root_token]], device=self.device)
-        return DraftProposal(DraftTree.from_parents(tokens, self.parents))
+        return root_only(root_token, self.device)
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         pass

@@ -68,7 +68,6 @@ class SuffixStats:
 
 
 class SuffixProposer(SequentialProposer):
-
     def __init__(self, tree: TreeBudget, device: torch.device, config: SuffixConfig = SuffixConfig()) -> None:
         if tree.mode is TreeMode.STATIC:
             raise ValueError("suffix drafting cannot fill a static tree shape (its trie follows what the "

@@ -21,18 +21,39 @@ compute-bound machine the width shrinks, down to 1 (plain decoding) when no draf
 
 A seeded sampling request is *pinned*: its tree is never cut, so its random draws, and hence its
 output, do not depend on what else is in the batch; the width is then at least its tree's size.
+
+Drafting itself costs time that is spent before the cut (a head or a draft LM runs a forward per tree
+level). So before drafting, `drafting` asks whether it can pay this turn: with D(n) the measured
+seconds of drafting for n rows (`observe_drafting`) and each row's expected gain on the shape of the
+last tree drafted,
+
+    draft iff  max_w (B + sum_r gain_r(w)) / (cost(B * w) + D(B))  >=  B / cost(B)
+
+and otherwise only the pinned rows draft (the others send their root alone, and their drafters just
+keep up with the text). Nothing is known before the first drafting turn, so it drafts. While drafting
+is skipped, D decays (and the rows' acceptance rates drift back to their prior), so a measurement
+taken in a slow moment does not stop drafting for good: once the decayed estimate says drafting may
+pay, it drafts once more and measures again.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ...kernels.tree import DraftTree
 
 
 class BatchPlanner(Protocol):
+    def drafting(self, rates: list[float], pinned: list[bool]) -> list[bool]:
+        """Before drafting: which rows draft a tree this turn (the others propose their root alone)."""
+        ...
+
+    def observe_drafting(self, rows: int, seconds: float) -> None:
+        """Drafting for `rows` rows took `seconds`."""
+        ...
+
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         """Nodes (root included) to verify of each row's tree (a batch of one each)."""
         ...
@@ -93,21 +114,45 @@ def expected_gains(depths: list[int], rate: float) -> list[float]:
 
 @dataclass
 class GoodputPlanner:
-    """The width that maximises expected tokens per second (module docstring)."""
+    """The width that maximises expected tokens per second, and whether drafting pays (module
+    docstring)."""
 
     costs: StepCosts
+    smoothing: float = 0.5  # weight of a new drafting-time measurement
+    forgetting: float = 0.9  # drafting-time estimates shrink by this per skipped turn
+    draft_seconds: dict[int, float] = field(default_factory=dict)  # rows -> measured drafting seconds
+    shape: list[int] | None = None  # node depths of the widest tree last drafted
+
+    def drafting(self, rates: list[float], pinned: list[bool]) -> list[bool]:
+        rows = len(rates)
+        if self.shape is None or rows not in self.draft_seconds:
+            return [True] * rows  # nothing measured yet: draft, and measure
+        gains = [expected_gains(self.shape, rate) for rate in rates]
+        best = max(self._goodput(gains, width, self.draft_seconds[rows]) for width in range(1, len(self.shape) + 1))
+        if best >= rows / self.costs(rows):
+            return [True] * rows
+        for n in self.draft_seconds:
+            self.draft_seconds[n] *= self.forgetting
+        return list(pinned)
+
+    def observe_drafting(self, rows: int, seconds: float) -> None:
+        known = self.draft_seconds.get(rows)
+        self.draft_seconds[rows] = seconds if known is None else known + self.smoothing * (seconds - known)
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         sizes = [tree.num_nodes for tree in trees]
         gains = [expected_gains(tree.depths[0].tolist(), rate) for tree, rate in zip(trees, rates)]
+        if max(sizes) > 1:
+            self.shape = trees[sizes.index(max(sizes))].depths[0].tolist()
         narrowest = max((n for n, pin in zip(sizes, pinned) if pin), default=1)
-
-        def goodput(width: int) -> float:
-            gain = sum(g[min(width, len(g)) - 1] for g in gains)
-            return (len(trees) + gain) / self.costs(len(trees) * width)
-
-        width = max(range(narrowest, max(sizes) + 1), key=goodput)  # the first (narrowest) of equals
+        # the first (narrowest) of equals
+        width = max(range(narrowest, max(sizes) + 1), key=lambda w: self._goodput(gains, w, 0.0))
         return [n if pin else min(n, width) for n, pin in zip(sizes, pinned)]
+
+    def _goodput(self, gains: list[list[float]], width: int, draft_seconds: float) -> float:
+        """Expected tokens per second of a turn whose rows verify their first `width` nodes."""
+        gain = sum(g[min(width, len(g)) - 1] for g in gains)
+        return (len(gains) + gain) / (self.costs(len(gains) * width) + draft_seconds)
 
 
 @dataclass(frozen=True)
@@ -115,6 +160,12 @@ class SharePlanner:
     """A fixed cap: the forward carries `tokens` tree tokens, each row an equal share (0 = no cap)."""
 
     tokens: int
+
+    def drafting(self, rates: list[float], pinned: list[bool]) -> list[bool]:
+        return [True] * len(rates)
+
+    def observe_drafting(self, rows: int, seconds: float) -> None:
+        pass
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         share = max(1, self.tokens // len(trees)) if self.tokens else None

@@ -1,13 +1,15 @@
 """The two kinds of engine step, one target forward each: `prefill` (one chunk of one sequence's
 prompt) and `speculative_step` (a batch of sequences).
 
-`speculative_step` is the algorithm: every sequence proposes a draft tree, the batch planner cuts
-each tree to what pays at this batch size, one target forward verifies all the trees, each row
-accepts its longest agreed path plus a bonus token, the KV cache is compacted row by row, the
-drafters are told, and each sequence emits its tokens.
+`speculative_step` is the algorithm: every sequence proposes a draft tree (if the batch planner
+expects drafting to pay this turn), the planner cuts each tree to what pays at this batch size, one
+target forward verifies all the trees, each row accepts its longest agreed path plus a bonus token,
+the KV cache is compacted row by row, the drafters are told, and each sequence emits its tokens.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -66,9 +68,15 @@ def speculative_step(
     alone, plain decoding). A failure that belongs to one sequence (its drafter, its detokenizer) is
     returned in that sequence's place and the others go on; a failing forward fails them all."""
     # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token (model
-    # drafters run the whole batch's tree levels together)
+    # drafters run the whole batch's tree levels together), unless the planner finds that drafting
+    # cannot pay this turn (then only pinned rows draft, the others send their root alone)
+    pinned = [s.params.seed is not None and not s.params.greedy for s in seqs]
+    grow = planner.drafting([s.acceptance.value for s in seqs], pinned)
+    start = time.perf_counter()
     with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
-        drafted = proposer.propose_batch([seq.draft for seq in seqs], [seq.root_token for seq in seqs])
+        drafted = proposer.propose_batch([seq.draft for seq in seqs], [seq.root_token for seq in seqs], grow)
+    if any(grow):
+        planner.observe_drafting(sum(grow), time.perf_counter() - start)
     results: dict[int, StepOutput | Exception] = {
         row: out for row, out in enumerate(drafted) if isinstance(out, Exception)}
     proposals = {row: out for row, out in enumerate(drafted) if not isinstance(out, Exception)}
@@ -77,7 +85,7 @@ def speculative_step(
         batch = [seqs[row] for row in rows]
         # 2. plan: how much of each tree this batch's forward should carry
         sizes = planner.plan([proposals[row].tree for row in rows], [s.acceptance.value for s in batch],
-                             [s.params.seed is not None and not s.params.greedy for s in batch])
+                             [pinned[row] for row in rows])
         trees = [proposals[row].first(size) for row, size in zip(rows, sizes)]
         for row, out in zip(rows, _verify_and_emit(batch, trees, target, proposer, cache, stopwatch)):
             results[row] = out

@@ -86,8 +86,8 @@ def test_a_fault_in_one_sessions_drafting_fails_only_that_sequence(tiny_model_di
     seqs = started(engine, max_tokens=30)
     real = seqs[1].draft.drafting
 
-    def broken(root_token):  # its first forward runs in the batch, then it fails
-        yield next(real(root_token))
+    def broken(root_token, grow):  # its first forward runs in the batch, then it fails
+        yield next(real(root_token, grow))
         raise RuntimeError("drafter fault")
 
     seqs[1].draft.drafting = broken
@@ -101,6 +101,49 @@ def test_a_fault_in_one_sessions_drafting_fails_only_that_sequence(tiny_model_di
     for seq, prompt in zip(seqs, [PROMPTS[0], PROMPTS[2]]):
         alone = reference.generate(reference.prepare_text(prompt), SamplingParams(max_tokens=30))
         assert seq.output_ids == alone.token_ids  # the others kept drafting, exactly
+
+
+class AlternatingPlanner:
+    """Every other turn, no row drafts (as when the goodput planner finds that drafting cannot pay)."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def drafting(self, rates, pinned):
+        self.turns += 1
+        return [self.turns % 2 == 0 or pin for pin in pinned]
+
+    def observe_drafting(self, rows, seconds):
+        pass
+
+    def plan(self, trees, rates, pinned):
+        return [tree.num_nodes for tree in trees]
+
+
+@pytest.mark.parametrize("drafter", ["draft-lm", "msd-head"])
+def test_drafters_keep_up_through_turns_without_drafting(tiny_model_dirs, random_head_dir, drafter):
+    """On a turn without drafting a model drafter still takes in the committed text (its catch-up
+    runs, its tree does not), so the turns that do draft stay exact."""
+    engine = drafter_engine(tiny_model_dirs, random_head_dir, drafter)
+    engine.planner = AlternatingPlanner()
+    seqs = started(engine, max_tokens=30)
+    sizes, propose_batch = [], engine.proposer.propose_batch
+
+    def recording(*args):
+        proposals = propose_batch(*args)
+        sizes.append([p.tree.num_nodes for p in proposals])
+        return proposals
+
+    engine.proposer.propose_batch = recording
+    while not all(s.finished for s in seqs):
+        assert all(not isinstance(out, Exception) for out in engine.step_batch([s for s in seqs if not s.finished]))
+    assert all(n == 1 for n in sizes[0]) and all(n > 1 for n in sizes[1])  # the first turn skips, the next drafts
+    for seq in seqs:  # the drafter holds (or has pending) an entry for every token the target cached
+        held = seq.draft.length + len(seq.draft.pending if drafter == "draft-lm" else seq.draft.pending_tokens)
+        assert held == seq.prefix_len - (drafter == "msd-head")  # a head has no entry for position 0
+    plain = Engine.from_config(EngineConfig(model=engine.config.model, draft="none", dtype="float64"))
+    for seq, prompt in zip(seqs, prompts(plain)):
+        assert seq.output_ids == plain.generate(prompt, SamplingParams(max_tokens=30)).token_ids
 
 
 def test_pad_forwards_docstring_example():

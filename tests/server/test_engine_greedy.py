@@ -29,6 +29,7 @@ class WrongTokenProposer(SequentialProposer):
     def __init__(self, vocab: int, seed: int = 0) -> None:
         self.vocab = vocab
         self.gen = torch.Generator().manual_seed(seed)
+        self.device = torch.device("cpu")
 
     def open(self, context: DraftContext) -> WrongTokenProposer:
         return self

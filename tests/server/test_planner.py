@@ -77,3 +77,29 @@ def test_the_acceptance_rate_follows_a_rows_history_and_drifts_back_to_the_prior
     for _ in range(40):
         rate.observe(drafted_depth=0, accepted=0)  # not drafted: no evidence, old evidence fades
     assert low < rate.value == pytest.approx(0.5, abs=0.05)
+
+
+def test_drafting_is_tried_first_then_skipped_while_its_own_cost_cannot_pay():
+    planner = GoodputPlanner(FLAT)  # a forward costs 10 ms whatever it carries
+    rates, free = [0.3, 0.3], [False, False]
+    assert planner.drafting(rates, free) == [True, True]  # nothing measured yet: draft and measure
+    planner.plan([chain(6), chain(6)], rates, free)
+    planner.observe_drafting(2, 0.0001)  # nearly free drafting pays even at a poor acceptance rate
+    assert planner.drafting(rates, free) == [True, True]
+    planner.observe_drafting(2, 0.100)  # drafting that costs several forwards does not
+    planner.observe_drafting(2, 0.100)
+    assert planner.drafting(rates, free) == [False, False]
+    assert planner.drafting(rates, [True, False]) == [True, False]  # a pinned row drafts anyway
+
+
+def test_a_skipped_drafter_is_tried_again_once_its_cost_estimate_has_decayed():
+    planner = GoodputPlanner(FLAT)
+    planner.plan([chain(6)], [0.3], [False])
+    planner.observe_drafting(1, 0.05)
+    decisions = [planner.drafting([0.3], [False])[0] for _ in range(60)]
+    # (1 + 0.43) / (0.010 + D) >= 1 / 0.010 once D <= 4.3 ms: 0.05 * 0.9^k falls below it at k = 24
+    assert decisions.index(True) == 24 and not any(decisions[:24])
+
+
+def test_a_fixed_share_always_drafts():
+    assert SharePlanner(4).drafting([0.0, 0.0], [False, False]) == [True, True]
