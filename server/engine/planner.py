@@ -63,11 +63,15 @@ class BatchPlanner(Protocol):
 class AcceptanceRate:
     """A row's recent per-token draft acceptance rate: successes over trials with a prior, where a
     verify step that accepted `a` of `d` drafted levels counts a successes and one failure if a < d.
-    Counts decay every step, so a row that stopped drafting drifts back to the prior and tries again."""
+    Counts decay with every drafted step (recent text matters most), and more slowly with every step
+    that verified no draft, so a row that stopped drafting drifts back to the prior and, some 30
+    steps later, tries again (a faster drift would spend a verify of several tokens on a row that
+    just showed its drafts fail)."""
 
     prior: float = 0.5
     prior_weight: float = 2.0
     decay: float = 0.8
+    idle_decay: float = 0.95
     successes: float = 0.0
     trials: float = 0.0
 
@@ -76,8 +80,9 @@ class AcceptanceRate:
         return (self.successes + self.prior * self.prior_weight) / (self.trials + self.prior_weight)
 
     def observe(self, drafted_depth: int, accepted: int) -> None:
-        self.successes *= self.decay
-        self.trials *= self.decay
+        decay = self.decay if drafted_depth > 0 else self.idle_decay
+        self.successes *= decay
+        self.trials *= decay
         if drafted_depth > 0:
             self.successes += accepted
             self.trials += accepted + (1 if accepted < drafted_depth else 0)
