@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernels.kv_cache import SlotCache
 from ..kernels.tree import additive_mask
 from .base import DraftProposal
 
@@ -120,8 +121,57 @@ def causal(offset: int, rows: int, device: torch.device) -> Tensor:
     return torch.arange(offset + rows, device=device) <= (offset + torch.arange(rows, device=device))[:, None]
 
 
-def one_proposal(proposal: DraftProposal | Exception) -> DraftProposal:
-    """A single session's result of `drive`: the proposal, or its fault raised."""
-    if isinstance(proposal, Exception):
-        raise proposal
-    return proposal
+class SlotProposer:
+    """Base of the model drafters (a head, a draft LM): their sessions draft together through `drive`,
+    each in its slot of the proposer's `SlotCache` (sized by `reserve`); `run` is the subclass's
+    batched forward."""
+
+    cache: SlotCache | None = None
+
+    def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
+        raise NotImplementedError
+
+    def check_reserved(self) -> None:
+        if self.cache is None:
+            raise RuntimeError("reserve() the drafter's KV cache before opening sessions")
+
+    @torch.inference_mode()
+    def propose_batch(
+        self, sessions: list[SlotSession], roots: list[int], grow: list[bool] | None = None,
+    ) -> list[DraftProposal | Exception]:
+        grow = grow or [True] * len(sessions)
+        drafts = [s.drafting(r, g) for s, r, g in zip(sessions, roots, grow)]
+        return drive([s.slot for s in sessions], drafts, self.run)
+
+
+class SlotSession:
+    """Base of a model drafter's session: its slot, the committed rows it holds there (`length`), and
+    `drafting(root, grow)`, the subclass's generator."""
+
+    proposer: SlotProposer
+    slot: int
+    length: int
+    device: torch.device
+
+    def drafting(self, root_token: int, grow: bool = True) -> Drafting:
+        raise NotImplementedError
+
+    def propose(self, root_token: int) -> DraftProposal:
+        proposal = self.proposer.propose_batch([self], [root_token])[0]
+        if isinstance(proposal, Exception):
+            raise proposal
+        return proposal
+
+    def prefill(self, inputs: Tensor) -> None:
+        """Run committed rows (the prompt, when the session opens) into the slot now, alone."""
+        with torch.inference_mode():
+            drive([self.slot], [self.append(inputs, scored=[])], self.proposer.run)
+
+    def append(self, inputs: Tensor, scored: list[int]) -> Drafting:
+        """Append committed rows (token ids [n] or input vectors [n, H]) causally after the slot's
+        `length` rows; returns the reply."""
+        n = len(inputs)
+        positions = torch.arange(self.length, self.length + n, device=self.device)
+        reply = yield DraftForward(inputs, positions, causal(self.length, n, self.device), self.length, scored)
+        self.length += n
+        return reply

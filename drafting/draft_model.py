@@ -20,20 +20,19 @@ from ..kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ..kernels.sampling import LogitsParams, process_logits, sample
 from ..kernels.tree import DraftTree
 from .base import DraftContext, DraftProposal, root_only
-from .batched import DraftForward, Drafting, DraftReply, causal, drive, one_proposal, pad_forwards, replies
+from .batched import DraftForward, Drafting, DraftReply, SlotProposer, SlotSession, pad_forwards, replies
 from .budget import TreeBudget, TreeMode
 from .dynamic_tree import Candidates
 from .shaper import level_mask, shape_tree
 
 
-class DraftModelProposer:
+class DraftModelProposer(SlotProposer):
     needs_hidden_states = False
 
     def __init__(self, model: torch.nn.Module, tree: TreeBudget) -> None:
         self.model = model
         self.tree = tree
         self.dtype = model.get_input_embeddings().weight.dtype  # the activations' (int8 weights keep it)
-        self.cache: SlotCache | None = None
 
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.model.config, self.dtype)
@@ -42,17 +41,8 @@ class DraftModelProposer:
         self.cache = SlotCache(self.model.config.num_hidden_layers, num_slots, capacity, self.model.device)
 
     def open(self, context: DraftContext) -> DraftModelSession:
-        if self.cache is None:
-            raise RuntimeError("reserve() the drafter's KV cache before opening sessions")
+        self.check_reserved()
         return DraftModelSession(self, context)
-
-    @torch.inference_mode()
-    def propose_batch(
-        self, sessions: list[DraftModelSession], roots: list[int], grow: list[bool] | None = None,
-    ) -> list[DraftProposal | Exception]:
-        grow = grow or [True] * len(sessions)
-        drafts = [s.drafting(r, g) for s, r, g in zip(sessions, roots, grow)]
-        return drive([s.slot for s in sessions], drafts, self.run)
 
     @torch.inference_mode()
     def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
@@ -73,7 +63,7 @@ class DraftModelProposer:
         return replies(None, log_probs, forwards)
 
 
-class DraftModelSession:
+class DraftModelSession(SlotSession):
     def __init__(self, proposer: DraftModelProposer, context: DraftContext) -> None:
         self.proposer = proposer
         self.tree = proposer.tree
@@ -84,8 +74,7 @@ class DraftModelSession:
         self.pending: list[int] = []  # committed tokens not yet in the draft cache
         self.length = 0  # committed tokens in the slot (after a proposal: the root's included)
         self.node_slots: dict[int, int] = {}  # candidate node -> its cache row, this proposal only
-        with torch.inference_mode():
-            drive([self.slot], [self._tokens(context.token_ids, scored=[])], proposer.run)
+        self.prefill(torch.tensor(context.token_ids, device=self.device))
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         # tokens[0] is the root, which the last proposal already put in the draft cache
@@ -94,13 +83,11 @@ class DraftModelSession:
     def close(self) -> None:
         self.node_slots = {}
 
-    def propose(self, root_token: int) -> DraftProposal:
-        return one_proposal(self.proposer.propose_batch([self], [root_token])[0])
-
     def drafting(self, root_token: int, grow: bool = True) -> Drafting:
         """Catch up, then draft a tree or sample a chain (unless not `grow`); returns the proposal."""
         tokens, self.pending = self.pending + [root_token], []
-        root_logps = (yield from self._tokens(tokens, scored=[len(tokens) - 1] if grow else [])).log_probs
+        ids = torch.tensor(tokens, device=self.device)
+        root_logps = (yield from self.append(ids, scored=[len(tokens) - 1] if grow else [])).log_probs
         if not grow:
             return root_only(root_token, self.device)
         self.node_slots = {}
@@ -109,15 +96,6 @@ class DraftModelSession:
         tree = yield from shape_tree(root_token, lambda c, n, level: self._expand(c, n, level, root_logps),
                                      self.tree, self.device)
         return DraftProposal(tree)
-
-    def _tokens(self, tokens: list[int], scored: list[int]) -> Drafting:
-        """Append committed tokens (causally) to the slot; returns the reply."""
-        n = len(tokens)
-        ids = torch.tensor(tokens, device=self.device)
-        positions = torch.arange(self.length, self.length + n, device=self.device)
-        reply = yield DraftForward(ids, positions, causal(self.length, n, self.device), self.length, scored)
-        self.length += n
-        return reply
 
     def _expand(self, cands: Candidates, nodes: list[int], level: int, root_logps: torch.Tensor) -> Drafting:
         """Children log-probs [len(nodes), V] of the given candidate nodes; runs them through the model."""

@@ -28,7 +28,16 @@ from torch import nn
 
 from ..kernels.kv_cache import SlotCache, kv_bytes_per_token
 from .base import DraftContext, DraftProposal, root_only
-from .batched import DraftForward, Drafting, DraftReply, causal, drive, one_proposal, pad_forwards, replies, scored_rows
+from .batched import (
+    DraftForward,
+    Drafting,
+    DraftReply,
+    SlotProposer,
+    SlotSession,
+    pad_forwards,
+    replies,
+    scored_rows,
+)
 from .budget import TreeBudget
 from .dynamic_tree import Candidates
 from .eagle_head import EagleHead
@@ -61,7 +70,7 @@ class VocabProjection:
         return full.index_copy_(1, self.vocab.to(features.device), logits.log_softmax(-1))
 
 
-class EagleProposer:
+class EagleProposer(SlotProposer):
     needs_hidden_states = True
 
     def __init__(
@@ -75,7 +84,6 @@ class EagleProposer:
         self.projection = VocabProjection(lm_head, softcap, head.draft_vocab)
         self.tree = tree
         self.dtype = head.fc.weight.dtype
-        self.cache: SlotCache | None = None
 
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.head.layer_config, self.dtype)
@@ -86,17 +94,8 @@ class EagleProposer:
     def open(self, context: DraftContext) -> EagleSession:
         if context.hidden is None:
             raise ValueError("EAGLE drafting needs the target's hidden states in the DraftContext")
-        if self.cache is None:
-            raise RuntimeError("reserve() the drafter's KV cache before opening sessions")
+        self.check_reserved()
         return EagleSession(self, context)
-
-    @torch.inference_mode()
-    def propose_batch(
-        self, sessions: list[EagleSession], roots: list[int], grow: list[bool] | None = None,
-    ) -> list[DraftProposal | Exception]:
-        grow = grow or [True] * len(sessions)
-        drafts = [s.drafting(r, g) for s, r, g in zip(sessions, roots, grow)]
-        return drive([s.slot for s in sessions], drafts, self.run)
 
     @torch.inference_mode()
     def run(self, slots: list[int], forwards: list[DraftForward]) -> list[DraftReply]:
@@ -108,7 +107,7 @@ class EagleProposer:
         return replies(features, self.projection.log_probs(scored_rows(features, forwards)), forwards)
 
 
-class EagleSession:
+class EagleSession(SlotSession):
     def __init__(self, proposer: EagleProposer, context: DraftContext) -> None:
         self.proposer = proposer
         self.head = proposer.head
@@ -127,8 +126,8 @@ class EagleSession:
             entries = prompt_entries(
                 self.head, self.embed_tokens, ids, context.hidden, context.inputs_embeds, image_mask
             )
-            if len(entries.inputs):
-                drive([self.slot], [self._entries(entries.inputs, scored=[])], proposer.run)
+        if len(entries.inputs):
+            self.prefill(entries.inputs)
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
         # tokens[0] is the root, whose entry the last proposal already cached with true features
@@ -137,9 +136,6 @@ class EagleSession:
 
     def close(self) -> None:
         self.features, self.node_slots = {}, {}
-
-    def propose(self, root_token: int) -> DraftProposal:
-        return one_proposal(self.proposer.propose_batch([self], [root_token])[0])
 
     def drafting(self, root_token: int, grow: bool = True) -> Drafting:
         """Catch up, then grow the tree level by level (unless not `grow`); returns the proposal."""
@@ -152,20 +148,12 @@ class EagleSession:
                                      self.tree, self.device)
         return DraftProposal(tree)
 
-    def _entries(self, inputs: torch.Tensor, scored: list[int]) -> Drafting:
-        """Append committed entries [n, H] (causally) to the slot; returns the reply."""
-        n = len(inputs)
-        positions = torch.arange(self.length, self.length + n, device=self.device)
-        reply = yield DraftForward(inputs, positions, causal(self.length, n, self.device), self.length, scored)
-        self.length += n
-        return reply
-
     def _catch_up(self, root_token: int, scored: bool = True) -> Drafting:
         """The waiting entries and the root's through the head; returns the root's children log-probs
         [1, V] if `scored` (the root's predicted feature is kept as node 0's)."""
         tokens = torch.tensor(self.pending_tokens + [root_token], device=self.device)
         inputs = self.head.fuse(self.embed_tokens(tokens), self.pending_hidden)
-        reply = yield from self._entries(inputs, scored=[len(inputs) - 1] if scored else [])
+        reply = yield from self.append(inputs, scored=[len(inputs) - 1] if scored else [])
         self.features = {0: reply.outputs[-1]}
         return reply.log_probs
 
