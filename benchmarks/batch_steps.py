@@ -2,6 +2,9 @@
 
     python benchmarks/batch_steps.py --model smollm2-135m --drafts none ngram --dtypes float32 bfloat16 --threads 1
 
+`--prepack off on` runs each float32 engine both ways (`EngineConfig.prepack_weights`: the target's
+linear weights as loaded, or reordered for oneDNN at load, the default).
+
 For each (dtype, drafter) one engine; for each batch size B, B requests (greedy, `ignore_eos`, the
 `--prompts` set in turn) are started and prefilled, then every turn steps all of them together
 (`Engine.step_batch`) until the first finishes. Reported per B: ms per turn (and of it, drafting),
@@ -9,7 +12,7 @@ output tokens/s over the batch, tokens per row per turn (mean accepted length in
 nodes verified per row per turn (after the batch planner's cut), and the verify-forward cost curve the
 planner measured at load (ms by tokens). No HTTP, no scheduler: the engine's own batching, isolated.
 
-Writes batch-steps-<model>.{md,json} into `--out`.
+Writes batch-steps-<model>.{md,json} (or `--name`.{md,json}) into `--out`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ def run_batch(engine: Engine, texts: list[str], batch: int, max_tokens: int) -> 
             "tokens_per_row_turn": tokens / (turns * batch), "drafted_per_row_turn": drafted / (turns * batch)}
 
 
+def run_engine(args, config: EngineConfig) -> dict:
+    """Every batch size on one engine, and the verify cost curve its planner measured at load."""
+    engine = Engine.from_config(config)
+    costs = engine.planner.costs if isinstance(engine.planner, GoodputPlanner) else None
+    return {
+        "costs_ms": {t: s * 1000 for t, s in zip(costs.tokens, costs.seconds)} if costs else {},
+        "batches": {str(b): run_batch(engine, PROMPT_SETS[args.prompts], b, args.max_tokens) for b in args.batches},
+    }
+
+
 def report(args, runs: dict) -> str:
     lines = [
         f"# Batched engine steps: {args.model}, in-process", "",
@@ -60,21 +73,22 @@ def report(args, runs: dict) -> str:
         f"{args.threads}. Tokens/s over the whole batch; per row and turn: tokens emitted (incl. bonus) and "
         "draft nodes verified after the planner's cut. Drafting ms/turn: the batch's proposals and one row's "
         "commit (engine profiling on).", "",
-        "| dtype | drafter | batch | ms/turn | drafting ms/turn | output tok/s | vs batch 1 | tokens/row/turn | "
-        "drafted/row/turn |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dtype | prepack | drafter | batch | ms/turn | drafting ms/turn | output tok/s | vs batch 1 | "
+        "tokens/row/turn | drafted/row/turn |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dtype, draft), run in runs.items():
+    for (dtype, prepack, draft), run in runs.items():
         first = run["batches"][str(args.batches[0])]["tokens_per_s"]
         for batch, r in run["batches"].items():
-            lines.append(f"| {dtype} | {draft} | {batch} | {r['ms_per_turn']:.0f} | {r['draft_ms_per_turn']:.0f} | "
-                         f"{r['tokens_per_s']:.1f} | "
+            lines.append(f"| {dtype} | {prepack} | {draft} | {batch} | {r['ms_per_turn']:.0f} | "
+                         f"{r['draft_ms_per_turn']:.0f} | {r['tokens_per_s']:.1f} | "
                          f"{r['tokens_per_s'] / first:.2f}x | {r['tokens_per_row_turn']:.2f} | "
                          f"{r['drafted_per_row_turn']:.1f} |")
     lines += ["", "Verify-forward cost measured at load (ms by tokens), per dtype:", ""]
-    for (dtype, draft), run in runs.items():
+    for (dtype, prepack, draft), run in runs.items():
         if run["costs_ms"]:
-            lines.append(f"- {dtype} ({draft}): " + ", ".join(f"{t}: {ms:.0f}" for t, ms in run["costs_ms"].items()))
+            curve = ", ".join(f"{t}: {ms:.0f}" for t, ms in run["costs_ms"].items())
+            lines.append(f"- {dtype}, prepack {prepack} ({draft}): {curve}")
     return "\n".join(lines) + "\n"
 
 
@@ -83,33 +97,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--drafts", nargs="+", default=["none", "ngram"])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--prepack", nargs="+", choices=["off", "on"], default=["on"],
+                        help="the target's linear weights as loaded and/or reordered for oneDNN (CPU float32)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=2048, help="KV slot length (all batches must fit)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--name", default=None, help="results file stem (default: batch-steps-<model>)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
     runs = {}
     for dtype in args.dtypes:
-        for draft in args.drafts:
-            engine = Engine.from_config(EngineConfig(args.model, draft=draft, dtype=dtype, profile=True,
-                                                     max_num_seqs=max(args.batches), max_model_len=args.max_model_len))
-            costs = engine.planner.costs if isinstance(engine.planner, GoodputPlanner) else None
-            runs[dtype, draft] = {
-                "costs_ms": {t: s * 1000 for t, s in zip(costs.tokens, costs.seconds)} if costs else {},
-                "batches": {str(b): run_batch(engine, PROMPT_SETS[args.prompts], b, args.max_tokens)
-                            for b in args.batches},
-            }
-            del engine
+        for prepack in args.prepack if dtype == "float32" else ["-"]:
+            for draft in args.drafts:
+                runs[dtype, prepack, draft] = run_engine(args, EngineConfig(
+                    args.model, draft=draft, dtype=dtype, profile=True, max_num_seqs=max(args.batches),
+                    max_model_len=args.max_model_len, prepack_weights=prepack == "on"))
     table = report(args, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"batch-steps-{Path(args.model).name}"
+    stem = args.out / (args.name or f"batch-steps-{Path(args.model).name}")
     stem.with_suffix(".md").write_text(table)
-    stem.with_suffix(".json").write_text(json.dumps({f"{d}/{k}": v for (d, k), v in runs.items()}, indent=2))
+    named = {f"{dtype}/prepack-{prepack}/{draft}": run for (dtype, prepack, draft), run in runs.items()}
+    stem.with_suffix(".json").write_text(json.dumps(named, indent=2))
     return runs
 
 

@@ -42,6 +42,9 @@ class EngineConfig:
     # delays the running sequences' next tokens by one chunk's forward at a time; None = whole prompts
     prefill_chunk_tokens: int | None = 256
     draft_share_prompts: bool = False  # suffix drafter: share prompt tokens too, not only generated ones
+    # CPU float32: the target's linear weights reordered once at load for oneDNN (kernels.cpu_linear),
+    # faster for the few-row products of verification and batched decoding; ignored elsewhere
+    prepack_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -102,7 +102,8 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
         """Load the target (and draft) named by `config`: store alias, folder, .gguf file or hub id."""
-        path, adapter = load_adapter(config.model, config.cache_dir, config.dtype, config.device)
+        path, adapter = load_adapter(config.model, config.cache_dir, config.dtype, config.device,
+                                     config.prepack_weights)
         target = TargetModel(adapter)
         if config.calibrate_tree:
             nodes, _ = calibrate_tree_nodes(target)

@@ -20,6 +20,8 @@ from transformers import (
     PretrainedConfig,
 )
 
+from ...kernels import grouped_attention
+from ...kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import DraftTree
 from .outputs import PromptInput
@@ -93,12 +95,27 @@ class LlavaAdapter(CausalLMAdapter):
 ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {LlavaConfig: LlavaAdapter}
 
 
-def load_model(path: str, dtype: str, device: str) -> CausalLMAdapter:
-    """Load a model folder (or hub id) into the adapter its config class calls for."""
+def load_model(path: str, dtype: str, device: str, prepack: bool = False,
+               attention: str = "grouped") -> CausalLMAdapter:
+    """Load a model folder (or hub id) into the adapter its config class calls for.
+
+    `prepack`: where oneDNN's packed linear exists (CPU float32), the decoder's linear layers and the
+    LM head use it (`kernels.cpu_linear`); the vision tower, run once per image, keeps torch's own.
+    `attention="grouped"`: a grouped-query model that would run transformers' `sdpa` attention runs
+    `kernels.grouped_attention` instead (the same SDPA kernel, keys and values read once per group);
+    `"sdpa"` keeps transformers' own."""
     config = AutoConfig.from_pretrained(path)
     adapter_cls = ADAPTERS.get(type(config), CausalLMAdapter)
-    model = adapter_cls.model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
-    return adapter_cls(model.to(device).eval())
+    model = adapter_cls.model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    adapter = adapter_cls(model)
+    if (attention == "grouped" and model.config._attn_implementation == "sdpa"
+            and grouped_attention.uses_grouped_query(adapter.text_config)):
+        model.set_attn_implementation(grouped_attention.register())
+    if prepack and can_prepack(model.dtype, model.device):
+        prepack_linears(adapter.decoder)
+        # the LM head keeps its weight: an EAGLE head's vocabulary projection reads it
+        model.set_output_embeddings(PackedLinear(model.get_output_embeddings(), keep_weight=True))
+    return adapter
 
 
 class TargetModel:

@@ -9,16 +9,17 @@ def test_a_run_reports_every_batch_and_the_planners_costs(benchmark_script, tiny
     bench = benchmark_script("batch_steps")
     model = tiny_model_dirs["llama"]
     runs = bench.main(["--model", str(model), "--drafts", "none", "ngram", "--batches", "1", "3",
-                       "--max-tokens", "8", "--out", str(tmp_path)])
-    assert set(runs) == {("float32", "none"), ("float32", "ngram")}
-    for (_, draft), run in runs.items():
+                       "--max-tokens", "8", "--prepack", "off", "on", "--out", str(tmp_path), "--name", "steps"])
+    assert set(runs) == {("float32", prepack, draft) for prepack in ("off", "on") for draft in ("none", "ngram")}
+    for (_, _, draft), run in runs.items():
         assert set(run["batches"]) == {"1", "3"}
         for r in run["batches"].values():
             assert r["tokens_per_s"] > 0 and r["tokens_per_row_turn"] >= 1.0
         assert (run["costs_ms"] != {}) == (draft == "ngram")  # no planner to measure for without a drafter
-    assert all(r["drafted_per_row_turn"] == 0 for r in runs["float32", "none"]["batches"].values())
-    assert all(0 < r["draft_ms_per_turn"] < r["ms_per_turn"] for r in runs["float32", "ngram"]["batches"].values())
-    table = (tmp_path / f"batch-steps-{model.name}.md").read_text()
-    assert "| float32 | ngram | 3 |" in table
-    assert json.loads((tmp_path / f"batch-steps-{model.name}.json").read_text()).keys() == {"float32/none",
-                                                                                          "float32/ngram"}
+    assert all(r["drafted_per_row_turn"] == 0 for r in runs["float32", "on", "none"]["batches"].values())
+    assert all(0 < r["draft_ms_per_turn"] < r["ms_per_turn"]
+               for r in runs["float32", "on", "ngram"]["batches"].values())
+    table = (tmp_path / "steps.md").read_text()
+    assert "| float32 | off | ngram | 3 |" in table and "| float32 | on | ngram | 3 |" in table
+    assert json.loads((tmp_path / "steps.json").read_text()).keys() == {
+        "float32/prepack-off/none", "float32/prepack-off/ngram", "float32/prepack-on/none", "float32/prepack-on/ngram"}

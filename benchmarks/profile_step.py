@@ -1,0 +1,176 @@
+"""Where one verify step's time goes: matmuls against everything else, and the weight bandwidth it reaches.
+
+    python benchmarks/profile_step.py --model smollm2-135m --dtypes float32 --prepack off on \
+        --attention sdpa grouped
+
+For each dtype and shape BxN (B sequences, each verifying a chain of N nodes after `--prefix` cached
+tokens) the engine's own verify call (`TargetModel.verify`: decoder and LM head over every node, on
+the slot KV cache) runs `--steps` times under the torch profiler, with the linear weights as loaded
+(`--prepack off`) and reordered for oneDNN (`on`, the engine's default where it applies: CPU
+float32), and with transformers' `sdpa` attention or the engine's `grouped` one (keys and values
+read once per query-head group, `kernels.grouped_attention`). The wall time per step splits into:
+
+- matmul: the self time of aten's matrix products (every linear layer and the LM head);
+- attention: the scaled-dot-product attention ops;
+- other ops: every other aten op (norms, rotary embeddings, KV writes, casts, adds);
+- outside ops: wall time spent in no aten op at all (Python: module calls, transformers' glue).
+
+Weight MB is what one step must read at least: every linear weight and the LM head, once. Achieved
+bandwidth = weight MB / wall time, matmul bandwidth = weight MB / matmul time, both against this
+machine's read bandwidth measured in the same run (a sum over a 512 MB buffer) and at the same torch
+thread count. The gap between the wall time and the weight bytes at full bandwidth is what a faster
+step could remove; the gap between matmul bandwidth and read bandwidth is the kernels' own.
+
+Writes profile-step-<model>.{md,json} into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from specserve.kernels.cpu_linear import PackedLinear
+from specserve.kernels.tree import chain_tree
+from specserve.server.engine.loading import load_adapter
+from specserve.server.engine.target import TargetModel
+
+RESULTS = Path(__file__).parent / "results"
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
+PARTS = ["matmul", "attention", "other ops", "outside ops"]
+
+
+def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 10) -> float:
+    """GB/s of summing a buffer far larger than any cache: the memory read rate one step can hope for."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        buffer.sum()
+    return buffer.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def weight_bytes(target: TargetModel) -> int:
+    """Bytes of every linear weight of the decoder plus the LM head: what one step reads at least."""
+    linears = [m for m in target.adapter.decoder.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    return sum(m.in_features * m.out_features * target.dtype.itemsize for m in linears + [target.lm_head])
+
+
+def split(events, wall_ms: float, steps: int) -> dict[str, float]:
+    """Per-step ms of each part from the profiler's per-op self times."""
+    parts = dict.fromkeys(PARTS, 0.0)
+    for event in events:
+        if event.key in MATMUL_OPS:
+            part = "matmul"
+        elif "attention" in event.key:
+            part = "attention"
+        else:
+            part = "other ops"
+        parts[part] += event.self_cpu_time_total / 1000 / steps
+    parts["outside ops"] = max(wall_ms - parts["matmul"] - parts["attention"] - parts["other ops"], 0.0)
+    return parts
+
+
+@torch.inference_mode()
+def profile_shape(target: TargetModel, batch: int, nodes: int, prefix: int, steps: int) -> dict[str, float]:
+    cache = target.new_cache(batch, prefix + nodes)
+    generator = torch.Generator().manual_seed(0)
+    vocab = target.embed_tokens.num_embeddings
+    for slot in range(batch):
+        ids = torch.randint(vocab, (1, prefix), generator=generator)
+        target.prefill(target.embed_tokens(ids.to(target.device)), cache, slot, 0)
+    tree = chain_tree(torch.randint(vocab, (batch, nodes), generator=generator).to(target.device))
+    slots, prefix_lens = list(range(batch)), [prefix] * batch
+
+    def step() -> None:
+        target.verify(tree, cache, slots, prefix_lens)
+
+    for _ in range(3):
+        step()
+    walls = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        walls.append((time.perf_counter() - start) * 1000)
+    wall_ms = statistics.median(walls)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {"wall_ms": wall_ms, **split(prof.key_averages(), wall_ms, steps)}
+
+
+def report(args, bandwidth: float, runs: dict) -> str:
+    lines = [
+        f"# One verify step, profiled: {args.model}", "",
+        f"Command: `python benchmarks/profile_step.py {' '.join(args.argv)}`  ",
+        f"Chains of N nodes for B sequences after {args.prefix} cached tokens, the engine's verify call "
+        f"(decoder + LM head), torch threads {args.threads}, median of {args.steps} steps; the split comes "
+        "from the torch profiler's per-op self times (definitions in the script's docstring). Read "
+        f"bandwidth measured in the same run: {bandwidth:.1f} GB/s.", "",
+        "| dtype | prepack | attention | BxN | wall ms | matmul ms | attention ms | other ops ms | outside ops ms | "
+        "matmul share | weight MB | achieved GB/s | matmul GB/s | achieved / read bandwidth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (dtype, prepack, attention), run in runs.items():
+        mb = run["weight_mb"]
+        for shape, r in run["shapes"].items():
+            lines.append(
+                f"| {dtype} | {prepack} | {attention} | {shape} | {r['wall_ms']:.1f} | {r['matmul']:.1f} | "
+                f"{r['attention']:.1f} | {r['other ops']:.1f} | {r['outside ops']:.1f} | "
+                f"{r['matmul'] / r['wall_ms']:.0%} | {mb:.0f} | "
+                f"{mb / r['wall_ms']:.1f} | {mb / r['matmul']:.1f} | {mb / r['wall_ms'] / bandwidth:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    batch, nodes = text.lower().split("x")
+    return int(batch), int(nodes)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--prepack", nargs="+", choices=["off", "on"], default=["off", "on"],
+                        help="linear weights as loaded, and/or reordered for oneDNN (CPU float32 only)")
+    parser.add_argument("--attention", nargs="+", choices=["sdpa", "grouped"], default=["sdpa", "grouped"],
+                        help="transformers' sdpa attention and/or the engine's grouped-query one")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(1, 1), (1, 8), (8, 1), (8, 8)],
+                        help="BxN: B sequences verifying N nodes each")
+    parser.add_argument("--prefix", type=int, default=256, help="cached tokens before each chain")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth_gbs()
+    runs = {}
+    for dtype in args.dtypes:
+        for prepack in args.prepack:
+            for attention in args.attention:
+                target = TargetModel(load_adapter(args.model, None, dtype, "cpu", prepack == "on", attention)[1])
+                runs[dtype, prepack, attention] = {
+                    "weight_mb": weight_bytes(target) / 1e6,
+                    "shapes": {f"{b}x{n}": profile_shape(target, b, n, args.prefix, args.steps)
+                               for b, n in args.shapes},
+                }
+                del target
+    table = report(args, bandwidth, runs)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"profile-step-{Path(args.model).name}"
+    stem.with_suffix(".md").write_text(table)
+    named = {f"{dtype}/prepack-{prepack}/{attention}": run for (dtype, prepack, attention), run in runs.items()}
+    stem.with_suffix(".json").write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "runs": named}, indent=2))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

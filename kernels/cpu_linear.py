@@ -1,0 +1,57 @@
+"""Linear layers with their weights prepacked for oneDNN: the CPU float32 path for few-row products.
+
+A verify forward multiplies a few rows by every weight matrix: the batch's tree tokens, 1 to a few
+dozen. For 2-16 rows torch's default CPU path (an MKL sgemm on the row-major weight) runs far below
+the memory bandwidth that bounds it: on this project's 2-core AVX2 machine, 2 rows cost 1.7x one row
+although they read the same weights. oneDNN, on a weight reordered once at load into its blocked
+layout, multiplies 2-16 rows 1.2-1.45x faster and 1 row or 32-64 rows as fast
+(`benchmarks/profile_step.py --prepack on off` measures it on a whole model).
+
+The packed product sums in another order than `nn.Linear`'s, so its output can differ in the last
+bits. The target uses it for every forward it runs (prefill, verification, plain decoding), so
+speculative output stays exactly the output of the model as served.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+BATCH_HINT = 8  # the row count oneDNN picks the packed layout for; 1-64 rows all run well on it
+
+
+def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
+    """oneDNN's packed linear exists for float32 on CPU (bfloat16 only on CPUs with AVX-512 or
+    AVX-NE-CONVERT, where torch's own bfloat16 path is already native)."""
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` with the weight reordered for oneDNN. `keep_weight` keeps the original weight as
+    `.weight` too (for an LM head whose weight other code reads, e.g. an EAGLE head's projection)."""
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT), persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        if keep_weight:
+            self.weight = linear.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def prepack_linears(module: nn.Module) -> int:
+    """Replace every `nn.Linear` inside `module` by a `PackedLinear` (the originals' weights are
+    dropped); returns how many were replaced."""
+    replaced = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child))
+            replaced += 1
+        else:
+            replaced += prepack_linears(child)
+    return replaced

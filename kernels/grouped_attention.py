@@ -1,0 +1,79 @@
+"""Grouped-query attention that reads each key/value head once, for verifying many tokens.
+
+A grouped-query model (SmolLM2: 9 query heads on 3 key/value heads) shares each key/value head
+among a group of query heads. transformers' `sdpa` attention handles one query token by folding the
+group into the query length, but for several query tokens with a mask (every tree verification) it
+copies each key/value head once per group member (`repeat_kv`) and attends over the copies.
+
+`grouped_sdpa` folds in every case: query [B, H, N, D] becomes [B, KVH, group * N, D], the mask is
+repeated for each member of the group, and one scaled-dot-product call reads the keys and values
+once. Each (query, key) pair meets the same numbers as before; `benchmarks/profile_step.py
+--attention sdpa grouped` measures the difference on a whole model.
+
+Registered with transformers' `AttentionInterface` (`target.load_model`), so no model code is forked.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+NAME = "specserve_grouped_sdpa"
+
+
+def grouped_sdpa(
+    module: nn.Module,
+    query: Tensor,  # [B, H, N, D]
+    key: Tensor,  # [B, KVH, S, D]
+    value: Tensor,  # [B, KVH, S, D]
+    attention_mask: Tensor | None,  # additive or bool, [B or 1, 1 or H, N, S]; None: causal or full
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function contract: returns ([B, N, H, D], no weights)."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError("grouped_sdpa does not take a softcap or a position bias")
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(length > 1 and attention_mask is None and causal)
+    if causal or group == 1:  # a causal mask cannot be folded; SDPA's own GQA handles this case
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, is_causal=causal, enable_gqa=group > 1)
+        return out.transpose(1, 2).contiguous(), None
+    folded = query.reshape(batch, kv_heads, group * length, dim)
+    if attention_mask is not None:
+        attention_mask = fold_mask(attention_mask, kv_heads, group)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def fold_mask(mask: Tensor, kv_heads: int, group: int) -> Tensor:
+    """A mask [b, 1 or H, N, S] for the folded query [B, KVH, group * N, D]: row g * N + n of head
+    k is query head k * group + g at position n."""
+    b, mask_heads, length, keys = mask.shape
+    if mask_heads == 1:
+        return mask[:, :, None].expand(b, 1, group, length, keys).reshape(b, 1, group * length, keys)
+    return mask.reshape(b, kv_heads, group * length, keys)
+
+
+def register() -> str:
+    """Make `grouped_sdpa` available to `model.set_attn_implementation`; returns its name. Masks are
+    built as for `sdpa` (transformers leaves the mask out only where SDPA's own causal flag is exact:
+    a prompt's first chunk, or one query token)."""
+    AttentionInterface.register(NAME, grouped_sdpa)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return NAME
+
+
+def uses_grouped_query(config) -> bool:
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return bool(heads and kv_heads and heads > kv_heads)
+

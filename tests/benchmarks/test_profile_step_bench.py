@@ -1,0 +1,34 @@
+"""The verify-step profile (`benchmarks/profile_step.py`) on the tiny llama: the split adds up, not timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def linear_params(model) -> int:
+    """Weights of every decoder layer's q, k, v, o, gate, up and down projections, and the LM head."""
+    c = json.loads((model / "config.json").read_text())
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    layer = 2 * h * h + 2 * kv * h + 3 * h * c["intermediate_size"]
+    return c["num_hidden_layers"] * layer + c["vocab_size"] * h
+
+
+def test_a_run_splits_every_step_and_reports_bandwidth(benchmark_script, tiny_model_dirs, tmp_path):
+    bench = benchmark_script("profile_step")
+    model = tiny_model_dirs["llama"]
+    runs = bench.main(["--model", str(model), "--shapes", "1x1", "2x3", "--prefix", "8", "--steps", "2",
+                       "--out", str(tmp_path)])
+    assert set(runs) == {("float32", p, a) for p in ("off", "on") for a in ("sdpa", "grouped")}
+    for run in runs.values():
+        assert set(run["shapes"]) == {"1x1", "2x3"}
+        for r in run["shapes"].values():
+            assert r["matmul"] > 0 and r["attention"] > 0 and r["wall_ms"] > 0
+            parts = r["matmul"] + r["attention"] + r["other ops"] + r["outside ops"]
+            # the profiled steps are not the timed ones: the parts add up to the median wall time, or exceed it
+            assert parts == pytest.approx(r["wall_ms"]) or r["outside ops"] == 0
+        assert run["weight_mb"] == pytest.approx(linear_params(model) * 4 / 1e6)
+    saved = json.loads((tmp_path / f"profile-step-{model.name}.json").read_text())
+    assert saved["read_bandwidth_gbs"] > 0
+    assert "| float32 | on | grouped | 2x3 |" in (tmp_path / f"profile-step-{model.name}.md").read_text()
