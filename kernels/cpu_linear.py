@@ -2,14 +2,16 @@
 
 A verify forward multiplies a few rows by every weight matrix: the batch's tree tokens, 1 to a few
 dozen. For 2-16 rows torch's default CPU path (an MKL sgemm on the row-major weight) runs far below
-the memory bandwidth that bounds it: on this project's 2-core AVX2 machine, 2 rows cost 1.7x one row
-although they read the same weights. oneDNN, on a weight reordered once at load into its blocked
-layout, multiplies 2-16 rows 1.2-1.45x faster and 1 row or 32-64 rows as fast
-(`benchmarks/profile_step.py --prepack on off` measures it on a whole model).
+the memory bandwidth that bounds it: on this project's 2-core AVX2 machine a forward of 2 tokens
+costs 1.5-1.7x one token although it reads the same weights. oneDNN, on a weight reordered once at
+load into its blocked layout, cuts the cost of 2-16 rows by about 15-35%; a single row runs
+somewhat slower than on torch's path, and 32 rows or more about the same (`benchmarks/profile_step.py` and
+the verify-cost curves in `benchmarks/results/batch-steps-smollm2-135m-prepack.md`). Speculative
+decoding verifies several tokens per forward, so the engine packs by default on CPU float32.
 
-The packed product sums in another order than `nn.Linear`'s, so its output can differ in the last
-bits. The target uses it for every forward it runs (prefill, verification, plain decoding), so
-speculative output stays exactly the output of the model as served.
+oneDNN's product of a row does not depend on how many rows run with it (torch's CPU matmul does: a
+single row takes a different kernel), and the target uses it for every forward it runs (prefill,
+verification, plain decoding), so speculative output stays exactly the output of the model as served.
 """
 
 from __future__ import annotations

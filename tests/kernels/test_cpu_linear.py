@@ -27,6 +27,16 @@ def test_packed_linear_matches_linear(shape, bias):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
+    # the engine relies on it: a token verified in a tree of 8 gets the bits it gets decoded alone
+    torch.manual_seed(0)
+    packed = PackedLinear(nn.Linear(576, 192))
+    x = torch.randn(16, 576)
+    with torch.inference_mode():
+        alone = packed(x[:1])
+        assert all(torch.equal(packed(x[:rows])[:1], alone) for rows in range(2, 17))
+
+
 def test_prepack_linears_replaces_every_linear_and_keeps_the_rest():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4), nn.LayerNorm(4)))
     x = torch.randn(5, 8)
