@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-BATCH_HINT = 8  # the row count oneDNN picks the packed layout for; 1-64 rows all run well on it
+BATCH_HINT = 8  # the row count oneDNN picks the packed layout for (any row count still runs on it)
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:

@@ -76,4 +76,3 @@ def uses_grouped_query(config) -> bool:
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return bool(heads and kv_heads and heads > kv_heads)
-
