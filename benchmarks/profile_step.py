@@ -2,31 +2,36 @@
 
     python benchmarks/profile_step.py --model smollm2-135m --dtypes float32 --prepack off on \
         --attention sdpa grouped
+    python benchmarks/profile_step.py --model smollm2-135m --prepack on --attention grouped \
+        --quantization none int8 int4 --name profile-step-smollm2-135m-quantized
 
 For each dtype and shape BxN (B sequences, each verifying a chain of N nodes after `--prefix` cached
 tokens) the engine's own verify call (`TargetModel.verify`: decoder and LM head over every node, on
 the slot KV cache) runs `--steps` times under the torch profiler, with the linear weights as loaded
 (`--prepack off`) and reordered for oneDNN (`on`, the engine's default where it applies: CPU
 float32), and with transformers' `sdpa` attention or the engine's `grouped` one (keys and values
-read once per query-head group, `kernels.grouped_attention`). The wall time per step splits into:
+read once per query-head group, `kernels.grouped_attention`), and with the weights in float or
+weight-only int8 / int4 (`--quantization`, `kernels.weight_only`). The wall time per step splits into:
 
 - matmul: the self time of aten's matrix products (every linear layer and the LM head);
 - attention: the scaled-dot-product attention ops;
 - other ops: every other aten op (norms, rotary embeddings, KV writes, casts, adds);
 - outside ops: wall time spent in no aten op at all (Python: module calls, transformers' glue).
 
-Weight MB is what one step must read at least: every linear weight and the LM head, once. Achieved
+Weight MB is what one step must read at least: every linear weight and the LM head, once (for a
+quantized layer its codes and scales). Achieved
 bandwidth = weight MB / wall time, matmul bandwidth = weight MB / matmul time, both against this
 machine's read bandwidth measured in the same run (a sum over a 512 MB buffer) and at the same torch
 thread count. The gap between the wall time and the weight bytes at full bandwidth is what a faster
 step could remove; the gap between matmul bandwidth and read bandwidth is the kernels' own.
 
-Writes profile-step-<model>.{md,json} into `--out`.
+Writes profile-step-<model>.{md,json} (or `--name`.{md,json}) into `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -38,11 +43,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from specserve.kernels.cpu_linear import PackedLinear
 from specserve.kernels.tree import chain_tree
+from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine.loading import load_adapter
 from specserve.server.engine.target import TargetModel
 
 RESULTS = Path(__file__).parent / "results"
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
 PARTS = ["matmul", "attention", "other ops", "outside ops"]
 
 
@@ -58,8 +65,14 @@ def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 10) -> float:
 
 def weight_bytes(target: TargetModel) -> int:
     """Bytes of every linear weight of the decoder plus the LM head: what one step reads at least."""
-    linears = [m for m in target.adapter.decoder.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
-    return sum(m.in_features * m.out_features * target.dtype.itemsize for m in linears + [target.lm_head])
+    def size(layer) -> int:
+        if isinstance(layer, WeightOnlyLinear):
+            return layer.codes.nbytes + layer.scales.nbytes
+        return layer.in_features * layer.out_features * target.dtype.itemsize
+
+    kinds = (torch.nn.Linear, PackedLinear, WeightOnlyLinear)
+    return sum(size(m) for m in [*(m for m in target.adapter.decoder.modules() if isinstance(m, kinds)),
+                                 target.lm_head])
 
 
 def split(events, wall_ms: float, steps: int) -> dict[str, float]:
@@ -113,16 +126,16 @@ def report(args, bandwidth: float, runs: dict) -> str:
         f"(decoder + LM head), torch threads {args.threads}, median of {args.steps} steps; the split comes "
         "from the torch profiler's per-op self times (definitions in the script's docstring). Read "
         f"bandwidth measured in the same run: {bandwidth:.1f} GB/s.", "",
-        "| dtype | prepack | attention | BxN | wall ms | matmul ms | attention ms | other ops ms | outside ops ms | "
-        "matmul share | weight MB | achieved GB/s | matmul GB/s | achieved / read bandwidth |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | prepack | attention | quantization | BxN | wall ms | matmul ms | attention ms | other ops ms | "
+        "outside ops ms | matmul share | weight MB | achieved GB/s | matmul GB/s | achieved / read bandwidth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dtype, prepack, attention), run in runs.items():
+    for (dtype, prepack, attention, quantization), run in runs.items():
         mb = run["weight_mb"]
         for shape, r in run["shapes"].items():
             lines.append(
-                f"| {dtype} | {prepack} | {attention} | {shape} | {r['wall_ms']:.1f} | {r['matmul']:.1f} | "
-                f"{r['attention']:.1f} | {r['other ops']:.1f} | {r['outside ops']:.1f} | "
+                f"| {dtype} | {prepack} | {attention} | {quantization} | {shape} | {r['wall_ms']:.1f} | "
+                f"{r['matmul']:.1f} | {r['attention']:.1f} | {r['other ops']:.1f} | {r['outside ops']:.1f} | "
                 f"{r['matmul'] / r['wall_ms']:.0%} | {mb:.0f} | "
                 f"{mb / r['wall_ms']:.1f} | {mb / r['matmul']:.1f} | {mb / r['wall_ms'] / bandwidth:.0%} |")
     return "\n".join(lines) + "\n"
@@ -141,11 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="linear weights as loaded, and/or reordered for oneDNN (CPU float32 only)")
     parser.add_argument("--attention", nargs="+", choices=["sdpa", "grouped"], default=["sdpa", "grouped"],
                         help="transformers' sdpa attention and/or the engine's grouped-query one")
+    parser.add_argument("--quantization", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+                        help="linear weights in the model's dtype and/or weight-only int8 / int4")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(1, 1), (1, 8), (8, 1), (8, 8)],
                         help="BxN: B sequences verifying N nodes each")
     parser.add_argument("--prefix", type=int, default=256, help="cached tokens before each chain")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None, help="results file stem (default: profile-step-<model>)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
@@ -153,21 +169,21 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = read_bandwidth_gbs()
     runs = {}
     for dtype in args.dtypes:
-        for prepack in args.prepack:
-            for attention in args.attention:
-                target = TargetModel(load_adapter(args.model, None, dtype, "cpu", prepack == "on", attention)[1])
-                runs[dtype, prepack, attention] = {
-                    "weight_mb": weight_bytes(target) / 1e6,
-                    "shapes": {f"{b}x{n}": profile_shape(target, b, n, args.prefix, args.steps)
-                               for b, n in args.shapes},
-                }
-                del target
+        for prepack, attention, quantization in itertools.product(args.prepack, args.attention, args.quantization):
+            adapter = load_adapter(args.model, None, dtype, "cpu", prepack == "on", attention, quantization)[1]
+            target = TargetModel(adapter)
+            runs[dtype, prepack, attention, quantization] = {
+                "weight_mb": weight_bytes(target) / 1e6,
+                "shapes": {f"{b}x{n}": profile_shape(target, b, n, args.prefix, args.steps) for b, n in args.shapes},
+            }
+            del target, adapter
     table = report(args, bandwidth, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"profile-step-{Path(args.model).name}"
+    stem = args.out / (args.name or f"profile-step-{Path(args.model).name}")
     stem.with_suffix(".md").write_text(table)
-    named = {f"{dtype}/prepack-{prepack}/{attention}": run for (dtype, prepack, attention), run in runs.items()}
+    named = {"/".join([dtype, f"prepack-{prepack}", attention, quantization]): run
+             for (dtype, prepack, attention, quantization), run in runs.items()}
     stem.with_suffix(".json").write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "runs": named}, indent=2))
     return runs
 

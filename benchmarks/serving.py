@@ -2,7 +2,8 @@
 a concurrency sweep, side by side in one run; with `--vllm-python`, vLLM's CPU build (plain and with
 its n-gram speculator) on the same model, dtype and threads in the same run; with `--llamacpp-python`,
 llama.cpp's server (plain and with its prompt-lookup drafter) on the model's GGUF file, both as float32
-(matched precision) and as the file's own quantization (see `llamacpp.py`).
+(matched precision) and as the file's own quantization (see `llamacpp.py`). `--quantization none int4`
+serves specserve's target both in float and as weight-only int4 (one server per drafter and quantization).
 
     python benchmarks/serving.py --model smollm2-135m --drafts none ngram --concurrency 1 4 8 --threads 1
 
@@ -46,6 +47,7 @@ from llamacpp import f32_gguf, server_command, store_gguf
 from PIL import Image, ImageDraw
 from plots import Panel, save_bar_chart
 from prompts import PROMPT_SETS
+from transformers import AutoTokenizer
 
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
@@ -124,6 +126,7 @@ class Server:
     ready_path: str = "/health"  # answers 200 once the model is loaded
     # makes every request run to max_tokens: `ignore_eos` (specserve, vLLM) or `min_tokens` (llama.cpp)
     full_length: str = "ignore_eos"
+    quantization: str = "none"  # specserve's --quantization
 
 
 def free_port() -> int:
@@ -132,18 +135,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def specserve_server(args, draft: str) -> Server:
+def specserve_server(args, draft: str, quantization: str) -> Server:
     port = free_port()
     command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
                "serve", "--model", args.model, "--draft", draft, "--dtype", args.dtype, "--host", HOST,
-               "--port", str(port), "--log-level", "warning"]
+               "--port", str(port), "--log-level", "warning", "--quantization", quantization]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.max_num_seqs:
         command += ["--max-num-seqs", str(args.max_num_seqs)]
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
-    return Server(draft, draft, command, {"PORT": str(port)})
+    label = draft if quantization == "none" else f"{draft} {quantization}"
+    return Server(label, draft, command, {"PORT": str(port)}, quantization=quantization)
 
 
 def vllm_servers(args) -> list[Server]:
@@ -167,11 +171,11 @@ def llamacpp_servers(args) -> list[Server]:
     """llama.cpp's server (`--llamacpp-python`: the python of a venv with `llama-cpp-python[server]`) on the
     model's GGUF file dequantized to F32 and on the file as it is, plain and with prompt lookup."""
     source = store_gguf(args.gguf or args.model)
-    quantization = source.stem.rsplit(".", 1)[-1] if "." in source.stem else "gguf"
+    file_type = source.stem.rsplit(".", 1)[-1] if "." in source.stem else "gguf"  # "Q4_1" in "Model.Q4_1.gguf"
     f32 = f32_gguf(source, default_cache_dir() / "benchmarks" / f"{source.stem}.F32.gguf")
     threads = args.threads or torch.get_num_threads()
     servers = []
-    for label, path in (("llama.cpp f32", f32), (f"llama.cpp {quantization}", source)):
+    for label, path in (("llama.cpp f32", f32), (f"llama.cpp {file_type}", source)):
         for suffix, prompt_lookup in (("", False), ("+lookup", True)):
             port = free_port()
             command = server_command(args.llamacpp_python, path, HOST, port, threads, args.max_model_len or 2048,
@@ -214,12 +218,13 @@ def worker_tpot(base: str) -> np.ndarray:
 
 
 async def stream_one(client: httpx.AsyncClient, args, server: Server, item: int, content: object) -> RequestResult:
-    """One streamed chat request; a failure is recorded in the result, never raised. A server that
-    streams no usage (llama.cpp) made `max_tokens` tokens when it stopped for length."""
+    """One streamed chat request; a failure is recorded in the result, never raised. For a server that
+    streams no usage (llama.cpp) the output tokens are counted by tokenizing the streamed text with the
+    model's tokenizer (`args.tokenizer`), as vLLM's `bench serve` does for such backends."""
     body = {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             **({"ignore_eos": True} if server.full_length == "ignore_eos" else {"min_tokens": args.max_tokens})}
-    result = RequestResult(item)
+    result, text = RequestResult(item), []
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -236,14 +241,14 @@ async def stream_one(client: httpx.AsyncClient, args, server: Server, item: int,
                     else:
                         result.itls.append(now - last)
                     last = now
-                    finish = chunk["choices"][0].get("finish_reason")
-                    if finish and (spec := chunk.get("spec_decode")):
+                    text.append(chunk["choices"][0].get("delta", {}).get("content") or "")
+                    if chunk["choices"][0].get("finish_reason") and (spec := chunk.get("spec_decode")):
                         result.verify_steps, result.accepted = spec["verify_steps"], spec["accepted_draft_tokens"]
-                    if finish == "length" and not result.tokens:  # usage, when it comes, overrides this
-                        result.tokens = args.max_tokens
                 if chunk.get("usage"):
                     result.tokens = chunk["usage"]["completion_tokens"]
         result.e2e = time.perf_counter() - start
+        if not result.tokens and text:
+            result.tokens = len(args.tokenizer("".join(text), add_special_tokens=False).input_ids)
         if result.ttft is None or result.tokens == 0:
             raise ValueError("the stream ended without tokens or usage")
     except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -351,7 +356,8 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
     """For a specserve drafter the engine's own timings first; then the server and the sweep against it."""
     timings = None
     if server.draft is not None:
-        engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype))
+        engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype,
+                                                 quantization=server.quantization))
         items, params = workload(texts, engine.is_multimodal), SamplingParams(args.max_tokens, ignore_eos=True)
         time_request(engine, items[0][1], params)  # warm-up: first calls pay for allocations
         timings = [time_request(engine, content, params) for _, content in items]
@@ -377,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                        help="specserve's target weights: one server per drafter and quantization")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server (serve --threads) and of the in-process engine")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -395,8 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
+    args.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # counts peers' unreported tokens
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    servers = [specserve_server(args, draft) for draft in args.drafts]
+    servers = [specserve_server(args, draft, q) for q in args.quantization for draft in args.drafts]
     servers += vllm_servers(args) if args.vllm_python else []
     servers += llamacpp_servers(args) if args.llamacpp_python else []
     runs = {server.label: run_server(args, server, PROMPT_SETS[args.prompts]) for server in servers}

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 from ...drafting.budget import TreeBudget
 from ...kernels.sampling import LogitsParams
+from ...kernels.weight_only import QUANTIZATION_BITS
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DRAFT_QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", *QUANTIZATION_BITS)
 GiB = 1024**3
 
 
@@ -45,6 +47,9 @@ class EngineConfig:
     # CPU float32: the target's linear weights reordered once at load for oneDNN (kernels.cpu_linear),
     # faster for the few-row products of verification and batched decoding; ignored elsewhere
     prepack_weights: bool = True
+    # "int8" / "int4": the target's linear weights stored weight-only quantized (CPU; kernels.weight_only);
+    # lossless with respect to the quantized model
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -55,6 +60,8 @@ class EngineConfig:
             raise ValueError("prefill_chunk_tokens must be >= 1 or None")
         if self.max_num_seqs < 1 or self.kv_cache_memory_gib <= 0:
             raise ValueError("max_num_seqs must be >= 1 and kv_cache_memory_gib > 0")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.draft_quantization not in DRAFT_QUANTIZATIONS:
             raise ValueError(f"draft_quantization must be one of {DRAFT_QUANTIZATIONS}, "
                              f"got {self.draft_quantization!r}")

@@ -103,7 +103,7 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         """Load the target (and draft) named by `config`: store alias, folder, .gguf file or hub id."""
         path, adapter = load_adapter(config.model, config.cache_dir, config.dtype, config.device,
-                                     config.prepack_weights)
+                                     config.prepack_weights, quantization=config.quantization)
         target = TargetModel(adapter)
         if config.calibrate_tree:
             nodes, _ = calibrate_tree_nodes(target)

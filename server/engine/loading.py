@@ -24,13 +24,13 @@ def load_draft_model(spec: str, config: EngineConfig) -> torch.nn.Module:
 
 
 def load_adapter(spec: str, cache_dir: str | None, dtype: str, device: str, prepack: bool = False,
-                 attention: str = "grouped") -> tuple[str, CausalLMAdapter]:
-    """Resolve `spec` through the model store and load it (`prepack`, `attention`: see
+                 attention: str = "grouped", quantization: str = "none") -> tuple[str, CausalLMAdapter]:
+    """Resolve `spec` through the model store and load it (`prepack`, `attention`, `quantization`: see
     `target.load_model`); a hub id that cannot be loaded (no hub here) becomes a `ModelLoadError` with
     a message that says what `--model` accepts."""
     path = resolve_model(spec, Path(cache_dir) if cache_dir else None)
     try:
-        return str(path), load_model(str(path), dtype, device, prepack, attention)
+        return str(path), load_model(str(path), dtype, device, prepack, attention, quantization)
     except OSError as exc:
         if isinstance(path, Path):
             raise

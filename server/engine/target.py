@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,6 +25,7 @@ from ...kernels import grouped_attention
 from ...kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import DraftTree
+from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
 from .outputs import PromptInput
 
 TORCH_DTYPES = {
@@ -96,11 +98,13 @@ ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {LlavaConfig: Ll
 
 
 def load_model(path: str, dtype: str, device: str, prepack: bool = False,
-               attention: str = "grouped") -> CausalLMAdapter:
+               attention: str = "grouped", quantization: str = "none") -> CausalLMAdapter:
     """Load a model folder (or hub id) into the adapter its config class calls for.
 
-    `prepack`: where oneDNN's packed linear exists (CPU float32), the decoder's linear layers and the
-    LM head use it (`kernels.cpu_linear`); the vision tower, run once per image, keeps torch's own.
+    `quantization` ("int8", "int4"; CPU): the decoder's linear layers hold weight-only int8 / int4
+    weights (`kernels.weight_only`), the LM head int8 (as llama.cpp's 4-bit files keep their output
+    layer at 8 bits). `prepack`: where oneDNN's packed linear exists (CPU float32), the linear layers
+    left in float32 use it (`kernels.cpu_linear`). The vision tower, run once per image, keeps torch's own.
     `attention="grouped"`: a grouped-query model that would run transformers' `sdpa` attention runs
     `kernels.grouped_attention` instead (the same SDPA kernel, keys and values read once per group);
     `"sdpa"` keeps transformers' own."""
@@ -111,10 +115,20 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
     if (attention == "grouped" and model.config._attn_implementation == "sdpa"
             and grouped_attention.uses_grouped_query(adapter.text_config)):
         model.set_attn_implementation(grouped_attention.register())
+    # the LM head keeps its float weight: an EAGLE head's vocabulary projection reads it
+    if quantization != "none":
+        if model.device.type != "cpu":
+            raise ValueError(f"--quantization {quantization} runs on CPU only (torch's weight-only kernels), "
+                             f"not on {model.device}")
+        quantize_linears(adapter.decoder, QUANTIZATION_BITS[quantization])
+        head = model.get_output_embeddings()
+        if can_quantize(head, 8):
+            model.set_output_embeddings(WeightOnlyLinear(head, 8, keep_weight=True))
     if prepack and can_prepack(model.dtype, model.device):
         prepack_linears(adapter.decoder)
-        # the LM head keeps its weight: an EAGLE head's vocabulary projection reads it
-        model.set_output_embeddings(PackedLinear(model.get_output_embeddings(), keep_weight=True))
+        head = model.get_output_embeddings()
+        if isinstance(head, nn.Linear):
+            model.set_output_embeddings(PackedLinear(head, keep_weight=True))
     return adapter
 
 

@@ -11,6 +11,7 @@ import gguf
 import httpx
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 
 def tiny_gguf(path: Path) -> dict[str, np.ndarray]:
@@ -100,25 +101,29 @@ def test_the_sweep_gets_both_files_plain_and_with_prompt_lookup(benchmark_script
     assert len({s.env["PORT"] for s in servers}) == 4
 
 
-def test_a_stream_without_usage_counts_max_tokens_when_it_stops_for_length(benchmark_script):
-    """llama.cpp's stream carries no usage: a stream that stopped for length made `max_tokens` tokens;
-    one that stopped early without usage is an error, not a guess."""
+def test_a_stream_without_usage_counts_the_tokens_of_its_text(benchmark_script, tiny_model_dirs):
+    """llama.cpp's stream carries no usage (and with prompt lookup it reports "stop" where it stopped
+    for length): its tokens are those of the streamed text under the model's tokenizer."""
     serving = benchmark_script("serving")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    pieces = ["the quick", " brown fox", " jumps"]
 
-    def sse(finish: str) -> bytes:
+    def sse(usage: dict | None) -> bytes:
         chunks = [{"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]},
-                  {"choices": [{"delta": {"content": "a b"}, "finish_reason": None}]},
-                  {"choices": [{"delta": {}, "finish_reason": finish}]}]
+                  *({"choices": [{"delta": {"content": p}, "finish_reason": None}]} for p in pieces),
+                  {"choices": [{"delta": {}, "finish_reason": "stop"}]}]
+        chunks += [{"choices": [], "usage": usage}] if usage else []
         return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
 
-    async def one(finish: str, server):
-        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=sse(finish)))
+    async def one(usage: dict | None):
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=sse(usage)))
         async with httpx.AsyncClient(transport=transport, base_url="http://peer") as client:
-            args = serving.argparse.Namespace(model="m", max_tokens=7)
+            args = serving.argparse.Namespace(model="m", max_tokens=7, tokenizer=tokenizer)
+            server = serving.Server("peer", None, [], {}, full_length="min_tokens")
             return await serving.stream_one(client, args, server, 0, "hi")
 
-    peer = serving.Server("llama.cpp", None, [], {}, ready_path="/v1/models", full_length="min_tokens")
-    done = asyncio.run(one("length", peer))
-    assert (done.error, done.tokens, len(done.itls)) == (None, 7, 2)
-    early = asyncio.run(one("stop", peer))
-    assert early.error == "ValueError: the stream ended without tokens or usage"
+    counted = asyncio.run(one(None))
+    expected = len(tokenizer("".join(pieces), add_special_tokens=False).input_ids)
+    assert (counted.error, counted.tokens, len(counted.itls)) == (None, expected, 4)
+    assert expected > len(pieces)  # the count is the tokenizer's, not the chunks'
+    assert asyncio.run(one({"completion_tokens": 3})).tokens == 3  # usage, when streamed, is the count

@@ -20,7 +20,7 @@ def test_a_run_splits_every_step_and_reports_bandwidth(benchmark_script, tiny_mo
     model = tiny_model_dirs["llama"]
     runs = bench.main(["--model", str(model), "--shapes", "1x1", "2x3", "--prefix", "8", "--steps", "2",
                        "--out", str(tmp_path)])
-    assert set(runs) == {("float32", p, a) for p in ("off", "on") for a in ("sdpa", "grouped")}
+    assert set(runs) == {("float32", p, a, "none") for p in ("off", "on") for a in ("sdpa", "grouped")}
     for run in runs.values():
         assert set(run["shapes"]) == {"1x1", "2x3"}
         for r in run["shapes"].values():
@@ -31,4 +31,19 @@ def test_a_run_splits_every_step_and_reports_bandwidth(benchmark_script, tiny_mo
         assert run["weight_mb"] == pytest.approx(linear_params(model) * 4 / 1e6)
     saved = json.loads((tmp_path / f"profile-step-{model.name}.json").read_text())
     assert saved["read_bandwidth_gbs"] > 0
-    assert "| float32 | on | grouped | 2x3 |" in (tmp_path / f"profile-step-{model.name}.md").read_text()
+    assert "| float32 | on | grouped | none | 2x3 |" in (tmp_path / f"profile-step-{model.name}.md").read_text()
+
+
+def test_quantized_weights_count_their_packed_bytes_and_kernels(benchmark_script, tiny_model_dirs, tmp_path):
+    bench = benchmark_script("profile_step")
+    model = tiny_model_dirs["llama"]
+    runs = bench.main(["--model", str(model), "--shapes", "2x3", "--prefix", "8", "--steps", "2", "--prepack", "on",
+                       "--attention", "grouped", "--quantization", "none", "int8", "int4", "--name", "q",
+                       "--out", str(tmp_path)])
+    mb = {q: runs["float32", "on", "grouped", q]["weight_mb"] for q in ("none", "int8", "int4")}
+    params = linear_params(model)
+    # int8: a byte per weight plus a bfloat16 scale per output row; int4 layers half that (the LM head stays int8)
+    assert params / 1e6 < mb["int8"] < params * 1.2 / 1e6 and mb["int4"] < mb["int8"] < mb["none"] / 3
+    # the int8 / int4 kernels are counted as matmuls, not as "other ops"
+    assert all(runs["float32", "on", "grouped", q]["shapes"]["2x3"]["matmul"] > 0 for q in mb)
+    assert "| float32 | on | grouped | int4 | 2x3 |" in (tmp_path / "q.md").read_text()

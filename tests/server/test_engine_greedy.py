@@ -10,6 +10,7 @@ from PIL import Image
 from specserve.drafting.base import DraftContext, DraftProposal, SequentialProposer
 from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.kernels.tree import DraftTree
+from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 
@@ -58,11 +59,11 @@ def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
 
 
 def engine_for(path, draft: str = "none", tree: TreeBudget = TreeBudget(), proposer=None,
-               draft_quantization: str = "none") -> Engine:
+               draft_quantization: str = "none", quantization: str = "none") -> Engine:
     # batch_tree_tokens=0: every proposal is verified whole, so the drafters' accepted counts checked
     # here do not depend on the batch planner's measured costs
     config = EngineConfig(model=str(path), draft=draft, dtype="float64", tree=tree,
-                          draft_quantization=draft_quantization, batch_tree_tokens=0)
+                          draft_quantization=draft_quantization, batch_tree_tokens=0, quantization=quantization)
     if proposer is None:
         return Engine.from_config(config)
     base = Engine.from_config(EngineConfig(model=str(path), dtype="float64"))
@@ -83,6 +84,16 @@ def assert_greedy_equal(engine: Engine, max_new: int = 40) -> None:
 @pytest.mark.parametrize("draft", ["none", "ngram", "suffix", "self:1"])
 def test_greedy_matches_generate(tiny_model_dirs, family, draft):
     assert_greedy_equal(engine_for(tiny_model_dirs[family], draft))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("draft", ["ngram", "self:1", "model"])
+def test_greedy_quantized_target_matches_its_own_decoding(tiny_model_dirs, quantization, draft):
+    """Lossless with respect to the quantized model: `generate` runs the same quantized layers."""
+    spec = str(tiny_model_dirs["qwen2"]) if draft == "model" else draft  # a real but imperfect drafter
+    engine = engine_for(tiny_model_dirs["llama"], spec, quantization=quantization)
+    assert any(isinstance(m, WeightOnlyLinear) for m in engine.target.model.modules())
+    assert_greedy_equal(engine)
 
 
 @pytest.mark.parametrize("mode", [TreeMode.CHAIN, TreeMode.DYNAMIC])

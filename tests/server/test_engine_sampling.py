@@ -109,6 +109,20 @@ def test_sampling_matches_target_distribution(peaky_dirs, drafter, mode):
     assert engine.generate(engine.prepare_text(PROMPT), params).metrics.proposed_draft_tokens > 0
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_sampling_with_a_quantized_target_matches_its_distribution(peaky_dirs, quantization):
+    """Lossless with respect to the quantized model: its own processed distribution is the reference."""
+    target, draft = peaky_dirs
+    tree = TreeBudget(depth=3, branching=2, draft_nodes=6, mode=TreeMode.DYNAMIC)
+    engine = Engine.from_config(EngineConfig(str(target), draft=str(draft), dtype="float64", tree=tree,
+                                             batch_tree_tokens=0, quantization=quantization))
+    params = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, ignore_eos=True)
+    probs = exact_pair_distribution(engine.target.model, params)
+    ok, stat = chi_square_ok(sampled_pairs(engine, params, SAMPLES), probs)
+    assert ok, f"chi-square {stat:.1f}: sampled pairs do not follow the quantized target's distribution"
+    assert engine.generate(engine.prepare_text(PROMPT), params).metrics.proposed_draft_tokens > 0
+
+
 def test_chi_square_detects_a_wrong_distribution(peaky_dirs):
     # guard for the statistic itself: the target at another temperature must be rejected
     target, _ = peaky_dirs
