@@ -108,6 +108,9 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
     `attention="grouped"`: a grouped-query model that would run transformers' `sdpa` attention runs
     `kernels.grouped_attention` instead (the same SDPA kernel, keys and values read once per group);
     `"sdpa"` keeps transformers' own."""
+    if quantization != "none" and torch.device(device).type != "cpu":
+        raise ValueError(f"--quantization {quantization} runs on CPU only (torch's weight-only kernels), "
+                         f"not on {device}")
     config = AutoConfig.from_pretrained(path)
     adapter_cls = ADAPTERS.get(type(config), CausalLMAdapter)
     model = adapter_cls.model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
@@ -117,9 +120,6 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
         model.set_attn_implementation(grouped_attention.register())
     # the LM head keeps its float weight: an EAGLE head's vocabulary projection reads it
     if quantization != "none":
-        if model.device.type != "cpu":
-            raise ValueError(f"--quantization {quantization} runs on CPU only (torch's weight-only kernels), "
-                             f"not on {model.device}")
         quantize_linears(adapter.decoder, QUANTIZATION_BITS[quantization])
         head = model.get_output_embeddings()
         if can_quantize(head, 8):

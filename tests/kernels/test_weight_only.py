@@ -150,3 +150,9 @@ def test_the_cli_flag_reaches_the_config_and_bad_values_are_refused():
         build_parser().parse_args(["serve", "--quantization", "int3"])
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(model="m", quantization="fp8")
+
+
+def test_a_quantized_target_off_the_cpu_is_refused_before_loading(tmp_path):
+    # no folder at tmp_path: the refusal comes before any file is read
+    with pytest.raises(ValueError, match="--quantization int4 runs on CPU only"):
+        load_model(str(tmp_path / "absent"), "float32", "cuda", quantization="int4")
