@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ValidationError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
@@ -36,7 +37,7 @@ from .chat import serve_chat
 from .completions import serve_completion
 from .errors import APIError, from_validation_error, install_error_handlers
 from .generation import postprocess
-from .middleware import BodyLimit, CountResponses
+from .middleware import BodyLimit, CountResponses, RequestId, RequireApiKey
 from .prepare import PreparePool
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, field_path
@@ -171,7 +172,16 @@ def create_app(
     app.state.specserve = state
     install_error_handlers(app)
     app.include_router(router)
+    # the last added runs first: count -> request id -> CORS (answers preflights, labels even a 401 for
+    # the browser) -> API key (before the body is read) -> body limits -> routes
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    if settings.api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=settings.api_key)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestId)
     endpoints = [route.path for route in router.routes]
     app.add_middleware(CountResponses, counter=prometheus.http_requests, endpoints=endpoints)
     return app

@@ -1,4 +1,5 @@
-"""ASGI middleware: the request-body limits (size: 413; read time: 408) and HTTP response counting.
+"""ASGI middleware: the request-body limits (size: 413; read time: 408), the API key (401), request
+ids (`X-Request-Id`) and HTTP response counting. CORS is Starlette's own `CORSMiddleware`.
 
 Both are plain ASGI wrappers rather than Starlette's `BaseHTTPMiddleware`, which would buffer
 streaming responses and hide client disconnects from the event stream.
@@ -7,6 +8,9 @@ streaming responses and hide client disconnects from the event stream.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import re
+import uuid
 from collections.abc import Collection
 
 from prometheus_client import Counter
@@ -87,3 +91,53 @@ class CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class RequireApiKey:
+    """`Authorization: Bearer <key>` on every request under `prefix` (the OpenAI API), compared in
+    constant time; 401 with an OpenAI error body otherwise, before any of the body is read.
+    /health and /metrics stay open: load balancers and Prometheus scrape them without credentials,
+    and they carry no model output."""
+
+    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
+            scheme, _, token = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
+                error = APIError(401, "a valid API key is required: send it as `Authorization: Bearer <key>`",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # printable ASCII without spaces: safe in headers and logs
+
+
+class RequestId:
+    """Every response carries `X-Request-Id`: the client's own when it sent a usable one (printable
+    ASCII, at most 128 characters), else a new random one. It is kept in `scope["state"]["request_id"]`
+    for the request's log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -19,6 +19,7 @@ from ..engine.args import add_engine_arguments, engine_config
 from .settings import ListenSettings, ServerSettings
 
 _D, _L = ServerSettings(), ListenSettings()  # defaults shown in --help
+API_KEY_ENV = "SPECSERVE_API_KEY"
 logger = logging.getLogger(__name__)
 
 
@@ -33,6 +34,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=_L.port)
     group.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     group.add_argument("--log-level", default=_L.log_level, choices=["debug", "info", "warning", "error"])
+    group.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                       help=f"require `Authorization: Bearer KEY` on /v1/* (401 otherwise; /health and /metrics "
+                            f"stay open). Prefer ${API_KEY_ENV}: other users can read a flag from the process "
+                            f"list (default: ${API_KEY_ENV}, else no key)")
+    group.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                       help="browser origins allowed to call the API (CORS), e.g. https://app.example.com; "
+                            "'*' allows any (default: none)")
     limits = parser.add_argument_group("limits (each protects the server from one client)")
     limits.add_argument("--max-active", type=int, default=_D.max_active,
                         help="sequences decoded concurrently, interleaved step by step")
@@ -83,6 +91,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout,
         prepare_workers=args.prepare_workers,
+        api_key=args.api_key,
+        allowed_origins=tuple(args.allowed_origins),
     )
 
 

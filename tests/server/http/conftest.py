@@ -42,7 +42,7 @@ class RunningServer:
 
     def openai(self, **kwargs) -> openai.OpenAI:
         # No retries: a test must see the first answer (429 and 5xx would otherwise be retried).
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
                              timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def http(self, **kwargs) -> httpx.Client:
