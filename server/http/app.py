@@ -37,6 +37,7 @@ from .chat import serve_chat
 from .completions import serve_completion
 from .errors import APIError, from_validation_error, install_error_handlers
 from .generation import postprocess
+from .logs import AccessLog, StatsLog
 from .middleware import BodyLimit, CountResponses, RequestId, RequireApiKey
 from .prepare import PreparePool
 from .prometheus import CONTENT_TYPE, PrometheusMetrics
@@ -154,8 +155,11 @@ def create_app(
         kv_usage=lambda: getattr(state.scheduler.engine, "kv_cache_usage", 0.0),  # 0 until the model loads
     )
     drain_rate = DrainRate()
+    stats = StatsLog(settings.log_stats_interval_s, running=lambda: state.scheduler.num_running,
+                     waiting=lambda: state.scheduler.num_waiting,
+                     kv_usage=lambda: getattr(state.scheduler.engine, "kv_cache_usage", 0.0))
     scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
-                          postprocess=postprocess, observer=_Observers(prometheus, drain_rate),
+                          postprocess=postprocess, observer=_Observers(prometheus, drain_rate, stats),
                           on_load_failure=on_load_failure)
     admission = Admission(scheduler, settings.max_active + settings.max_queue, settings.retry_after_s, drain_rate)
     pool = PreparePool(settings.prepare_workers)
@@ -164,7 +168,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         scheduler.start()
+        stats_task = asyncio.create_task(stats.run()) if settings.log_stats_interval_s > 0 else None
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         await asyncio.to_thread(scheduler.stop)
         pool.shutdown()
 
@@ -172,7 +179,7 @@ def create_app(
     app.state.specserve = state
     install_error_handlers(app)
     app.include_router(router)
-    # the last added runs first: count -> request id -> CORS (answers preflights, labels even a 401 for
+    # the last added runs first: count -> request id -> access log -> CORS (answers preflights, labels even a 401 for
     # the browser) -> API key (before the body is read) -> body limits -> routes
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
@@ -181,6 +188,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id"])
+    app.add_middleware(AccessLog)
     app.add_middleware(RequestId)
     endpoints = [route.path for route in router.routes]
     app.add_middleware(CountResponses, counter=prometheus.http_requests, endpoints=endpoints)
@@ -188,14 +196,16 @@ def create_app(
 
 
 class _Observers:
-    """The scheduler's hooks, heard by the metrics and by admission's drain rate."""
+    """The scheduler's hooks, heard by the metrics, admission's drain rate and the stats line."""
 
-    def __init__(self, metrics: PrometheusMetrics, drain_rate: DrainRate) -> None:
-        self._metrics, self._drain_rate = metrics, drain_rate
+    def __init__(self, metrics: PrometheusMetrics, drain_rate: DrainRate, stats: StatsLog) -> None:
+        self._metrics, self._drain_rate, self._stats = metrics, drain_rate, stats
 
     def on_step(self, delta: SpecMetrics) -> None:
         self._metrics.on_step(delta)
+        self._stats.on_step(delta)
 
     def on_finish(self, record: SequenceRecord) -> None:
         self._metrics.on_finish(record)
         self._drain_rate.add(record.finish_time)
+        self._stats.on_finish(record)

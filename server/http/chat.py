@@ -99,4 +99,4 @@ async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: fl
         group = submit(state, [prompt] * len(params), params, arrival)
     renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name)
     return await respond(state.scheduler, group, renderer, bool(req.stream), req.include_usage,
-                         len(prompt.token_ids))
+                         len(prompt.token_ids), arrival)

@@ -3,7 +3,8 @@ stream; shared by chat and text completions, which differ only in how they rende
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +16,7 @@ from ..engine.metrics import SpecMetrics
 from ..engine.outputs import StepOutput
 from ..engine.scheduler import Scheduler
 from .errors import engine_error
+from .logs import RequestLog, current_request
 from .sse import DONE, EventStream, sse_event
 from .state import ServerState
 
@@ -86,17 +88,19 @@ def merged_metrics(metrics: list[SpecMetrics]) -> SpecMetrics:
     return total
 
 
-async def collect(group: RequestGroup) -> list[ChoiceResult]:
-    """Every choice of the request, in index order; raises the first failure as an `APIError`."""
+async def collect(group: RequestGroup) -> tuple[list[ChoiceResult], float]:
+    """Every choice of the request, in index order, and when the first token arrived
+    (`time.monotonic`); raises the first failure as an `APIError`."""
     results = [ChoiceResult() for _ in range(group.size)]
-    done = 0
+    done, first_time = 0, None
     while done < group.size:
         event = await group.next_event()
         if event.error is not None:
             raise engine_error(event.error)
+        first_time = time.monotonic() if first_time is None else first_time
         results[event.index].add(event)
         done += event.finished
-    return results
+    return results, first_time
 
 
 async def first_event(group: RequestGroup) -> Event:
@@ -117,10 +121,12 @@ class Renderer(Protocol):
 
 async def stream_events(
     group: RequestGroup, first: Event, renderer: Renderer, include_usage: bool, prompt_tokens: int,
+    on_done: Callable[[int, SpecMetrics], None] = lambda tokens, metrics: None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes: one chunk per step and choice; the finishing chunk of a choice carries its
     `spec_decode`; then, if asked, a usage chunk with `choices: []`; then `[DONE]`. A failure goes
-    out as `data: {"error": ...}` and ends the stream."""
+    out as `data: {"error": ...}` and ends the stream. `on_done(completion tokens, metrics)` hears a
+    stream that finished."""
     started: set[int] = set()
     finished: list[Event] = []
     event = first
@@ -142,9 +148,11 @@ async def stream_events(
             if len(finished) == group.size:
                 break
         event = await group.next_event()
+    completion_tokens = sum(e.num_output_tokens for e in finished)
+    metrics = merged_metrics([e.metrics for e in finished])
+    on_done(completion_tokens, metrics)
     if include_usage:
-        counts = usage(prompt_tokens, sum(e.num_output_tokens for e in finished))
-        yield sse_event(renderer.usage_chunk(counts, merged_metrics([e.metrics for e in finished])))
+        yield sse_event(renderer.usage_chunk(usage(prompt_tokens, completion_tokens), metrics))
     yield DONE
 
 
@@ -167,19 +175,24 @@ def submit(state: ServerState, prompts: list, params: list, arrival: float) -> R
 
 async def respond(
     scheduler: Scheduler, group: RequestGroup, renderer: Renderer, stream: bool, include_usage: bool,
-    prompt_tokens: int,
+    prompt_tokens: int, arrival: float,
 ) -> Response:
     """The JSON response, or the event stream once the first token exists. Whatever ends this
-    early (an error, the client leaving) cancels the request's sequences."""
+    early (an error, the client leaving) cancels the request's sequences. The access line
+    (`logs.current_request`) learns the counts, TTFT and acceptance."""
+    record = current_request() or RequestLog("-")  # a mounted app has no access line: fill a spare
     try:
         if stream:
             first = await first_event(group)
-            events = stream_events(group, first, renderer, include_usage, prompt_tokens)
+            ttft = time.monotonic() - arrival
+            events = stream_events(group, first, renderer, include_usage, prompt_tokens,
+                                   lambda tokens, metrics: record.generated(prompt_tokens, tokens, ttft, metrics))
             return EventStream(events, on_close=lambda: scheduler.cancel(group))
-        results = await collect(group)
+        results, first_time = await collect(group)
     except BaseException:
         scheduler.cancel(group)
         raise
     metrics = merged_metrics([r.metrics for r in results])
     counts = usage(prompt_tokens, sum(r.num_tokens for r in results))
+    record.generated(prompt_tokens, counts["completion_tokens"], first_time - arrival, metrics)
     return JSONResponse(renderer.response(results, counts, metrics))

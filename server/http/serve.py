@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..engine.args import add_engine_arguments, engine_config
+from . import logs
+from .logs import LOG_FORMATS
 from .settings import ListenSettings, ServerSettings
 
 _D, _L = ServerSettings(), ListenSettings()  # defaults shown in --help
@@ -34,6 +36,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=_L.port)
     group.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     group.add_argument("--log-level", default=_L.log_level, choices=["debug", "info", "warning", "error"])
+    group.add_argument("--log-format", default="plain", choices=LOG_FORMATS,
+                       help="plain text, or one JSON object per line (default: %(default)s)")
+    group.add_argument("--log-stats-interval", type=float, default=_D.log_stats_interval_s,
+                       help="seconds between stats lines (throughput, queue, KV cache, acceptance) while "
+                            "the server is busy; 0: none (default: %(default)s)")
     group.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                        help=f"require `Authorization: Bearer KEY` on /v1/* (401 otherwise; /health and /metrics "
                             f"stay open). Prefer ${API_KEY_ENV}: other users can read a flag from the process "
@@ -93,6 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         prepare_workers=args.prepare_workers,
         api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins),
+        log_stats_interval_s=args.log_stats_interval,
     )
 
 
@@ -137,6 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .transport import build_server
 
+    logs.configure(args.log_level, args.log_format)
     failures: list[str] = []
 
     def load_failed(reason: str) -> None:  # on the worker thread; uvicorn polls should_exit

@@ -32,6 +32,7 @@ class ServerSettings:
     prepare_workers: int = 2  # threads that decode images and tokenize, off the engine's worker
     api_key: str | None = None  # required on /v1/* as `Authorization: Bearer <key>`; None = no auth
     allowed_origins: tuple[str, ...] = ()  # browser origins CORS lets call the API ("*": any); () = none
+    log_stats_interval_s: float = 10.0  # seconds between stats lines while busy; 0 = none
 
     def __post_init__(self) -> None:
         positive = (
@@ -47,6 +48,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string without surrounding whitespace")
+        if self.log_stats_interval_s < 0:
+            raise ValueError(f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s}")
         if self.retry_after_s < 0 or self.remote_image_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise ValueError("retry_after_s must be >= 0, remote_image_timeout_s and body_timeout_s > 0")
 

@@ -94,7 +94,8 @@ class GracefulServer(uvicorn.Server):
 def build_server(app: Any, listen: ListenSettings) -> GracefulServer:
     """The server for `app` (a `create_app` app) with `listen`'s address, limits and deadlines."""
     config = uvicorn.Config(
-        app, host=listen.host, port=listen.port, log_level=listen.log_level,
+        # logging is set up by `logs.configure`; each request's line is `logs.AccessLog`'s, not uvicorn's
+        app, host=listen.host, port=listen.port, log_level=listen.log_level, log_config=None, access_log=False,
         http=head_timeout_protocol(listen.header_timeout_s),
         limit_concurrency=listen.limit_concurrency,
         timeout_keep_alive=listen.keep_alive_timeout_s,
