@@ -5,7 +5,11 @@ data allows: the number of images before anything is decoded, the encoded size b
 decoding (or while downloading), and width x height from the image header before pixels are decoded,
 so a decompression bomb (a small file that inflates to gigapixels) is refused without being inflated;
 the engine's own size check (`SizeCheck`: aspect ratio, pixels once its processor resizes) also runs
-on the header. Only common raster formats are opened: PIL's other plugins (EPS runs Ghostscript, for
+on the header. A remote fetch (`--allow-remote-images`) goes only to public addresses: every hop's
+host is resolved here, each address checked (no private, loopback, link-local, multicast or reserved
+ones, unless `--allow-private-image-hosts`), and the connection made to the checked address, so a
+redirect or a DNS answer that changes between check and connect cannot reach an internal service.
+Only common raster formats are opened: PIL's other plugins (EPS runs Ghostscript, for
 one) are more attack surface than a chat request needs. Decoding runs in a thread (`Blocking`: the
 app's prepare pool), off the event loop and off the engine's worker.
 """
@@ -16,7 +20,9 @@ import asyncio
 import base64
 import binascii
 import io
+import ipaddress
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +38,8 @@ SizeCheck = Callable[[int, int], None]  # (width, height); raises RequestError (
 Blocking = Callable[..., Awaitable[Any]]  # `await run(fn, *args)` runs fn(*args) in a thread
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_REDIRECTS = 3
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _DATA_URL = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
 _ROLES = {"developer": "system"}  # HF chat templates know "system", not OpenAI's newer "developer"
 
@@ -89,8 +97,7 @@ async def fetch_image_bytes(url: str, settings: ServerSettings, param: str) -> b
         raise bad_request("remote image URLs are disabled on this server; send the image inline as a "
                           "data URL (data:image/png;base64,...)", param)
     try:
-        return await asyncio.wait_for(_download(url, settings.max_image_bytes, param),
-                                      settings.remote_image_timeout_s)
+        return await asyncio.wait_for(_download(url, settings, param), settings.remote_image_timeout_s)
     except (TimeoutError, asyncio.TimeoutError):
         raise bad_request(f"fetching the image took longer than {settings.remote_image_timeout_s} s",
                           param) from None
@@ -98,21 +105,58 @@ async def fetch_image_bytes(url: str, settings: ServerSettings, param: str) -> b
         raise bad_request(f"could not fetch the image: {exc}", param) from None
 
 
-async def _download(url: str, max_bytes: int, param: str) -> bytes:
+async def _download(url: str, settings: ServerSettings, param: str) -> bytes:
+    """GET `url`, following up to `MAX_REDIRECTS` redirects by hand: each hop's host is resolved and
+    checked, and the request goes to the checked address (the host name still in `Host` and TLS)."""
+    max_bytes = settings.max_image_bytes
     too_big = bad_request(f"the image is larger than this server's limit of {max_bytes} bytes", param)
-    async with httpx.AsyncClient(follow_redirects=True, max_redirects=3) as client:
-        async with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise bad_request(f"fetching the image failed with HTTP {response.status_code}", param)
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise too_big
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
+    target = httpx.URL(url)
+    async with httpx.AsyncClient(follow_redirects=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            if target.scheme not in ("http", "https"):
+                raise bad_request(f"an image URL (or a redirect) must be http or https, not {target.scheme}", param)
+            address = await _checked_address(target, settings.allow_private_image_hosts, param)
+            pinned = target.copy_with(host=address)
+            headers = {"Host": target.netloc.decode("ascii")}
+            async with client.stream("GET", pinned, headers=headers,
+                                     extensions={"sni_hostname": target.host}) as response:
+                if response.is_redirect and "location" in response.headers:
+                    target = target.join(response.headers["location"])
+                    continue
+                if response.status_code != 200:
+                    raise bad_request(f"fetching the image failed with HTTP {response.status_code}", param)
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
                     raise too_big
-    return bytes(body)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise too_big
+                return bytes(body)
+    raise bad_request(f"fetching the image took more than {MAX_REDIRECTS} redirects", param)
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address (an IPv4-mapped IPv6 address is judged as its IPv4 one)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not (address.is_multicast or address.is_reserved)
+
+
+async def _checked_address(url: httpx.URL, allow_private: bool, param: str) -> str:
+    """One address `url`'s host resolves to, once every address it resolves to is allowed."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(url.host, url.port or DEFAULT_PORTS[url.scheme],
+                                                             type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise bad_request(f"could not resolve the image host {url.host!r}", param) from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    blocked = [a for a in addresses if not (allow_private or is_public(a))]
+    if blocked:
+        raise bad_request(f"the image host {url.host!r} resolves to a non-public address ({blocked[0]}); this "
+                          "server fetches images from public addresses only", param)
+    return str(addresses[0])  # getaddrinfo answers at least one address or raises
 
 
 async def load_image(

@@ -66,6 +66,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (the server then makes outbound requests for clients)")
     limits.add_argument("--remote-image-timeout", type=float, default=_D.remote_image_timeout_s)
+    limits.add_argument("--allow-private-image-hosts", action="store_true",
+                        help="with --allow-remote-images, also fetch from private, loopback and link-local "
+                             "addresses (default: public addresses only, checked at every redirect)")
     limits.add_argument("--prepare-workers", type=int, default=_D.prepare_workers,
                         help="threads that decode images and tokenize, off the engine's worker")
     limits.add_argument("--header-timeout", type=float, default=_L.header_timeout_s,
@@ -97,6 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_image_pixels=args.max_image_pixels,
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout,
+        allow_private_image_hosts=args.allow_private_image_hosts,
         prepare_workers=args.prepare_workers,
         api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins),

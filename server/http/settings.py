@@ -29,6 +29,7 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096  # width x height of one image, checked before decoding pixels
     allow_remote_images: bool = False  # fetch http(s) image URLs (the server then makes outbound requests)
     remote_image_timeout_s: float = 10.0  # whole download of one remote image
+    allow_private_image_hosts: bool = False  # remote images from private/loopback/link-local addresses too
     prepare_workers: int = 2  # threads that decode images and tokenize, off the engine's worker
     api_key: str | None = None  # required on /v1/* as `Authorization: Bearer <key>`; None = no auth
     allowed_origins: tuple[str, ...] = ()  # browser origins CORS lets call the API ("*": any); () = none

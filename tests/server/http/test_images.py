@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from specserve.server.http import images
 from specserve.server.http.errors import APIError
 from specserve.server.http.images import (
     check_image_count,
@@ -144,8 +145,19 @@ def test_engine_messages_format():
 PNG_BYTES = encode(Image.new("RGB", (12, 9), (1, 2, 3)))
 
 
+REDIRECTS = {"/to-ok": "/ok.png", "/to-metadata": "http://169.254.169.254/latest/meta-data/",
+             "/to-other-loopback": "http://127.0.0.2:{port}/ok.png", "/to-file": "file:///etc/passwd",
+             "/loop": "/loop"}
+
+
 class _Files(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path in REDIRECTS:
+            self.send_response(302)
+            self.send_header("Location", REDIRECTS[self.path].format(port=self.server.server_address[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/slow.png":
             time.sleep(1.5)
         body = {"/ok.png": PNG_BYTES, "/slow.png": PNG_BYTES, "/big.png": PNG_BYTES * 40}.get(self.path)
@@ -184,11 +196,47 @@ def test_remote_urls_are_refused_by_default(file_server):
 
 
 def test_remote_urls_when_allowed_have_size_and_time_limits(file_server):
-    settings = ServerSettings(allow_remote_images=True, max_image_bytes=len(PNG_BYTES) * 2,
-                              remote_image_timeout_s=0.5)
+    # the file server is on loopback: private hosts allowed here (the SSRF tests below refuse them)
+    settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True,
+                              max_image_bytes=len(PNG_BYTES) * 2, remote_image_timeout_s=0.5)
     image = asyncio.run(load_image(f"{file_server}/ok.png", settings, PARAM))
     assert image.size == (12, 9)
     refused(lambda: asyncio.run(fetch_image_bytes(f"{file_server}/big.png", settings, PARAM)), "larger than")
     refused(lambda: asyncio.run(fetch_image_bytes(f"{file_server}/missing.png", settings, PARAM)), "404")
     refused(lambda: asyncio.run(fetch_image_bytes(f"{file_server}/slow.png", settings, PARAM)), "longer than")
     refused(lambda: asyncio.run(fetch_image_bytes("http://[::bad", settings, PARAM)), "could not fetch")
+
+
+# ---- SSRF: only public addresses, at every hop -----------------------------------------------------
+def test_private_hosts_are_refused_by_name_and_by_address(file_server):
+    settings = ServerSettings(allow_remote_images=True)
+    port = file_server.rsplit(":", 1)[1]
+    for url in (f"{file_server}/ok.png", f"http://localhost:{port}/ok.png", "http://[::1]:9/x.png",
+                "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.png"):
+        error = refused(lambda: asyncio.run(fetch_image_bytes(url, settings, PARAM)), "non-public address")
+        assert "public addresses only" in error.message
+
+
+@pytest.fixture
+def loopback_is_public(monkeypatch):
+    """The file server's own address (127.0.0.1) counts as public, and nothing else private does: a
+    redirect's second hop then meets the real check, as it would after a public first hop."""
+    real = images.is_public
+    monkeypatch.setattr(images, "is_public", lambda address: str(address) == "127.0.0.1" or real(address))
+
+
+def test_every_redirect_hop_is_checked(file_server, loopback_is_public):
+    settings = ServerSettings(allow_remote_images=True)
+    assert asyncio.run(fetch_image_bytes(f"{file_server}/to-ok", settings, PARAM)) == PNG_BYTES
+    for path, address in (("/to-metadata", "169.254.169.254"), ("/to-other-loopback", "127.0.0.2")):
+        error = refused(lambda: asyncio.run(fetch_image_bytes(f"{file_server}{path}", settings, PARAM)),
+                        "non-public address")
+        assert address in error.message
+    refused(lambda: asyncio.run(fetch_image_bytes(f"{file_server}/to-file", settings, PARAM)), "http or https")
+    refused(lambda: asyncio.run(fetch_image_bytes(f"{file_server}/loop", settings, PARAM)), "more than 3 redirects")
+
+
+def test_a_host_that_does_not_resolve_is_a_clear_400():
+    settings = ServerSettings(allow_remote_images=True)
+    refused(lambda: asyncio.run(fetch_image_bytes("http://no-such-host.invalid/x.png", settings, PARAM)),
+            "could not resolve")

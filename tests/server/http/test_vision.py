@@ -8,6 +8,7 @@ import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import openai
 import pytest
 from PIL import Image
 
@@ -127,11 +128,17 @@ def test_remote_image_when_the_server_allows_it(launch, make_engine, reference):
     files = ThreadingHTTPServer(("127.0.0.1", 0), OnePicture)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{files.server_address[1]}/picture.png"
-    settings = ServerSettings(allow_remote_images=True, remote_image_timeout_s=5)
+    # the picture is on loopback: private hosts allowed here; without that, the server refuses it
+    settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, remote_image_timeout_s=5)
     try:
         with launch(create_app(make_engine("llava"), settings)) as server:
             remote = server.openai().chat.completions.create(
                 model=server.state.model_name, messages=image_message(url), max_tokens=8, temperature=0)
+        public_only = ServerSettings(allow_remote_images=True, remote_image_timeout_s=5)
+        with launch(create_app(make_engine("llava"), public_only)) as server:
+            with pytest.raises(openai.BadRequestError, match="public addresses only"):
+                server.openai().chat.completions.create(
+                    model=server.state.model_name, messages=image_message(url), max_tokens=8)
     finally:
         files.shutdown()
         files.server_close()
