@@ -98,5 +98,5 @@ async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: fl
         params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
         group = submit(state, [prompt] * len(params), params, arrival)
     renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name)
-    return await respond(state.scheduler, group, renderer, bool(req.stream), req.include_usage,
+    return await respond(state, group, renderer, bool(req.stream), req.include_usage,
                          len(prompt.token_ids), arrival)

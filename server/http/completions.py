@@ -86,5 +86,5 @@ async def serve_completion(state: ServerState, req: CompletionRequest, arrival: 
         group = submit(state, all_prompts, all_params, arrival)
     renderer = CompletionRenderer(state.new_id("cmpl"), state.now(), state.model_name)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    return await respond(state.scheduler, group, renderer, bool(req.stream), req.include_usage, prompt_tokens,
+    return await respond(state, group, renderer, bool(req.stream), req.include_usage, prompt_tokens,
                          arrival)

@@ -3,6 +3,7 @@ stream; shared by chat and text completions, which differ only in how they rende
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,10 +15,9 @@ from ..engine.engine import Engine
 from ..engine.events import Event, NotReady, QueueFull, RequestGroup
 from ..engine.metrics import SpecMetrics
 from ..engine.outputs import StepOutput
-from ..engine.scheduler import Scheduler
-from .errors import engine_error
+from .errors import APIError, engine_error
 from .logs import RequestLog, current_request
-from .sse import DONE, EventStream, sse_event
+from .sse import DONE, PING, EventStream, sse_event
 from .state import ServerState
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the processed distribution excludes gets this
@@ -156,6 +156,28 @@ async def stream_events(
     yield DONE
 
 
+async def _events_after(
+    waiting: asyncio.Future[Event], keepalive_s: float, group: RequestGroup, renderer: Renderer,
+    include_usage: bool, prompt_tokens: int, arrival: float, record: RequestLog,
+) -> AsyncIterator[bytes]:
+    """`: ping` every `keepalive_s` until the first event, then the stream's events."""
+    try:
+        while not waiting.done():
+            yield PING
+            await asyncio.wait({waiting}, timeout=keepalive_s)
+        first = waiting.result()
+    except APIError as exc:  # failed after the headers went out: an error event ends the stream
+        yield sse_event(exc.body())
+        yield DONE
+        return
+    finally:
+        waiting.cancel()  # a no-op once done; stops the wait if the client left first
+    ttft = time.monotonic() - arrival
+    async for chunk in stream_events(group, first, renderer, include_usage, prompt_tokens,
+                                     lambda tokens, metrics: record.generated(prompt_tokens, tokens, ttft, metrics)):
+        yield chunk
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     """OpenAI's usage counts (a prompt shared by n choices counts once, as OpenAI counts it)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -174,22 +196,30 @@ def submit(state: ServerState, prompts: list, params: list, arrival: float) -> R
 
 
 async def respond(
-    scheduler: Scheduler, group: RequestGroup, renderer: Renderer, stream: bool, include_usage: bool,
+    state: ServerState, group: RequestGroup, renderer: Renderer, stream: bool, include_usage: bool,
     prompt_tokens: int, arrival: float,
 ) -> Response:
-    """The JSON response, or the event stream once the first token exists. Whatever ends this
-    early (an error, the client leaving) cancels the request's sequences. The access line
+    """The JSON response, or the event stream. A stream starts when the first token exists or after
+    `sse_keepalive_s`, whichever comes first: a request refused at once still gets its HTTP status,
+    and a long prefill or queue wait sends headers and `: ping` comments, so proxies with idle
+    timeouts keep the connection (a failure after that is an error event). Whatever ends this early
+    (an error, the client leaving) cancels the request's sequences. The access line
     (`logs.current_request`) learns the counts, TTFT and acceptance."""
     record = current_request() or RequestLog("-")  # a mounted app has no access line: fill a spare
+    scheduler = state.scheduler
+    waiting = asyncio.ensure_future(first_event(group)) if stream else None
     try:
-        if stream:
-            first = await first_event(group)
-            ttft = time.monotonic() - arrival
-            events = stream_events(group, first, renderer, include_usage, prompt_tokens,
-                                   lambda tokens, metrics: record.generated(prompt_tokens, tokens, ttft, metrics))
+        if waiting is not None:
+            await asyncio.wait({waiting}, timeout=state.settings.sse_keepalive_s)
+            if waiting.done():
+                waiting.result()  # a failure this early is a plain HTTP error
+            events = _events_after(waiting, state.settings.sse_keepalive_s, group, renderer, include_usage,
+                                   prompt_tokens, arrival, record)
             return EventStream(events, on_close=lambda: scheduler.cancel(group))
         results, first_time = await collect(group)
     except BaseException:
+        if waiting is not None:
+            waiting.cancel()
         scheduler.cancel(group)
         raise
     metrics = merged_metrics([r.metrics for r in results])

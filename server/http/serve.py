@@ -79,6 +79,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an idle keep-alive connection stays open")
     limits.add_argument("--limit-concurrency", type=int, default=_L.limit_concurrency,
                         help="open connections + running requests; beyond it new requests get 503")
+    limits.add_argument("--sse-keepalive", type=float, default=_D.sse_keepalive_s,
+                        help="seconds a stream waits for its first token before it sends its headers, and "
+                             "then a `: ping` comment every so often until the token comes (idle proxies)")
     limits.add_argument("--shutdown-timeout", type=float, default=_L.shutdown_timeout_s,
                         help="on SIGTERM/SIGINT, seconds running requests may finish; then open streams end "
                              "with an error event and [DONE]")
@@ -105,6 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins),
         log_stats_interval_s=args.log_stats_interval,
+        sse_keepalive_s=args.sse_keepalive,
     )
 
 

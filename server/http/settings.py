@@ -34,6 +34,7 @@ class ServerSettings:
     api_key: str | None = None  # required on /v1/* as `Authorization: Bearer <key>`; None = no auth
     allowed_origins: tuple[str, ...] = ()  # browser origins CORS lets call the API ("*": any); () = none
     log_stats_interval_s: float = 10.0  # seconds between stats lines while busy; 0 = none
+    sse_keepalive_s: float = 5.0  # a stream without its first token by then starts with `: ping` comments
 
     def __post_init__(self) -> None:
         positive = (
@@ -49,6 +50,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string without surrounding whitespace")
+        if self.sse_keepalive_s <= 0:
+            raise ValueError(f"sse_keepalive_s must be > 0, got {self.sse_keepalive_s}")
         if self.log_stats_interval_s < 0:
             raise ValueError(f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s}")
         if self.retry_after_s < 0 or self.remote_image_timeout_s <= 0 or self.body_timeout_s <= 0:

@@ -1,6 +1,7 @@
 """Server-sent events and client disconnects.
 
-The stream carries only `data: {json}` events and a final `data: [DONE]`, as OpenAI's does. A client
+The stream carries `data: {json}` events and a final `data: [DONE]`, as OpenAI's does, and, while
+the first token is awaited, `: ping` comments (which SSE clients skip). A client
 that goes away must free its sequences at once, whatever the ASGI server reports: so the response
 watches `http.disconnect` itself while it streams, and a non-streaming request races its generation
 against the same message.
@@ -22,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from .errors import error_body
 
 DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"  # an SSE comment: clients skip it, proxies see traffic
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
