@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import jinja2
 
 from ...drafting.budget import TreeBudget, TreeMode
 from ...drafting.static_trees import PRESETS
@@ -65,6 +68,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store the target's linear weights as weight-only int8 or int4 (CPU; 4x / 8x "
                              "smaller, faster single-token steps, slower wide verify steps); speculative "
                              "output equals the quantized model's own (default: %(default)s)")
+    parser.add_argument("--chat-template", type=chat_template, default=None, metavar="FILE_OR_TEMPLATE",
+                        help="Jinja chat template (a file, or the template itself) replacing the model's own; "
+                             "for a model that has none, or to change how prompts are laid out")
     parser.add_argument("--cache-dir", default=None,
                         help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
 
@@ -79,8 +85,23 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         draft_quantization=args.draft_quantization, draft_share_prompts=args.draft_share_prompts,
         max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
         batch_tree_tokens=args.batch_tree_tokens, prefill_chunk_tokens=args.prefill_chunk or None,
-        prepack_weights=args.prepack_weights, quantization=args.quantization,
+        prepack_weights=args.prepack_weights, quantization=args.quantization, chat_template=args.chat_template,
     )
+
+
+def chat_template(value: str) -> str:
+    """`--chat-template`: the text of the file `value` names, else `value` itself if it is Jinja;
+    checked for syntax here, so a broken template stops the command before the model loads."""
+    path = Path(value)
+    text = path.read_text(encoding="utf-8") if len(value) < 4096 and path.is_file() else value
+    if "{{" not in text and "{%" not in text:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor a Jinja template")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise argparse.ArgumentTypeError(
+            f"the chat template does not parse: {exc.message} (line {exc.lineno})") from None
+    return text
 
 
 def _nodes(value: str) -> int | str:

@@ -50,6 +50,8 @@ class EngineConfig:
     # "int8" / "int4": the target's linear weights stored weight-only quantized (CPU; kernels.weight_only);
     # lossless with respect to the quantized model
     quantization: str = "none"
+    # Jinja chat template replacing the model's own (for a model without one, or a fixed one); None = the model's
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -110,6 +110,10 @@ class Engine:
             config = replace(config, tree=replace(config.tree, draft_nodes=nodes))
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = AutoProcessor.from_pretrained(path) if target.is_multimodal else None
+        if config.chat_template is not None:
+            for owner in (tokenizer, processor):
+                if owner is not None:
+                    owner.chat_template = config.chat_template
         return cls(config, target, tokenizer, processor)
 
     @property

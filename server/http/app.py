@@ -106,17 +106,16 @@ async def completions(request: Request) -> Response:
     return await _generate(request, CompletionRequest, serve_completion)
 
 
-def _card(state: ServerState) -> ModelCard:
+def _card(state: ServerState, name: str) -> ModelCard:
     engine = state.scheduler.engine
-    return ModelCard(id=state.model_name, created=state.created, root=engine.model_name,
-                     max_model_len=engine.max_model_len)
+    return ModelCard(id=name, created=state.created, root=engine.model_name, max_model_len=engine.max_model_len)
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     state = state_of(request)
     state.ready()
-    return ModelList(data=[_card(state)]).model_dump()
+    return ModelList(data=[_card(state, name) for name in state.model_names]).model_dump()
 
 
 @router.get("/v1/models/{model:path}")
@@ -124,7 +123,7 @@ async def get_model(request: Request, model: str) -> dict:
     state = state_of(request)
     state.ready()
     state.check_model(model)
-    return _card(state).model_dump()
+    return _card(state, model if model in state.model_names else state.model_name).model_dump()
 
 
 @router.get("/health")

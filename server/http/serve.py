@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,10 @@ from .logs import LOG_FORMATS
 from .settings import ListenSettings, ServerSettings
 
 _D, _L = ServerSettings(), ListenSettings()  # defaults shown in --help
-API_KEY_ENV = "SPECSERVE_API_KEY"
+ENV_PREFIX = "SPECSERVE_"
+API_KEY_ENV = ENV_PREFIX + "API_KEY"
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False}
 logger = logging.getLogger(__name__)
 
 
@@ -34,14 +37,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default=_L.host, help="address to listen on (0.0.0.0: all interfaces)")
     group.add_argument("--port", type=int, default=_L.port)
-    group.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
+    group.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model id(s) in the API; requests may name any, responses carry the first "
+                            "(default: --model)")
     group.add_argument("--log-level", default=_L.log_level, choices=["debug", "info", "warning", "error"])
     group.add_argument("--log-format", default="plain", choices=LOG_FORMATS,
                        help="plain text, or one JSON object per line (default: %(default)s)")
     group.add_argument("--log-stats-interval", type=float, default=_D.log_stats_interval_s,
                        help="seconds between stats lines (throughput, queue, KV cache, acceptance) while "
                             "the server is busy; 0: none (default: %(default)s)")
-    group.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+    group.add_argument("--api-key", default=None,
                        help=f"require `Authorization: Bearer KEY` on /v1/* (401 otherwise; /health and /metrics "
                             f"stay open). Prefer ${API_KEY_ENV}: other users can read a flag from the process "
                             f"list (default: ${API_KEY_ENV}, else no key)")
@@ -85,11 +90,47 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--shutdown-timeout", type=float, default=_L.shutdown_timeout_s,
                         help="on SIGTERM/SIGINT, seconds running requests may finish; then open streams end "
                              "with an error event and [DONE]")
+    env_defaults(parser)
+
+
+def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] = os.environ) -> None:
+    """Every `--flag-name` of `parser` takes its default from `SPECSERVE_FLAG_NAME` when that is set
+    (the Docker image is configured without editing its command); a flag on the command line still
+    wins. Switches take 1/0, true/false, yes/no, on/off; lists are separated by spaces or commas. A bad
+    value is reported naming its variable."""
+    defaults = {}
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        variable = ENV_PREFIX + flags[0][2:].upper().replace("-", "_")
+        if variable not in environ:
+            continue
+        raw = environ[variable]
+        try:
+            defaults[action.dest] = _env_value(action, raw)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"${variable}={raw!r}: {exc}")
+    parser.set_defaults(**defaults)
+
+
+def _env_value(action: argparse.Action, raw: str) -> Any:
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if raw.strip().lower() not in SWITCH_VALUES:
+            raise ValueError(f"not one of {', '.join(sorted(SWITCH_VALUES))}")
+        on = SWITCH_VALUES[raw.strip().lower()]
+        return not on if action.const is False else on  # a store_false flag stores False when given
+    convert = action.type or str
+    value = [convert(v) for v in raw.replace(",", " ").split()] if action.nargs in ("+", "*") else convert(raw)
+    for item in value if isinstance(value, list) else [value]:
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"not one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
-        served_model_name=args.served_model_name,
+        served_model_name=tuple(args.served_model_name) if args.served_model_name else None,
         max_active=args.max_active,
         max_queue=args.max_queue,
         max_n=args.max_n,

@@ -13,7 +13,9 @@ class ServerSettings:
     """Limits and switches of one app. Every limit protects the shared worker or the process memory
     from a single client; the defaults suit a CPU box serving a few concurrent users."""
 
-    served_model_name: str | None = None  # id in /v1/models; None = the engine's model name
+    # id(s) in /v1/models, any of which a request may name (the first is the one responses carry);
+    # None or () = the engine's model name
+    served_model_name: str | tuple[str, ...] | None = None
     max_active: int = 8  # sequences interleaved step by step on the worker; the rest wait
     max_queue: int = 64  # sequences waiting for a slot; beyond this new requests get 429
     retry_after_s: int = 1  # least Retry-After of a 429 (which is estimated from the drain rate)
@@ -36,7 +38,14 @@ class ServerSettings:
     log_stats_interval_s: float = 10.0  # seconds between stats lines while busy; 0 = none
     sse_keepalive_s: float = 5.0  # a stream without its first token by then starts with `: ping` comments
 
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        name = self.served_model_name
+        return (name,) if isinstance(name, str) else tuple(name or ())
+
     def __post_init__(self) -> None:
+        if any(not name for name in self.served_model_names):
+            raise ValueError("a served model name must not be empty")
         positive = (
             "max_active", "max_queue", "max_n", "max_stop", "max_body_bytes", "max_images",
             "max_image_bytes", "max_image_pixels", "prepare_workers",

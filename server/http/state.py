@@ -42,9 +42,14 @@ class ServerState:
         return self.scheduler.engine  # None until the worker has loaded the model
 
     @property
-    def model_name(self) -> str:
+    def model_names(self) -> tuple[str, ...]:
+        """The ids requests may name; the first is the one responses carry."""
         engine = self.scheduler.engine
-        return self.settings.served_model_name or (engine.model_name if engine is not None else "")
+        return self.settings.served_model_names or ((engine.model_name,) if engine is not None else ("",))
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
 
     @staticmethod
     def new_id(prefix: str) -> str:
@@ -92,9 +97,10 @@ class ServerState:
 
     def check_model(self, requested: str | None) -> None:
         engine = self.scheduler.engine
-        if requested and requested not in (self.model_name, engine.model_name):
-            raise APIError(404, f"the model '{requested}' does not exist; this server serves "
-                           f"'{self.model_name}'", param="model", code="model_not_found")
+        if requested and requested not in (*self.model_names, engine.model_name):
+            served = ", ".join(f"'{name}'" for name in self.model_names)
+            raise APIError(404, f"the model '{requested}' does not exist; this server serves {served}",
+                           param="model", code="model_not_found")
 
 
 def state_of(request: Request) -> ServerState:

@@ -51,7 +51,7 @@ def test_arguments_become_settings():
                  "--served-model-name", "tiny")
     settings = settings_from_args(args)
     assert (args.model, args.draft, args.port, args.host) == ("m", "none", 9001, "127.0.0.1")
-    assert settings == ServerSettings(served_model_name="tiny", max_active=3, max_queue=5, max_n=2, max_images=1,
+    assert settings == ServerSettings(served_model_name=("tiny",), max_active=3, max_queue=5, max_n=2, max_images=1,
                                       allow_remote_images=True, remote_image_timeout_s=2.5)
     assert settings_from_args(parse()) == ServerSettings()
 
@@ -185,3 +185,44 @@ def test_two_apps_in_one_process_keep_separate_metrics(launch, make_engine):
             "vllm:request_success_total", model_name="first", finished_reason="stop") == 1
         assert 'model_name="first"' not in httpx.get(f"{b.url}/metrics").text
         assert b.metric("vllm:prompt_tokens_total", model_name="second") == 0
+
+
+def test_every_flag_takes_its_default_from_the_environment(monkeypatch):
+    env = {"SPECSERVE_MODEL": "m-from-env", "SPECSERVE_MAX_ACTIVE": "3", "SPECSERVE_ALLOW_REMOTE_IMAGES": "yes",
+           "SPECSERVE_PREPACK_WEIGHTS": "false", "SPECSERVE_ALLOWED_ORIGINS": "http://a.example, http://b.example",
+           "SPECSERVE_LOG_FORMAT": "json", "SPECSERVE_SSE_KEEPALIVE": "2.5", "SPECSERVE_SERVED_MODEL_NAME": "x y"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = parse()
+    settings = settings_from_args(args)
+    assert (args.model, args.prepack_weights, args.log_format) == ("m-from-env", False, "json")
+    assert (settings.max_active, settings.allow_remote_images, settings.sse_keepalive_s) == (3, True, 2.5)
+    assert settings.allowed_origins == ("http://a.example", "http://b.example")
+    assert settings.served_model_names == ("x", "y")
+    assert settings_from_args(parse("--max-active", "5")).max_active == 5  # the command line wins
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("SPECSERVE_MAX_ACTIVE", "three", "invalid literal"),
+    ("SPECSERVE_ALLOW_REMOTE_IMAGES", "maybe", "not one of"),
+    ("SPECSERVE_LOG_FORMAT", "xml", "not one of plain, json"),
+])
+def test_a_bad_environment_value_names_its_variable(monkeypatch, capsys, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit):
+        parse()
+    err = capsys.readouterr().err
+    assert f"${variable}='{value}'" in err and message in err
+
+
+def test_served_model_names_are_all_accepted_and_listed(launch, make_engine):
+    settings = ServerSettings(served_model_name=("main", "alias"))
+    with launch(create_app(make_engine(), settings)) as server, server.http() as client:
+        listed = [card["id"] for card in client.get("/v1/models").json()["data"]]
+        alias = server.openai().completions.create(model="alias", prompt="hi", max_tokens=2)
+        unknown = client.post("/v1/completions", json={"model": "other", "prompt": "hi", "max_tokens": 2})
+        card = client.get("/v1/models/alias").json()
+    assert listed == ["main", "alias"] and alias.model == "main" and card["id"] == "alias"
+    assert unknown.status_code == 404 and "'main', 'alias'" in unknown.json()["error"]["message"]
+    with pytest.raises(ValueError, match="must not be empty"):
+        ServerSettings(served_model_name=("main", ""))
