@@ -44,6 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 from specserve.kernels.cpu_linear import PackedLinear
 from specserve.kernels.tree import chain_tree
 from specserve.kernels.weight_only import WeightOnlyLinear
+from specserve.server.engine.config import QUANTIZATIONS
 from specserve.server.engine.loading import load_adapter
 from specserve.server.engine.target import TargetModel
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="linear weights as loaded, and/or reordered for oneDNN (CPU float32 only)")
     parser.add_argument("--attention", nargs="+", choices=["sdpa", "grouped"], default=["sdpa", "grouped"],
                         help="transformers' sdpa attention and/or the engine's grouped-query one")
-    parser.add_argument("--quantization", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+    parser.add_argument("--quantization", nargs="+", choices=QUANTIZATIONS, default=["none"],
                         help="linear weights in the model's dtype and/or weight-only int8 / int4")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(1, 1), (1, 8), (8, 1), (8, 8)],
                         help="BxN: B sequences verifying N nodes each")

@@ -50,7 +50,7 @@ from prompts import PROMPT_SETS
 from transformers import AutoTokenizer
 
 from specserve.server.engine import Engine
-from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.config import QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.detokenizer import IncrementalDetokenizer
 from specserve.server.store.resolve import default_cache_dir, resolve_model
 
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=QUANTIZATIONS,
                         help="specserve's target weights: one server per drafter and quantization")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server (serve --threads) and of the in-process engine")

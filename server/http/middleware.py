@@ -19,6 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError
 
 
+def _header(scope: Scope, name: bytes) -> bytes:
+    """The value of request header `name` (lower-case), or b"" when absent."""
+    return dict(scope.get("headers") or []).get(name, b"")
+
+
 def _too_large(max_bytes: int) -> APIError:
     return APIError(413, f"the request body is larger than this server's limit of {max_bytes} bytes")
 
@@ -44,7 +49,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > self.max_bytes:
             await _too_large(self.max_bytes).response()(scope, receive, send)
             return
@@ -106,7 +111,7 @@ class RequireApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
-            scheme, _, token = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            scheme, _, token = _header(scope, b"authorization").partition(b" ")
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
                 error = APIError(401, "a valid API key is required: send it as `Authorization: Bearer <key>`",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -130,7 +135,7 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        given = _header(scope, b"x-request-id")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
 
