@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from prompts import PROMPT_SETS
 
+from specserve.server.bench.prompts import PROMPT_SETS
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.planner import GoodputPlanner

@@ -32,11 +32,11 @@ from pathlib import Path
 import step_timing
 import torch
 from plots import Panel, save_bar_chart
-from prompts import PROMPT_SETS
 
 from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.draft_model import DraftModelProposer
 from specserve.drafting.suffix import SuffixProposer
+from specserve.server.bench.prompts import PROMPT_SETS
 from specserve.server.engine import Engine, load_draft_model
 from specserve.server.engine.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.metrics import SpecMetrics

@@ -1,25 +1,26 @@
-"""Serving benchmark: streaming clients against `specserve serve` on loopback, one server per drafter,
-a concurrency sweep, side by side in one run; with `--vllm-python`, vLLM's CPU build (plain and with
-its n-gram speculator) on the same model, dtype and threads in the same run; with `--llamacpp-python`,
-llama.cpp's server (plain and with its prompt-lookup drafter) on the model's GGUF file, both as float32
-(matched precision) and as the file's own quantization (see `llamacpp.py`). `--quantization none int4`
-serves specserve's target both in float and as weight-only int4 (one server per drafter and quantization).
+"""Serving benchmark: a sweep of `specserve bench` runs (`specserve.server.bench`) over servers started
+here on loopback, side by side in one run: `specserve serve` once per drafter (and per `--quantization`);
+with `--vllm-python`, vLLM's CPU build (plain and with its n-gram speculator) on the same model, dtype
+and threads; with `--llamacpp-python`, llama.cpp's server (plain and with its prompt-lookup drafter) on
+the model's GGUF file, both as float32 (matched precision) and as the file's own quantization (see
+`llamacpp.py`).
 
     python benchmarks/serving.py --model smollm2-135m --drafts none ngram --concurrency 1 4 8 --threads 1
 
-Each client sends `--requests-per-client` streamed chat requests back to back (greedy, `ignore_eos`,
-so each makes `--max-tokens` tokens; every other one carries a PNG if the model takes images). TTFT =
-sent -> first chunk with a choice; ITL = gaps between chunks (one per engine step that made text, so
-several tokens when drafts are accepted); e2e = sent -> `[DONE]`; TPOT = (e2e - TTFT) / (tokens - 1).
+Each concurrency level sends `--requests-per-client` x clients streamed chat requests with at most
+`clients` in flight (greedy, every request runs to `--max-tokens`; every other one carries a PNG if
+the model takes images). Latencies as `specserve bench` defines them (`server/bench/client.py`); mean
+accepted length and acceptance from each server's `/metrics` (specserve's and vLLM's counters).
 
-Overhead: first the same requests run in this process through `Engine.step` (same model, drafter,
-dtype, threads); replaying their output through a fresh detokenizer times detokenization alone.
-Engine time per token = (decode time - detokenization) / (tokens - 1). Per-token overhead (1 client)
-= client TPOT / engine time per token - 1: HTTP, SSE, event loop, scheduler, detokenization. Wall
-overhead = wall time / engine time of the same requests - 1. `/metrics` TPOT is worker-side.
+Overhead (specserve only): first the same requests run in this process through `Engine.step` (same
+model, drafter, dtype, threads); replaying their output through a fresh detokenizer times
+detokenization alone. Engine time per token = (decode time - detokenization) / (tokens - 1). Per-token
+overhead (1 client) = client TPOT / engine time per token - 1: HTTP, SSE, event loop, scheduler,
+detokenization. Wall overhead = wall time / engine time of the same requests - 1. `/metrics` TPOT is
+worker-side.
 
 Writes serving-<model>.{md,json,png} into `--out`; the plot sets output tokens/s and TTFT p50 / p99 of
-the drafters side by side per concurrency level.
+the servers side by side per concurrency level.
 """
 
 from __future__ import annotations
@@ -37,18 +38,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 from llamacpp import f32_gguf, server_command, store_gguf
-from PIL import Image, ImageDraw
+from PIL import Image
 from plots import Panel, save_bar_chart
-from prompts import PROMPT_SETS
 from transformers import AutoTokenizer
 
+from specserve.server.bench import client
+from specserve.server.bench.prompts import PROMPT_SETS
+from specserve.server.bench.summary import summarise as bench_summary
+from specserve.server.bench.workload import BenchRequest, user, with_images
 from specserve.server.engine import Engine
 from specserve.server.engine.config import QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.detokenizer import IncrementalDetokenizer
@@ -57,21 +61,7 @@ from specserve.server.store.resolve import default_cache_dir, resolve_model
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server
 STARTUP_TIMEOUT_S = 900  # a first start may pull the model into the store
-COLOURS = ["red", "blue", "green", "orange"]
-QUESTION = "Describe the image in detail."
 TPOT_SERIES = "vllm:time_per_output_token_seconds"
-
-
-@dataclass
-class RequestResult:
-    item: int  # index into the workload
-    error: str | None = None
-    ttft: float | None = None
-    e2e: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    tokens: int = 0
-    verify_steps: int = 0  # from the finishing chunk's `spec_decode`
-    accepted: int = 0  # accepted draft tokens, likewise
 
 
 @dataclass
@@ -82,19 +72,14 @@ class EngineTiming:
     tokens: int
 
 
-def workload(texts: list[str], multimodal: bool) -> list[tuple[object, object]]:
-    """(HTTP content, engine content) per request; images interleave with text so short runs send both."""
-    items: list[tuple[object, object]] = []
-    for i, text in enumerate(texts):
-        items.append((text, text))
-        if multimodal:
-            image, buffer = Image.new("RGB", (96, 96), "white"), io.BytesIO()
-            ImageDraw.Draw(image).ellipse((20, 20, 76, 76), fill=COLOURS[i % len(COLOURS)])
-            image.save(buffer, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-            items.append(([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
-                          [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]))
-    return items
+def engine_content(request: BenchRequest) -> object:
+    """The engine's form of a request's user content: data-URL images decoded to PIL images."""
+    content = request.messages[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return [{"type": "text", "text": part["text"]} if part["type"] == "text" else
+            {"type": "image", "image": Image.open(io.BytesIO(base64.b64decode(
+                part["image_url"]["url"].split(",", 1)[1])))} for part in content]
 
 
 def time_request(engine: Engine, content: object, params: SamplingParams) -> EngineTiming:
@@ -124,8 +109,6 @@ class Server:
     command: list[str]
     env: dict[str, str]
     ready_path: str = "/health"  # answers 200 once the model is loaded
-    # makes every request run to max_tokens: `ignore_eos` (specserve, vLLM) or `min_tokens` (llama.cpp)
-    full_length: str = "ignore_eos"
     quantization: str = "none"  # specserve's --quantization
 
 
@@ -180,8 +163,7 @@ def llamacpp_servers(args) -> list[Server]:
             port = free_port()
             command = server_command(args.llamacpp_python, path, HOST, port, threads, args.max_model_len or 2048,
                                      prompt_lookup)
-            servers.append(Server(label + suffix, None, command, {"PORT": str(port)}, ready_path="/v1/models",
-                                  full_length="min_tokens"))
+            servers.append(Server(label + suffix, None, command, {"PORT": str(port)}, ready_path="/v1/models"))
     return servers
 
 
@@ -217,86 +199,20 @@ def worker_tpot(base: str) -> np.ndarray:
                      for suffix in ("_sum", "_count")])
 
 
-async def stream_one(client: httpx.AsyncClient, args, server: Server, item: int, content: object) -> RequestResult:
-    """One streamed chat request; a failure is recorded in the result, never raised. For a server that
-    streams no usage (llama.cpp) the output tokens are counted by tokenizing the streamed text with the
-    model's tokenizer (`args.tokenizer`), as vLLM's `bench serve` does for such backends."""
-    body = {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            **({"ignore_eos": True} if server.full_length == "ignore_eos" else {"min_tokens": args.max_tokens})}
-    result, text = RequestResult(item), []
-    start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                now, chunk = time.perf_counter(), json.loads(line[len("data: "):])
-                if "error" in chunk:  # the server's way to fail a stream it has started
-                    raise ValueError(f"stream error: {chunk['error'].get('message')}")
-                if chunk["choices"]:
-                    if result.ttft is None:
-                        result.ttft = now - start
-                    else:
-                        result.itls.append(now - last)
-                    last = now
-                    text.append(chunk["choices"][0].get("delta", {}).get("content") or "")
-                    if chunk["choices"][0].get("finish_reason") and (spec := chunk.get("spec_decode")):
-                        result.verify_steps, result.accepted = spec["verify_steps"], spec["accepted_draft_tokens"]
-                if chunk.get("usage"):
-                    result.tokens = chunk["usage"]["completion_tokens"]
-        result.e2e = time.perf_counter() - start
-        if not result.tokens and text:
-            result.tokens = len(args.tokenizer("".join(text), add_special_tokens=False).input_ids)
-        if result.ttft is None or result.tokens == 0:
-            raise ValueError("the stream ended without tokens or usage")
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result
-
-
-async def run_level(base: str, args, server: Server, items: list, concurrency: int,
-                    per_client: int) -> tuple[list, float]:
-    """`concurrency` clients, each sending `per_client` requests back to back; (results, wall time)."""
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout, limits=limits) as client:
-        async def one_client(c: int) -> list[RequestResult]:
-            results = []
-            for item in [(c * per_client + j) % len(items) for j in range(per_client)]:
-                try:
-                    request = stream_one(client, args, server, item, items[item][0])
-                    results.append(await asyncio.wait_for(request, args.request_timeout))
-                except TimeoutError:
-                    results.append(RequestResult(item, error=f"no answer within {args.request_timeout} s"))
-            return results
-
-        start = time.perf_counter()
-        per_client_results = await asyncio.gather(*(one_client(c) for c in range(concurrency)))
-        wall = time.perf_counter() - start
-    return [r for results in per_client_results for r in results], wall
-
-
-def percentiles(values: list[float]) -> list[float] | None:
-    return [float(v) for v in np.percentile(values, [50, 90, 99])] if values else None
-
-
-def summarise(results: list[RequestResult], wall: float, timings: list[EngineTiming] | None, worker) -> dict:
-    """One concurrency level; the overheads compare with the engine's time for the same requests
-    (none for a peer server)."""
+def summarise(results: list[client.RequestResult], wall: float, spec: dict | None,
+              timings: list[EngineTiming] | None, worker) -> dict:
+    """One concurrency level: `specserve bench`'s summary, plus the overheads against the engine's
+    time for the same requests (none for a peer server) and the worker-side TPOT of /metrics."""
+    s = bench_summary(results, wall, spec)
     ok = [r for r in results if r.error is None]
-    ref, steps = [timings[r.item] for r in ok] if timings else [], sum(r.verify_steps for r in ok)
+    ref = [timings[r.item] for r in ok] if timings else []
     tpots = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
-    ttft, client_tpot = percentiles([r.ttft for r in ok]), float(np.mean(tpots)) if tpots else None
+    client_tpot = float(np.mean(tpots)) if tpots else None
     ref_tokens = max(1, sum(t.tokens - 1 for t in ref))
     engine_tpot = sum(t.decode - t.detok for t in ref) / ref_tokens if ref else None
-    return {
-        "requests": len(results), "errors": len(results) - len(ok), "raw": [asdict(r) for r in results],
-        "error_messages": sorted({r.error for r in results if r.error})[:5],
-        "ttft_s": ttft, "tpot_s": percentiles(tpots), "itl_s": percentiles([g for r in ok for g in r.itls]),
-        "e2e_s": percentiles([r.e2e for r in ok]), "ttft_p99_over_p50": ttft[2] / ttft[0] if ttft else None,
-        "output_tokens_per_s": sum(r.tokens for r in ok) / wall, "wall_s": wall,
-        "mean_accepted_length": 1 + sum(r.accepted for r in ok) / steps if steps else None,
+    return s | {
+        "raw": [asdict(r) for r in results],
+        "ttft_p99_over_p50": s["ttft_ms"]["p99"] / s["ttft_ms"]["median"] if s["ttft_ms"] else None,
         "engine_tpot_s": engine_tpot, "detok_per_token_s": sum(t.detok for t in ref) / ref_tokens if ref else None,
         "worker_tpot_mean_s": worker[0] / worker[1] if worker[1] else None, "client_tpot_mean_s": client_tpot,
         "overhead_per_token": client_tpot / engine_tpot - 1 if client_tpot and engine_tpot else None,
@@ -304,10 +220,13 @@ def summarise(results: list[RequestResult], wall: float, timings: list[EngineTim
     }
 
 
-def _fmt(values, spec: str = ".0f", scale: float = 1000.0) -> str:
-    """'a / b / c' (milliseconds by default); '-' for what could not be measured."""
-    values = values if isinstance(values, list) or values is None else [values]
-    return " / ".join(format(v * scale, spec) for v in values) if values else "-"
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def _ms(stats: dict | None, spec: str = ".0f") -> str:
+    """'p50 / p90 / p99' of a bench latency summary (already in ms)."""
+    return " / ".join(format(stats[k], spec) for k in ("median", "p90", "p99")) if stats else "-"
 
 
 def report(args, runs: dict) -> str:
@@ -316,61 +235,67 @@ def report(args, runs: dict) -> str:
         f"Command: `python benchmarks/serving.py {' '.join(args.argv)}`  ",
         f"{args.requests_per_client} requests per client, {args.max_tokens} tokens each, greedy, `{args.prompts}` "
         f"prompts, server threads {args.threads or 'default'}. ms, p50 / p90 / p99 (p99 ~ max here); ITL per chunk "
-        "(<= 1 per engine step); accepted length incl. bonus; definitions in the script's docstring.", "",
+        "(<= 1 per engine step); accepted length incl. bonus, from each server's /metrics; definitions in the "
+        "script's docstring.", "",
         "| server | clients | requests | errors | TTFT | TTFT p99/p50 | TPOT | ITL | e2e | output tok/s | mean "
         "accepted length | engine ms/token | worker TPOT | client TPOT | overhead per token | wall overhead |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, run in runs.items():
         for c, s in run["levels"].items():
+            spec = s["spec_decode"] or {}
             lines.append(
-                f"| {label} | {c} | {s['requests']} | {s['errors']} | {_fmt(s['ttft_s'])} | "
-                f"{_fmt(s['ttft_p99_over_p50'], '.2f', 1)} | {_fmt(s['tpot_s'], '.1f')} | "
-                f"{_fmt(s['itl_s'], '.1f')} | {_fmt(s['e2e_s'])} | {s['output_tokens_per_s']:.1f} | "
-                f"{_fmt(s['mean_accepted_length'], '.2f', 1)} | {_fmt(s['engine_tpot_s'], '.1f')} | "
-                f"{_fmt(s['worker_tpot_mean_s'], '.1f')} | {_fmt(s['client_tpot_mean_s'], '.1f')} | "
-                f"{_fmt(s['overhead_per_token'] if c == 1 else None, '+.1%', 1)} | "  # per token: 1 client only
-                f"{_fmt(s['overhead_wall'], '+.1%', 1)} |")
+                f"| {label} | {c} | {s['completed'] + s['failed']} | {s['failed']} | {_ms(s['ttft_ms'])} | "
+                f"{_fmt(s['ttft_p99_over_p50'], '.2f')} | {_ms(s['tpot_ms'], '.1f')} | {_ms(s['itl_ms'], '.1f')} | "
+                f"{_ms(s['e2el_ms'])} | {s['output_throughput']:.1f} | "
+                f"{_fmt(spec.get('mean_accepted_length'), '.2f')} | {_fmt(s['engine_tpot_s'], '.1f', 1000)} | "
+                f"{_fmt(s['worker_tpot_mean_s'], '.1f', 1000)} | {_fmt(s['client_tpot_mean_s'], '.1f', 1000)} | "
+                f"{_fmt(s['overhead_per_token'] if c == 1 else None, '+.1%')} | "  # per token: 1 client only
+                f"{_fmt(s['overhead_wall'], '+.1%')} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(path: Path, args, runs: dict) -> None:
-    """Output tokens/s and TTFT p50 / p99 per concurrency level, one bar per drafter (`none`: no speculation)."""
+    """Output tokens/s and TTFT p50 / p99 per concurrency level, one bar per server (`none`: no speculation)."""
     groups = [f"{c} client{'s' if c > 1 else ''}" for c in args.concurrency]
 
     def panel(title: str, value) -> Panel:
-        return Panel(title, groups, {draft: [value(run["levels"][c]) for c in args.concurrency]
-                                     for draft, run in runs.items()})
+        return Panel(title, groups, {label: [value(run["levels"][c]) for c in args.concurrency]
+                                     for label, run in runs.items()})
 
-    def ttft_ms(index: int):  # index into [p50, p90, p99]
-        return lambda level: level["ttft_s"][index] * 1000 if level["ttft_s"] else None
+    def ttft_ms(stat: str):
+        return lambda level: level["ttft_ms"][stat] if level["ttft_ms"] else None
 
     save_bar_chart(path, f"Serving {Path(args.model).name}, {args.dtype}, streamed over loopback", [
-        panel("output tokens/s", lambda level: level["output_tokens_per_s"]),
-        panel("TTFT p50 (ms)", ttft_ms(0)),
-        panel("TTFT p99 (ms)", ttft_ms(2)),
+        panel("output tokens/s", lambda level: level["output_throughput"]),
+        panel("TTFT p50 (ms)", ttft_ms("median")),
+        panel("TTFT p99 (ms)", ttft_ms("p99")),
     ])
 
 
 def run_server(args, server: Server, texts: list[str]) -> dict:
     """For a specserve drafter the engine's own timings first; then the server and the sweep against it."""
-    timings = None
+    timings, requests = None, [user(text) for text in texts]
     if server.draft is not None:
         engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype,
                                                  quantization=server.quantization))
-        items, params = workload(texts, engine.is_multimodal), SamplingParams(args.max_tokens, ignore_eos=True)
-        time_request(engine, items[0][1], params)  # warm-up: first calls pay for allocations
-        timings = [time_request(engine, content, params) for _, content in items]
+        requests = with_images(texts) if engine.is_multimodal else requests
+        params = SamplingParams(args.max_tokens, ignore_eos=True)
+        time_request(engine, engine_content(requests[0]), params)  # warm-up: first calls pay for allocations
+        timings = [time_request(engine, engine_content(request), params) for request in requests]
         del engine  # frees its memory before the server loads its own copy
-    else:
-        items = workload(texts, multimodal=False)
+    options = client.Options(args.max_tokens, ignore_eos=True, timeout=args.request_timeout,
+                             count_tokens=lambda text: len(args.tokenizer(text, add_special_tokens=False).input_ids))
     levels = {}
     with running_server(server) as base:
-        asyncio.run(run_level(base, args, server, items, 1, 1))  # warm-up: the server's first calls allocate
+        target = client.Target(base, args.model, server.label)
+        asyncio.run(client.run(target, requests, 1, options))  # warm-up: the server's first calls allocate
         for concurrency in args.concurrency:
-            before = worker_tpot(base)
-            results, wall = asyncio.run(run_level(base, args, server, items, concurrency, args.requests_per_client))
-            levels[concurrency] = summarise(results, wall, timings, worker_tpot(base) - before)
+            before, tpot_before = client.spec_counters(base), worker_tpot(base)
+            results, wall = asyncio.run(client.run(target, requests, concurrency * args.requests_per_client,
+                                                   options, concurrency=concurrency))
+            spec = client.counters_delta(before, client.spec_counters(base))
+            levels[concurrency] = summarise(results, wall, spec, timings, worker_tpot(base) - tpot_before)
     return {"engine": [asdict(t) for t in timings] if timings else None, "levels": levels}
 
 

@@ -1,4 +1,4 @@
-"""The `specserve` command: `generate`, `serve`, `models`, `train-draft`."""
+"""The `specserve` command: `generate`, `serve`, `bench`, `models`, `train-draft`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
     add_models_parser(sub).set_defaults(run=run_models)
+
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)  # `bench`: sets its own `run`
 
     from .training.draft_head.cli import add_train_parser
 

@@ -18,9 +18,11 @@ ALLOWED = {
     "server.store": {"server.store"},
     "server.engine": {"kernels", "drafting", "server.store", "server.engine"},
     "server.http": {"server.engine", "server.http"},
+    "server.bench": {"server.bench"},  # a client of any OpenAI-compatible server: nothing of the engine
     "server.training": {"kernels", "drafting", "server.store", "server.engine", "server.training"},
     "server": {"server"},  # the package's own __init__
-    "server.cli": {"kernels", "drafting", "server.store", "server.engine", "server.http", "server.training"},
+    "server.cli": {"kernels", "drafting", "server.store", "server.engine", "server.http", "server.training",
+                   "server.bench"},
 }
 
 

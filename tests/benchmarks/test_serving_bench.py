@@ -9,6 +9,8 @@ import json
 import pytest
 from PIL import Image
 
+from specserve.server.bench.client import RequestResult as Result
+
 MAX_TOKENS = 6
 
 
@@ -17,26 +19,27 @@ def serving(benchmark_script):
     return benchmark_script("serving")
 
 
-def test_summary_of_literal_requests(serving):
-    Result, Timing = serving.RequestResult, serving.EngineTiming
+def test_summary_adds_the_overheads_to_the_bench_summary(serving):
+    Timing = serving.EngineTiming
     results = [
-        Result(0, ttft=0.1, e2e=1.1, itls=[0.5, 0.5], tokens=11, verify_steps=4, accepted=6),  # TPOT 0.1
-        Result(1, ttft=0.3, e2e=2.3, itls=[1.0, 1.0], tokens=11, verify_steps=6, accepted=4),  # TPOT 0.2
+        Result(0, ttft=0.1, e2e=1.1, itls=[0.5, 0.5], tokens=11),  # TPOT 0.1
+        Result(1, ttft=0.3, e2e=2.3, itls=[1.0, 1.0], tokens=11),  # TPOT 0.2
         Result(0, error="HTTPStatusError: 429"),
     ]
     timings = [Timing(prefill=0.05, decode=0.6, detok=0.1, tokens=11), Timing(0.05, 1.1, 0.1, 11)]
-    s = serving.summarise(results, wall=2.5, timings=timings, worker=[0.4, 2])
+    spec = {"drafts": 10.0, "draft_tokens": 30.0, "accepted_tokens": 10.0, "per_position": [6.0, 4.0]}
+    s = serving.summarise(results, wall=2.5, spec=spec, timings=timings, worker=[0.4, 2])
 
-    assert (s["requests"], s["errors"], s["error_messages"]) == (3, 1, ["HTTPStatusError: 429"])
-    assert s["ttft_s"][0] == pytest.approx(0.2) and s["ttft_s"][2] == pytest.approx(0.298)
-    assert s["tpot_s"][0] == pytest.approx(0.15) and s["itl_s"][0] == pytest.approx(0.75)
-    assert s["output_tokens_per_s"] == pytest.approx(22 / 2.5)
-    assert s["mean_accepted_length"] == pytest.approx(1 + 10 / 10)
+    assert (s["completed"], s["failed"], s["error_messages"]) == (2, 1, ["HTTPStatusError: 429"])
+    assert s["ttft_ms"]["median"] == pytest.approx(200) and s["ttft_p99_over_p50"] == pytest.approx(298 / 200)
+    assert s["output_throughput"] == pytest.approx(22 / 2.5)
+    assert s["spec_decode"]["mean_accepted_length"] == pytest.approx(1 + 10 / 10)
     # The engine's decode time without detokenization: (0.5 + 1.0) s over 20 decode tokens.
     assert s["engine_tpot_s"] == pytest.approx(0.075) and s["detok_per_token_s"] == pytest.approx(0.01)
     assert s["client_tpot_mean_s"] == pytest.approx(0.15) and s["worker_tpot_mean_s"] == pytest.approx(0.2)
     assert s["overhead_per_token"] == pytest.approx(1.0)
     assert s["overhead_wall"] == pytest.approx(2.5 / 1.6 - 1)
+    assert len(s["raw"]) == 3
 
 
 def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_path):
@@ -54,13 +57,15 @@ def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_pat
     assert len(run["engine"]) == 2 * len(serving.PROMPT_SETS["summarise-edit"])
     assert all(t["tokens"] == MAX_TOKENS and t["decode"] >= t["detok"] >= 0 for t in run["engine"])
     for concurrency, level in run["levels"].items():
-        assert (level["requests"], level["errors"]) == (2 * concurrency, 0), level["error_messages"]
+        assert (level["completed"], level["failed"]) == (2 * concurrency, 0), level["error_messages"]
         assert {r["item"] for r in level["raw"]} >= {0, 1}  # a text request and an image request
         for r in level["raw"]:
             assert r["tokens"] == MAX_TOKENS  # ignore_eos: usage counts every requested token
             assert 0 < r["ttft"] <= r["e2e"]
             assert 1 <= len(r["itls"]) + 1 <= MAX_TOKENS  # one chunk per step that made text
             assert r["verify_steps"] >= 1 and 0 <= r["accepted"] <= MAX_TOKENS - 1
-        assert level["ttft_s"][0] <= level["ttft_s"][1] <= level["ttft_s"][2]
-        assert level["mean_accepted_length"] >= 1 and level["output_tokens_per_s"] > 0
+        assert level["ttft_ms"]["median"] <= level["ttft_ms"]["p90"] <= level["ttft_ms"]["p99"]
+        # the server's counters over the level are what its streams reported
+        assert level["spec_decode"]["drafts"] == sum(r["verify_steps"] for r in level["raw"])
+        assert level["spec_decode"]["mean_accepted_length"] >= 1 and level["output_throughput"] > 0
         assert level["worker_tpot_mean_s"] > 0 and level["overhead_wall"] is not None

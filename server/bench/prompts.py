@@ -1,4 +1,5 @@
-"""Benchmark prompt sets, written for this project. Each is a list of chat-user messages."""
+"""Built-in prompt sets of `specserve bench` and the benchmark scripts, written for this project. Each
+is a list of chat-user messages."""
 
 from __future__ import annotations
 
