@@ -205,7 +205,7 @@ def summarise(results: list[client.RequestResult], wall: float, spec: dict | Non
     time for the same requests (none for a peer server) and the worker-side TPOT of /metrics."""
     s = bench_summary(results, wall, spec)
     ok = [r for r in results if r.error is None]
-    ref = [timings[r.item] for r in ok] if timings else []
+    ref = [timings[r.item % len(timings)] for r in ok] if timings else []  # the workload is cycled
     tpots = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
     client_tpot = float(np.mean(tpots)) if tpots else None
     ref_tokens = max(1, sum(t.tokens - 1 for t in ref))

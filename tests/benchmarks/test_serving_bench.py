@@ -24,22 +24,23 @@ def test_summary_adds_the_overheads_to_the_bench_summary(serving):
     results = [
         Result(0, ttft=0.1, e2e=1.1, itls=[0.5, 0.5], tokens=11),  # TPOT 0.1
         Result(1, ttft=0.3, e2e=2.3, itls=[1.0, 1.0], tokens=11),  # TPOT 0.2
-        Result(0, error="HTTPStatusError: 429"),
+        Result(2, error="HTTPStatusError: 429"),
+        Result(3, ttft=0.3, e2e=2.3, itls=[1.0, 1.0], tokens=11),  # the workload cycled: item 3 is request 1
     ]
     timings = [Timing(prefill=0.05, decode=0.6, detok=0.1, tokens=11), Timing(0.05, 1.1, 0.1, 11)]
     spec = {"drafts": 10.0, "draft_tokens": 30.0, "accepted_tokens": 10.0, "per_position": [6.0, 4.0]}
     s = serving.summarise(results, wall=2.5, spec=spec, timings=timings, worker=[0.4, 2])
 
-    assert (s["completed"], s["failed"], s["error_messages"]) == (2, 1, ["HTTPStatusError: 429"])
-    assert s["ttft_ms"]["median"] == pytest.approx(200) and s["ttft_p99_over_p50"] == pytest.approx(298 / 200)
-    assert s["output_throughput"] == pytest.approx(22 / 2.5)
+    assert (s["completed"], s["failed"], s["error_messages"]) == (3, 1, ["HTTPStatusError: 429"])
+    assert s["ttft_ms"]["median"] == pytest.approx(300) and s["ttft_p99_over_p50"] == pytest.approx(300 / 300)
+    assert s["output_throughput"] == pytest.approx(33 / 2.5)
     assert s["spec_decode"]["mean_accepted_length"] == pytest.approx(1 + 10 / 10)
-    # The engine's decode time without detokenization: (0.5 + 1.0) s over 20 decode tokens.
-    assert s["engine_tpot_s"] == pytest.approx(0.075) and s["detok_per_token_s"] == pytest.approx(0.01)
-    assert s["client_tpot_mean_s"] == pytest.approx(0.15) and s["worker_tpot_mean_s"] == pytest.approx(0.2)
-    assert s["overhead_per_token"] == pytest.approx(1.0)
-    assert s["overhead_wall"] == pytest.approx(2.5 / 1.6 - 1)
-    assert len(s["raw"]) == 3
+    # The engine's decode time without detokenization: (0.5 + 1.0 + 1.0) s over 30 decode tokens.
+    assert s["engine_tpot_s"] == pytest.approx(2.5 / 30) and s["detok_per_token_s"] == pytest.approx(0.01)
+    assert s["client_tpot_mean_s"] == pytest.approx(0.5 / 3) and s["worker_tpot_mean_s"] == pytest.approx(0.2)
+    assert s["overhead_per_token"] == pytest.approx((0.5 / 3) / (2.5 / 30) - 1)
+    assert s["overhead_wall"] == pytest.approx(2.5 / (0.55 + 2 * 1.05) - 1)
+    assert len(s["raw"]) == 4
 
 
 def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_path):
