@@ -51,12 +51,18 @@ class VocabProjection:
     With a vocabulary of K tokens the K rows are gathered once (K x H, a small slice of the head:
     e.g. 8k of SmolLM2's 49k rows), so a tree level reads K rows instead of the whole LM head.
     Log-probs are normalised over the draft vocabulary; tokens outside it get -inf and are never
-    drafted (verification, not the drafter, decides the output, so this cannot change it)."""
+    drafted (verification, not the drafter, decides the output, so this cannot change it). `dtype`:
+    the features' (a quantized head's rows are read back in it)."""
 
-    def __init__(self, lm_head: nn.Module, softcap: float | None, vocab: torch.Tensor | None) -> None:
+    def __init__(self, lm_head: nn.Module, softcap: float | None, vocab: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
         self.vocab = vocab
-        self.weight = lm_head.weight if vocab is None else lm_head.weight[vocab.to(lm_head.weight.device)]
-        self.size = lm_head.weight.shape[0]
+        if hasattr(lm_head, "weight"):
+            weight = lm_head.weight
+            self.weight = weight if vocab is None else weight[vocab.to(weight.device)]
+        else:  # a quantized untied head keeps no float weight: read back the rows drafting needs
+            self.weight = lm_head.dequantized_weight(vocab).to(dtype)
+        self.size = lm_head.out_features
         self.softcap = softcap
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,7 @@ class EagleProposer(SlotProposer):
         target's final logit soft-capping (None for most models)."""
         self.head = head
         self.embed_tokens = embed_tokens
-        self.projection = VocabProjection(lm_head, softcap, head.draft_vocab)
+        self.projection = VocabProjection(lm_head, softcap, head.draft_vocab, embed_tokens.weight.dtype)
         self.tree = tree
         self.dtype = head.fc.weight.dtype
 

@@ -38,7 +38,8 @@ def can_quantize(linear: nn.Linear, bits: int) -> bool:
 
 class WeightOnlyLinear(nn.Module):
     """`nn.Linear` with int8 or int4 weights (`bits`). `keep_weight` keeps the float weight as `.weight`
-    too (an LM head whose weight other code reads; for tied embeddings it costs nothing)."""
+    too: meant for an LM head tied to the input embeddings, where it costs nothing. Code that needs a
+    float weight of an untied one asks `dequantized_weight` for it, when it needs it."""
 
     def __init__(self, linear: nn.Linear, bits: int, keep_weight: bool = False) -> None:
         super().__init__()
@@ -60,6 +61,16 @@ class WeightOnlyLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
         if keep_weight:
             self.weight = linear.weight
+
+    def dequantized_weight(self, rows: Tensor | None = None) -> Tensor:
+        """The float32 weight the kernels multiply by ([out, in]; only `rows` of it if given)."""
+        if self.bits == 8:
+            codes, scales = (self.codes, self.scales) if rows is None else (self.codes[rows], self.scales[rows])
+            return codes.float() * scales.float()[:, None]
+        # int4's packing is the kernel's own: multiplying the identity reads the weight back (exactly:
+        # a code times a bfloat16 scale plus a bfloat16 zero, one product per output, in bfloat16)
+        weight = self(torch.eye(self.in_features)).t().float()
+        return weight if rows is None else weight[rows]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(ACTIVATIONS)

@@ -118,12 +118,12 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
     if (attention == "grouped" and model.config._attn_implementation == "sdpa"
             and grouped_attention.uses_grouped_query(adapter.text_config)):
         model.set_attn_implementation(grouped_attention.register())
-    # the LM head keeps its float weight: an EAGLE head's vocabulary projection reads it
     if quantization != "none":
         quantize_linears(adapter.decoder, QUANTIZATION_BITS[quantization])
         head = model.get_output_embeddings()
-        if can_quantize(head, 8):
-            model.set_output_embeddings(WeightOnlyLinear(head, 8, keep_weight=True))
+        if can_quantize(head, 8):  # a tied head keeps its float weight (the embeddings'): an EAGLE head reads it
+            tied = head.weight is model.get_input_embeddings().weight
+            model.set_output_embeddings(WeightOnlyLinear(head, 8, keep_weight=tied))
     if prepack and can_prepack(model.dtype, model.device):
         prepack_linears(adapter.decoder)
         head = model.get_output_embeddings()

@@ -20,6 +20,7 @@ from specserve.drafting.eagle_head import (
     save_head,
 )
 from specserve.drafting.eagle_inputs import image_runs, pool_run, prompt_entries
+from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 
@@ -165,12 +166,26 @@ def test_vocab_projection_renormalises_over_the_draft_vocabulary(softcap):
     features = torch.randn(3, H)
     vocab = torch.tensor([1, 4, 30])
     with torch.no_grad():
-        got = VocabProjection(lm_head, softcap, vocab).log_probs(features)
+        got = VocabProjection(lm_head, softcap, vocab, torch.float32).log_probs(features)
         full = lm_head(features)
         full = torch.tanh(full / softcap) * softcap if softcap else full
-        everything = VocabProjection(lm_head, softcap, None).log_probs(features)
+        everything = VocabProjection(lm_head, softcap, None, torch.float32).log_probs(features)
     torch.testing.assert_close(got[:, vocab], full[:, vocab].log_softmax(-1))
     outside = torch.ones(50, dtype=torch.bool)
     outside[vocab] = False
     assert torch.isneginf(got[:, outside]).all()
     torch.testing.assert_close(everything, full.log_softmax(-1))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vocab_projection_of_a_quantized_head_without_a_float_weight(bits):
+    head = WeightOnlyLinear(torch.nn.Linear(64, 48, bias=False), bits)  # 64 / 48: int4's shape rules
+    assert not hasattr(head, "weight")  # untied: no float copy is kept
+    features, vocab = torch.randn(3, 64), torch.tensor([2, 7, 40])
+    with torch.no_grad():
+        got = VocabProjection(head, None, vocab, torch.float32).log_probs(features)
+        reference = head(features)  # the kernel's own logits, with bfloat16 activations
+    assert torch.isneginf(got[:, [i for i in range(48) if i not in vocab]]).all()
+    torch.testing.assert_close(got[:, vocab], reference[:, vocab].log_softmax(-1), atol=0.05, rtol=0)
+    # the rows read back are those the kernel multiplies by: the identity gives them exactly
+    torch.testing.assert_close(head.dequantized_weight(vocab), head(torch.eye(64)).t()[vocab], rtol=0.01, atol=1e-6)

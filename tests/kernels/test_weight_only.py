@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from specserve.kernels.weight_only import (
     ACTIVATIONS,
@@ -133,13 +134,33 @@ def test_a_target_loads_quantized_and_predicts_like_its_float_self(tiny_model_di
     assert layers and not any(isinstance(m, nn.Linear) for m in quantized.decoder.modules())
     assert {m.bits for m in layers} == {4 if quantization == "int4" else 8}
     head = quantized.model.get_output_embeddings()
-    assert isinstance(head, WeightOnlyLinear) and head.bits == 8 and head.weight is not None
+    # the tiny model's head is untied: no float copy of it is kept (a tied one is tested below)
+    assert isinstance(head, WeightOnlyLinear) and head.bits == 8 and not hasattr(head, "weight")
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.inference_mode():
         a, b = plain.model(ids).logits, quantized.model(ids).logits
     # a quantized model is a slightly different model: close logits, not equal ones
     assert not torch.equal(a, b)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
+
+
+def test_a_tied_head_keeps_the_embeddings_weight(tmp_path):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), "float32", "cpu", quantization="int8").model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_dequantized_weight_is_the_weight_the_kernel_multiplies_by(bits):
+    linear = nn.Linear(64, 48, bias=False)
+    layer, rows = WeightOnlyLinear(linear, bits), torch.tensor([0, 5, 47])
+    reference = dequantized(linear.weight.detach(), bits)
+    # int8: exact; int4 is read back through the kernel, whose bfloat16 output rounds each weight
+    tolerance = {"rtol": 0, "atol": 0} if bits == 8 else {"rtol": 0.01, "atol": 1e-6}
+    torch.testing.assert_close(layer.dequantized_weight(), reference, **tolerance)
+    torch.testing.assert_close(layer.dequantized_weight(rows), reference[rows], **tolerance)
 
 
 def test_the_cli_flag_reaches_the_config_and_bad_values_are_refused():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from specserve.drafting.base import DraftContext, DraftProposal, SequentialProposer
 from specserve.drafting.budget import TreeBudget, TreeMode
+from specserve.drafting.eagle_head import ImageMode
 from specserve.kernels.tree import DraftTree
 from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine import Engine
@@ -87,10 +88,13 @@ def test_greedy_matches_generate(tiny_model_dirs, family, draft):
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-@pytest.mark.parametrize("draft", ["ngram", "self:1", "model"])
-def test_greedy_quantized_target_matches_its_own_decoding(tiny_model_dirs, quantization, draft):
-    """Lossless with respect to the quantized model: `generate` runs the same quantized layers."""
-    spec = str(tiny_model_dirs["qwen2"]) if draft == "model" else draft  # a real but imperfect drafter
+@pytest.mark.parametrize("draft", ["ngram", "self:1", "model", "eagle"])
+def test_greedy_quantized_target_matches_its_own_decoding(tiny_model_dirs, random_head_dir, quantization, draft):
+    """Lossless with respect to the quantized model: `generate` runs the same quantized layers. The
+    EAGLE head reads the rows of its draft vocabulary back from the int8 head (untied: no float copy)."""
+    spec = {"model": str(tiny_model_dirs["qwen2"]),  # a real but imperfect drafter
+            "eagle": str(random_head_dir(tiny_model_dirs["llama"], ImageMode.DECOUPLED, list(range(0, 300, 2))))
+            }.get(draft, draft)
     engine = engine_for(tiny_model_dirs["llama"], spec, quantization=quantization)
     assert any(isinstance(m, WeightOnlyLinear) for m in engine.target.model.modules())
     assert_greedy_equal(engine)
