@@ -51,7 +51,7 @@ class DraftModelProposer(SlotProposer):
         self.cache.bind(slots, [f.offset for f in forwards], n)
         keep = sorted({row for f in forwards for row in f.scored})  # the LM head runs on these columns only
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
             use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=ids.device),
         ).logits
         column = {row: i for i, row in enumerate(keep)}

@@ -100,7 +100,7 @@ class EagleHead(nn.Module):
         position_embeddings = self.rotary_emb(inputs, position_ids)
         return self.layers[0](
             inputs, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=cache is not None, position_embeddings=position_embeddings,
+            cache=cache, use_cache=cache is not None, position_embeddings=position_embeddings,
         )
 
 

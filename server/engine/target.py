@@ -189,7 +189,7 @@ class TargetModel:
         or one chunk of it); returns the last hidden states [1, n, H]."""
         cache.bind([slot], [offset], embeds.shape[1])
         # one row, no padding: the model's own causal mask and positions (from the cache's length) fit
-        return self.adapter.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.adapter.decoder(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
 
     @torch.inference_mode()
     def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int]) -> ForwardOutput:
@@ -200,7 +200,7 @@ class TargetModel:
             input_ids=tree.tokens.clamp(min=0),  # padding nodes (-1) run as token 0; the mask isolates them
             attention_mask=tree.attention_mask(offsets, self.dtype, cache.binding.width),
             position_ids=tree.position_ids(offsets),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         hidden = out.last_hidden_state

@@ -11,9 +11,9 @@ def verify_tree(model, prefix: torch.Tensor, tree: DraftTree) -> torch.Tensor:
     """Prefill the prefix, then score the tree in one forward: tree logits [B, N, V]."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prefix, past_key_values=cache)
+        model(prefix, cache=cache)
         out = model(
-            tree.tokens, past_key_values=cache, position_ids=tree.position_ids(prefix.shape[1]),
+            tree.tokens, cache=cache, position_ids=tree.position_ids(prefix.shape[1]),
             attention_mask=tree.attention_mask(prefix.shape[1], torch.float64),
         )
     return out.logits

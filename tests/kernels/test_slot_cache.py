@@ -13,7 +13,7 @@ from specserve.kernels.tree import DraftTree, chain_tree
 def forward(model, cache: SlotCache, tree: DraftTree, slots: list[int], prefix_lens: list[int]) -> torch.Tensor:
     offsets = cache.bind(slots, prefix_lens, tree.num_nodes)
     with torch.no_grad():
-        return model(tree.tokens, past_key_values=cache, position_ids=tree.position_ids(offsets),
+        return model(tree.tokens, cache=cache, position_ids=tree.position_ids(offsets),
                      attention_mask=tree.attention_mask(offsets, torch.float64, cache.binding.width)).logits
 
 
