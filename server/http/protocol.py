@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
-Unknown fields are ignored (as OpenAI and vLLM do), so clients that send features this server does
-not implement (tools, penalties, response_format) still get a plain completion. Known fields are
+Unknown fields are ignored (as OpenAI and vLLM do). Fields of OpenAI's API (and vLLM's) that would
+change the output and that this server does not implement (penalties, logit_bias, response_format,
+tools, ...) are known: a request may send them as null or as the value that means "off", and
+anything else is a 400 naming the field, never an answer that silently ignores it. Known fields are
 strict: JSON's types are not coerced (`"max_tokens": true`, `"stream": "yes"` and `"n": "2"` are
 400s naming the field), except that an integer is a valid float. Every number has a range here;
 limits that depend on the model or the settings (context length, n, the number of images) are
@@ -10,9 +12,10 @@ checked where those are known (`sampling.py`, `images.py`).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20
@@ -69,6 +72,23 @@ class StreamOptions(_Body):
     include_usage: bool | None = False
 
 
+def _same(value: Any, off: Any) -> bool:
+    """JSON equality: `false` is not `0`, `1` is `1.0`."""
+    return isinstance(value, bool) == isinstance(off, bool) and value == off
+
+
+def _only(*off: Any) -> BeforeValidator:
+    """A field this server does not implement: null or one of `off` (the values that change nothing)."""
+    shown = " or ".join(json.dumps(value) for value in (None, *off))
+
+    def check(value: Any) -> Any:
+        if value is None or any(_same(value, o) for o in off):
+            return value
+        raise ValueError(f"not supported by this server (only {shown} is accepted)")
+
+    return BeforeValidator(check)
+
+
 def _stop_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -87,6 +107,21 @@ class _Sampling(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extra field (vLLM), for benchmarks that need fixed lengths
+
+    # not implemented: OpenAI's penalties and logit bias, structured output; vLLM's extra sampling
+    # and guided decoding fields
+    frequency_penalty: Annotated[Any, _only(0)] = None
+    presence_penalty: Annotated[Any, _only(0)] = None
+    logit_bias: Annotated[Any, _only({})] = None
+    response_format: Annotated[Any, _only({"type": "text"})] = None
+    repetition_penalty: Annotated[Any, _only(1)] = None
+    min_p: Annotated[Any, _only(0)] = None
+    use_beam_search: Annotated[Any, _only(False)] = None
+    guided_json: Annotated[Any, _only()] = None
+    guided_regex: Annotated[Any, _only()] = None
+    guided_choice: Annotated[Any, _only()] = None
+    guided_grammar: Annotated[Any, _only()] = None
+    structured_outputs: Annotated[Any, _only()] = None
 
     _normalize_stop = field_validator("stop", mode="before")(_stop_list)
 
@@ -107,12 +142,34 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # not implemented: tools and functions, predicted outputs, audio, reasoning and search options
+    tools: Annotated[Any, _only([])] = None
+    tool_choice: Annotated[Any, _only("none")] = None
+    functions: Annotated[Any, _only([])] = None
+    function_call: Annotated[Any, _only("none")] = None
+    prediction: Annotated[Any, _only()] = None
+    audio: Annotated[Any, _only()] = None
+    modalities: Annotated[Any, _only(["text"])] = None
+    reasoning_effort: Annotated[Any, _only()] = None
+    verbosity: Annotated[Any, _only("medium")] = None
+    web_search_options: Annotated[Any, _only()] = None
 
 
 class CompletionRequest(_Sampling):
     prompt: list[str | list[int]]  # normalized: one entry per prompt of a batch
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
+    suffix: Annotated[Any, _only("")] = None  # not implemented: insertion
+    best_of: int | None = Field(default=None, ge=1)  # only best_of = n: no extra candidates to rank
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_extra_candidates(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n") or 1
+        if value is not None and value != n:
+            raise ValueError(f"not supported by this server: it ranks no extra candidates (only null or n = {n} "
+                             "is accepted)")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod

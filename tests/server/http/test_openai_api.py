@@ -177,10 +177,11 @@ def test_logprobs(client, server, openai_schema):
     assert [lp.token for lp in streamed] == [lp.token for lp in content]
 
 
-def test_unknown_and_unsupported_fields_are_ignored(server):
+def test_unknown_fields_and_unsupported_ones_left_off_are_ignored(server):
+    # unsupported fields (test_unsupported_fields.py) are accepted at their "off" value
     body = {"model": server.state.model_name, "messages": user("hi"), "max_tokens": 3, "temperature": 0,
-            "frequency_penalty": 0.5, "tools": [{"type": "function", "function": {"name": "f"}}],
-            "response_format": {"type": "text"}, "user": "u1", "something_new": {"nested": [1, 2]}}
+            "frequency_penalty": 0, "tools": [], "parallel_tool_calls": True, "response_format": {"type": "text"},
+            "user": "u1", "something_new": {"nested": [1, 2]}}
     with server.http() as http:
         assert http.post("/v1/chat/completions", json=body).status_code == 200
 
