@@ -1,4 +1,5 @@
-"""Logits processing (temperature, top-k, top-p), seeded sampling and OpenAI-style logprobs.
+"""Logits processing (logit bias and banned end tokens, temperature, top-k, top-p), seeded sampling
+and OpenAI-style logprobs.
 
 Every sampling parameter may be a python number (one request) or a tensor of shape [B] (one value
 per batch row), broadcast over the trailing dimensions of logits [B, ..., V], so one batch can mix
@@ -69,6 +70,33 @@ def process_logits(
     sorted_probs = sorted_probs.masked_fill(~keep, 0.0)
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
     return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+
+
+def constrain_logits(
+    logits: Tensor,  # [B, N, V]: the target's logits at every node of a batch of trees
+    depths: Tensor,  # [B, N]: each node's depth in its tree (the root is 0)
+    bias: Tensor | None = None,  # [B, V]: added to every node's logits (OpenAI's logit_bias), or None
+    end_ids: Tensor | None = None,  # [E]: the tokens that end a sequence (EOS)
+    end_banned: Tensor | None = None,  # [B]: a node at depth < end_banned[b] may not be followed by an end token
+) -> Tensor:
+    """The logits a request's constraints leave, before temperature and sampling (so greedy decoding,
+    acceptance and the bonus token all see them). Returns `logits` itself when there is nothing to do.
+
+    `end_banned` carries `min_tokens`: the node at depth d predicts the sequence's (emitted + d)-th
+    token, so with `min_tokens` m a row bans end tokens below depth m - emitted. Example: a row that
+    has emitted 3 tokens with min_tokens 5 gets end_banned 2: the root (depth 0) and depth-1 nodes
+    cannot be followed by EOS, depth 2 and deeper can.
+    """
+    if bias is None and (end_banned is None or not bool((end_banned > 0).any())):
+        return logits
+    out = logits.clone()
+    if bias is not None:
+        out += bias[:, None, :].to(out.dtype)
+    if end_banned is not None and end_ids is not None and len(end_ids):
+        banned = depths < end_banned[:, None]  # [B, N]
+        ends = out[..., end_ids]
+        out[..., end_ids] = ends.masked_fill(banned[..., None], float("-inf"))
+    return out
 
 
 def sample(probs: Tensor, generator: Generators = None) -> Tensor:

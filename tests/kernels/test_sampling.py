@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specserve.kernels.sampling import logprobs_topk, process_logits, random_uniform, sample
+from specserve.kernels.sampling import constrain_logits, logprobs_topk, process_logits, random_uniform, sample
 
 
 def test_process_logits_worked_example():
@@ -90,3 +90,23 @@ def test_logprobs_are_raw_log_softmax():
     torch.testing.assert_close(out.top_values, expected.gather(1, out.top_ids))
     assert out.chosen[0].item() == pytest.approx(expected[0, 1].item())
     assert math.isnan(out.chosen[1].item())
+
+
+def test_constrain_logits_adds_the_bias_and_bans_end_tokens_below_a_depth():
+    logits = torch.zeros(2, 4, 6)
+    depths = torch.tensor([[0, 1, 2, 1], [0, 1, 1, 2]])
+    bias = torch.zeros(2, 6)
+    bias[0, 3], bias[1, 1] = 5.0, -100.0
+    out = constrain_logits(logits, depths, bias, end_ids=torch.tensor([0, 5]), end_banned=torch.tensor([2, 0]))
+    assert torch.equal(logits, torch.zeros(2, 4, 6))  # the input is left as it was
+    assert torch.equal(out[0, :, 3], torch.full((4,), 5.0)) and torch.equal(out[1, :, 1], torch.full((4,), -100.0))
+    # row 0 (the docstring's 3 emitted, min_tokens 5): depths 0 and 1 may not end, depth 2 may
+    assert torch.isneginf(out[0, [0, 1, 3]][:, [0, 5]]).all() and torch.equal(out[0, 2, [0, 5]], torch.zeros(2))
+    assert not torch.isinf(out[1]).any()  # row 1: nothing banned
+    assert out[0].argmax(-1).tolist() == [3, 3, 3, 3]
+
+
+def test_constrain_logits_without_constraints_is_the_identity():
+    logits, depths = torch.randn(3, 5, 7), torch.zeros(3, 5, dtype=torch.long)
+    assert constrain_logits(logits, depths) is logits
+    assert constrain_logits(logits, depths, None, torch.tensor([1]), torch.zeros(3, dtype=torch.long)) is logits
