@@ -1,4 +1,4 @@
-"""The `specserve` command: `generate`, `serve`, `bench`, `models`, `train-draft`."""
+"""The `specserve` command: `generate`, `serve`, `ray-serve`, `bench`, `models`, `train-draft`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)  # `bench`: sets its own `run`
+
+    from .ray.cli import add_ray_serve_parser
+
+    add_ray_serve_parser(sub)  # `ray-serve`: sets its own `run`; imports Ray only when run
 
     from .training.draft_head.cli import add_train_parser
 

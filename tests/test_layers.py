@@ -19,10 +19,11 @@ ALLOWED = {
     "server.engine": {"kernels", "drafting", "server.store", "server.engine"},
     "server.http": {"server.engine", "server.http"},
     "server.bench": {"server.bench"},  # a client of any OpenAI-compatible server: nothing of the engine
+    "server.ray": {"server.engine", "server.http", "server.ray"},  # Ray Serve replicas of the HTTP app
     "server.training": {"kernels", "drafting", "server.store", "server.engine", "server.training"},
     "server": {"server"},  # the package's own __init__
     "server.cli": {"kernels", "drafting", "server.store", "server.engine", "server.http", "server.training",
-                   "server.bench"},
+                   "server.bench", "server.ray"},
 }
 
 
