@@ -81,6 +81,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
     ignore_eos: bool = False
+    # False: verify the root alone every step (plain decoding, no draft tree) in the same batch, e.g.
+    # to compare against drafting; the output is the same either way (lossless)
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

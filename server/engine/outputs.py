@@ -28,13 +28,21 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one engine step added to a sequence (possibly several tokens)."""
+    """What one engine step added to a sequence (possibly several tokens).
+
+    Each token's origin: `depths[i]` is the tree depth (1, 2, ...) of an accepted draft token, or 0
+    for a token the target chose itself (the bonus token of a verify step, or prefill's first token);
+    `token_texts[i]` is the part of `text` released with that token (text held back, a partial
+    character or a possible stop string, goes to the token that releases it), so they join to `text`.
+    """
 
     token_ids: list[int]
     text: str  # incremental detokenized text; stop strings and held-back partial characters excluded
     logprobs: list[TokenLogprob] | None
     finished: bool
     finish_reason: str | None  # "stop" (EOS or stop string) or "length"
+    depths: list[int]
+    token_texts: list[str]
 
 
 @dataclass

@@ -56,27 +56,33 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def emit(self, tokens: list[int], logprobs: list[TokenLogprob] | None) -> StepOutput:
-        """Append a step's tokens, stopping at EOS, the token limit or a stop string (which may end
-        inside the step's run: everything after it is dropped). Returns what the caller may see."""
-        count = 0
+    def emit(self, tokens: list[int], logprobs: list[TokenLogprob] | None, depths: list[int]) -> StepOutput:
+        """Append a step's tokens (`depths`: each one's origin, see `StepOutput`), stopping at EOS, the
+        token limit or a stop string (which may end inside the step's run: everything after it is
+        dropped). Returns what the caller may see."""
+        ends = []  # length of `text` after each token
         for token in tokens:
-            count += 1
             self.output_ids.append(token)
             if token in self.eos_token_ids and not self.params.ignore_eos:
                 self.finish_reason = "stop"
+            else:
+                self.text += self.detokenizer.add(token)
+                if self._cut_at_stop_string():
+                    self.finish_reason = "stop"
+                elif len(self.output_ids) >= self.params.max_tokens:
+                    self.finish_reason = "length"
+            ends.append(len(self.text))
+            if self.finished:
                 break
-            self.text += self.detokenizer.add(token)
-            if self._cut_at_stop_string():
-                self.finish_reason = "stop"
-                break
-            if len(self.output_ids) >= self.params.max_tokens:
-                self.finish_reason = "length"
-                break
+        count, start = len(ends), self.sent
         end = len(self.text) if self.finished else len(self.text) - self._held_back()
         delta, self.sent = self.text[self.sent : end], max(self.sent, end)
+        # each token's share of the delta: up to where the text ended after it, within [start, end)
+        bounds = [start] + [min(max(e, start), max(end, start)) for e in ends]
+        token_texts = [self.text[a:b] for a, b in zip(bounds, bounds[1:])]
         kept_logprobs = logprobs[:count] if logprobs is not None else None
-        return StepOutput(tokens[:count], delta, kept_logprobs, self.finished, self.finish_reason)
+        return StepOutput(tokens[:count], delta, kept_logprobs, self.finished, self.finish_reason,
+                          depths[:count], token_texts)
 
     def _cut_at_stop_string(self) -> bool:
         # Only the tail can hold a new match: the text before it was checked at earlier tokens.

@@ -56,7 +56,7 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
     else:
         token = sample(_probs(last_logits, seq.params.logits_params), seq.generator)
     seq.root_token = int(token)
-    return seq.emit([seq.root_token], _logprobs(last_logits, token, seq.params))
+    return seq.emit([seq.root_token], _logprobs(last_logits, token, seq.params), [0])  # the target's own token
 
 
 def speculative_step(
@@ -69,9 +69,11 @@ def speculative_step(
     returned in that sequence's place and the others go on; a failing forward fails them all."""
     # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token (model
     # drafters run the whole batch's tree levels together), unless the planner finds that drafting
-    # cannot pay this turn (then only pinned rows draft, the others send their root alone)
+    # cannot pay this turn (then only pinned rows draft, the others send their root alone); a
+    # request that asked for no drafting always sends its root alone
     pinned = [s.params.seed is not None and not s.params.greedy for s in seqs]
-    grow = planner.drafting([s.acceptance.value for s in seqs], pinned)
+    pays = planner.drafting([s.acceptance.value for s in seqs], pinned)
+    grow = [g and s.params.speculative for g, s in zip(pays, seqs)]
     start = time.perf_counter()
     with stopwatch.adds_to([seq.metrics for seq in seqs], "draft_seconds"):
         drafted = proposer.propose_batch([seq.draft for seq in seqs], [seq.root_token for seq in seqs], grow)
@@ -126,8 +128,10 @@ def _advance(
     seq.root_token = tokens[-1]
     seq.metrics.observe(proposal.tree.num_nodes - 1, len(path) - 1)
     seq.acceptance.observe(proposal.tree.max_depth, len(path) - 1)
-    # 8. emit: accepted drafts + bonus; stop conditions may cut the run
-    return seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params))
+    # 8. emit: accepted drafts + bonus; stop conditions may cut the run. The accepted path runs from
+    # the root down, so its i-th draft token sits at tree depth i; the bonus is the target's own (0).
+    depths = list(range(1, len(path))) + [0]
+    return seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params), depths)
 
 
 def per_sequence(work) -> StepOutput | Exception | None:

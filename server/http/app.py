@@ -1,9 +1,11 @@
 """The OpenAI-compatible app: `create_app(engine_or_factory, settings)`.
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{model}]`,
-`GET /health`, `GET /metrics`. All per-app state lives on `app.state.specserve` (a `ServerState`),
-so several apps can live in one process and another service can mount this one. A mounted app's
-lifespan does not run, so the worker also starts on the first request; such a host should call
+`GET /health`, `GET /metrics`, and unless `settings.ui` is off the playground: `GET /` and its
+files under `/static/` (`static/`: plain HTML, JS and CSS, no build step; the page calls the API).
+All per-app state lives on `app.state.specserve` (a `ServerState`), so several apps can live in one
+process and another service can mount this one. A mounted app's lifespan does not run, so the
+worker also starts on the first request; such a host should call
 `app.state.specserve.scheduler.stop()` when it shuts down (or first `await ...drain(timeout)`, as
 `specserve serve` does on SIGTERM).
 
@@ -19,13 +21,15 @@ import asyncio
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 
 from ... import __version__
 from ..engine.engine import Engine
@@ -48,6 +52,9 @@ from .sse import ClientGone, unless_disconnected
 from .state import ServerState, state_of
 
 M = TypeVar("M", bound=BaseModel)
+STATIC = Path(__file__).parent / "static"
+# the page loads nothing from elsewhere; images come from the user's own files as data: URLs
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:"
 PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies (inline images) are parsed off the event loop
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client has gone
 
@@ -138,6 +145,12 @@ async def metrics(request: Request) -> Response:
     return Response(state_of(request).metrics.exposition(), media_type=CONTENT_TYPE)
 
 
+async def playground() -> FileResponse:
+    """The playground page; open like /health (it holds no model output, the API calls it makes
+    carry the key the user types)."""
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
 def create_app(
     engine_or_factory: Engine | Callable[[], Engine], settings: ServerSettings | None = None,
     on_load_failure: Callable[[str], None] | None = None,
@@ -178,6 +191,9 @@ def create_app(
     app.state.specserve = state
     install_error_handlers(app)
     app.include_router(router)
+    if settings.ui:
+        app.add_api_route("/", playground, methods=["GET"], include_in_schema=False)
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # the last added runs first: count -> request id -> access log -> CORS (answers preflights, labels even a 401 for
     # the browser) -> API key (before the body is read) -> body limits -> routes
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)

@@ -9,7 +9,7 @@ from ..engine.engine import Engine
 from ..engine.errors import RequestError
 from ..engine.metrics import SpecMetrics
 from ..engine.outputs import PromptInput
-from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
+from .generation import ChoiceResult, StepResult, TokenInfo, origins, respond, submit
 from .images import check_image_count, engine_messages
 from .protocol import ChatCompletionRequest, ChatMessage, TextPart
 from .responses import (
@@ -57,16 +57,18 @@ def chat_logprobs(infos: list[TokenInfo] | None) -> ChatLogprobs | None:
 
 
 class ChatRenderer:
-    """Chat completion objects and chunks of one request."""
+    """Chat completion objects and chunks of one request (chunks with `token_origins` if asked)."""
 
-    def __init__(self, request_id: str, created: int, model: str) -> None:
+    def __init__(self, request_id: str, created: int, model: str, token_origins: bool) -> None:
         self.head = {"id": request_id, "created": created, "model": model}
+        self.token_origins = token_origins
 
     def chunk(self, index: int, result: StepResult, first: bool, metrics: SpecMetrics | None) -> dict:
         # The role travels with the first token (never ahead of it: clients time the first chunk).
         delta = Delta(role="assistant" if first else None, content=result.text)
         choice = ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(result.logprobs),
-                                 finish_reason=result.finish_reason)
+                                 finish_reason=result.finish_reason,
+                                 token_origins=origins(result) if self.token_origins else None)
         spec = metrics.to_dict() if metrics is not None else None
         return ChatCompletionChunk(**self.head, choices=[choice], spec_decode=spec).model_dump()
 
@@ -97,6 +99,6 @@ async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: fl
         prompt = await state.prepare(prepare_chat, messages)
         params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
         group = submit(state, [prompt] * len(params), params, arrival)
-    renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name)
+    renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name, req.stream_origins)
     return await respond(state, group, renderer, bool(req.stream), req.include_usage,
                          len(prompt.token_ids), arrival)

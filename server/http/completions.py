@@ -7,7 +7,7 @@ from starlette.responses import Response
 from ..engine.engine import Engine
 from ..engine.metrics import SpecMetrics
 from ..engine.outputs import PromptInput
-from .generation import ChoiceResult, StepResult, TokenInfo, respond, submit
+from .generation import ChoiceResult, StepResult, TokenInfo, origins, respond, submit
 from .protocol import CompletionRequest
 from .responses import Completion, TextChoice, TextLogprobs, Usage
 from .sampling import check_choices, check_prompt_chars, check_prompt_len, completion_params
@@ -36,17 +36,19 @@ def text_logprobs(infos: list[TokenInfo] | None, offset: int) -> TextLogprobs | 
 
 
 class CompletionRenderer:
-    """Text completion objects and chunks of one request."""
+    """Text completion objects and chunks of one request (chunks with `token_origins` if asked)."""
 
-    def __init__(self, request_id: str, created: int, model: str) -> None:
+    def __init__(self, request_id: str, created: int, model: str, token_origins: bool) -> None:
         self.head = {"id": request_id, "created": created, "model": model}
+        self.token_origins = token_origins
         self._offsets: dict[int, int] = {}  # per choice: characters streamed so far
 
     def chunk(self, index: int, result: StepResult, first: bool, metrics: SpecMetrics | None) -> dict:
         offset = self._offsets.get(index, 0)
         self._offsets[index] = offset + len(result.text)
         choice = TextChoice(index=index, text=result.text, logprobs=text_logprobs(result.logprobs, offset),
-                            finish_reason=result.finish_reason)
+                            finish_reason=result.finish_reason,
+                            token_origins=origins(result) if self.token_origins else None)
         spec = metrics.to_dict() if metrics is not None else None
         return Completion(**self.head, choices=[choice], spec_decode=spec).model_dump()
 
@@ -84,7 +86,7 @@ async def serve_completion(state: ServerState, req: CompletionRequest, arrival: 
             all_prompts += [prompt] * len(params)
             all_params += params
         group = submit(state, all_prompts, all_params, arrival)
-    renderer = CompletionRenderer(state.new_id("cmpl"), state.now(), state.model_name)
+    renderer = CompletionRenderer(state.new_id("cmpl"), state.now(), state.model_name, req.stream_origins)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return await respond(state, group, renderer, bool(req.stream), req.include_usage, prompt_tokens,
                          arrival)

@@ -17,6 +17,7 @@ from ..engine.metrics import SpecMetrics
 from ..engine.outputs import StepOutput
 from .errors import APIError, engine_error
 from .logs import RequestLog, current_request
+from .responses import TokenOrigin
 from .sse import DONE, PING, EventStream, sse_event
 from .state import ServerState
 
@@ -40,6 +41,7 @@ class StepResult:
     num_tokens: int
     logprobs: list[TokenInfo] | None
     finish_reason: str | None
+    origins: list[tuple[str, int]]  # per token: its text and depth (`StepOutput.token_texts`, `.depths`)
 
 
 def postprocess(engine: Engine, out: StepOutput) -> StepResult:
@@ -52,7 +54,13 @@ def postprocess(engine: Engine, out: StepOutput) -> StepResult:
                       [(decode([tid]), _finite(value)) for tid, value in lp.top])
             for lp in out.logprobs
         ]
-    return StepResult(out.text, len(out.token_ids), infos, out.finish_reason)
+    return StepResult(out.text, len(out.token_ids), infos, out.finish_reason,
+                      list(zip(out.token_texts, out.depths)))
+
+
+def origins(result: StepResult) -> list[TokenOrigin]:
+    """A stream chunk's `token_origins`: each token's text and depth."""
+    return [TokenOrigin(text=text, depth=depth) for text, depth in result.origins]
 
 
 def _finite(logprob: float) -> float:
@@ -112,7 +120,10 @@ async def first_event(group: RequestGroup) -> Event:
 
 
 class Renderer(Protocol):
-    """How an endpoint shapes stream chunks."""
+    """How an endpoint shapes stream chunks. With `token_origins` its chunks carry each token's
+    origin, so a step is sent even when all its text is held back (its tokens still count)."""
+
+    token_origins: bool
 
     def chunk(self, index: int, result: StepResult, first: bool, metrics: SpecMetrics | None) -> dict: ...
     def usage_chunk(self, usage: dict, metrics: SpecMetrics) -> dict: ...
@@ -139,7 +150,7 @@ async def stream_events(
         result: StepResult = event.output
         # A step whose text is all held back (a partial character, a possible stop string) and
         # carries nothing else is not sent: an empty delta tells the client nothing.
-        if first_of_choice or event.finished or result.text or result.logprobs:
+        if first_of_choice or event.finished or result.text or result.logprobs or renderer.token_origins:
             yield sse_event(renderer.chunk(event.index, result, first_of_choice,
                                            event.metrics if event.finished else None))
         started.add(event.index)

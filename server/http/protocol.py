@@ -107,6 +107,10 @@ class _Sampling(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extra field (vLLM), for benchmarks that need fixed lengths
+    # extra fields (this server's): false = no draft tree for this request (plain decoding, the same
+    # output), e.g. to compare; true = stream chunks carry each token's origin (`token_origins`)
+    speculative: bool | None = True
+    return_token_origins: bool | None = False
 
     # not implemented: OpenAI's penalties and logit bias, structured output; vLLM's extra sampling
     # and guided decoding fields
@@ -135,6 +139,11 @@ class _Sampling(_Body):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stream_origins(self) -> bool:
+        """Token origins are sent on streams only."""
+        return bool(self.stream and self.return_token_origins)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -2,7 +2,8 @@
 (`CreateChatCompletionResponse`, `CreateChatCompletionStreamResponse`, `CreateCompletionResponse`,
 `ListModelsResponse`). Fields the schemas require are always present (null where nullable); fields
 that may not be null there (a delta's `role`) are left out instead. `spec_decode` is this server's
-extra: the request's speculative-decoding metrics (`SpecMetrics.to_dict()`).
+extra: the request's speculative-decoding metrics (`SpecMetrics.to_dict()`); so is a stream choice's
+`token_origins`, present only when the request set `return_token_origins`.
 """
 
 from __future__ import annotations
@@ -65,11 +66,20 @@ class Delta(BaseModel):
     content: str | None = _omit_none()
 
 
+class TokenOrigin(BaseModel):
+    """One streamed token: its text (the chunk's texts join to its content) and where it came from:
+    `depth` d >= 1 is a draft token accepted at tree depth d, 0 the target's own (bonus or first) token."""
+
+    text: str
+    depth: int
+
+
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_origins: list[TokenOrigin] | None = _omit_none()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -96,6 +106,7 @@ class TextChoice(BaseModel):
     text: str
     logprobs: TextLogprobs | None = None
     finish_reason: str | None = None
+    token_origins: list[TokenOrigin] | None = _omit_none()
 
 
 class Completion(BaseModel):

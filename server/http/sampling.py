@@ -68,6 +68,7 @@ def _base(req: _Sampling, settings: ServerSettings, max_tokens: int, logprobs: i
         seed=req.seed,
         logprobs=logprobs,
         ignore_eos=bool(req.ignore_eos),
+        speculative=req.speculative is not False,  # null: the default
     )
 
 

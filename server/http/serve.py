@@ -50,6 +50,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"require `Authorization: Bearer KEY` on /v1/* (401 otherwise; /health and /metrics "
                             f"stay open). Prefer ${API_KEY_ENV}: other users can read a flag from the process "
                             f"list (default: ${API_KEY_ENV}, else no key)")
+    group.add_argument("--no-ui", action="store_true",
+                       help="no playground page at / (the web page that streams answers coloured by drafted "
+                            "tokens and compares drafting on and off)")
     group.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                        help="browser origins allowed to call the API (CORS), e.g. https://app.example.com; "
                             "'*' allows any (default: none)")
@@ -150,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_origins=tuple(args.allowed_origins),
         log_stats_interval_s=args.log_stats_interval,
         sse_keepalive_s=args.sse_keepalive,
+        ui=not args.no_ui,
     )
 
 

@@ -37,6 +37,7 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()  # browser origins CORS lets call the API ("*": any); () = none
     log_stats_interval_s: float = 10.0  # seconds between stats lines while busy; 0 = none
     sse_keepalive_s: float = 5.0  # a stream without its first token by then starts with `: ping` comments
+    ui: bool = True  # the playground page at / (files under /static/); False: both are 404
 
     @property
     def served_model_names(self) -> tuple[str, ...]:

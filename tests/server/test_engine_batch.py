@@ -204,3 +204,14 @@ def test_a_proposal_cut_to_its_first_nodes_is_still_a_tree():
     assert cut.tree.tokens.tolist() == [[7, 3, 9]] and cut.tree.parents.tolist() == [[-1, 0, 0]]
     assert cut.draft_probs.shape == (1, 2, 10)
     assert DraftProposal(tree).first(9).tree is tree
+
+
+def test_a_request_without_drafting_shares_the_batch_and_the_output(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"], batch_tree_tokens=0)
+    prompt = engine.prepare_text(PROMPTS[3])
+    on, off = SamplingParams(max_tokens=30, ignore_eos=True), SamplingParams(max_tokens=30, ignore_eos=True,
+                                                                            speculative=False)
+    tokens, largest, seqs = run_batched(engine, [(0, prompt, on), (0, prompt, off)])
+    assert largest == 2 and tokens[0] == tokens[1] == reference_greedy(engine, prompt, 30)
+    assert seqs[0].metrics.accepted_draft_tokens > 0
+    assert seqs[1].metrics.proposed_draft_tokens == 0 and seqs[1].metrics.verify_steps == 29

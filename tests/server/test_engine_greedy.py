@@ -180,3 +180,24 @@ def test_greedy_llava_with_image(tiny_model_dirs, draft):
     assert prompt.pixel_values is not None and prompt.num_images == 1
     out = engine.generate(prompt, SamplingParams(max_tokens=30))
     assert out.token_ids == reference_greedy(engine, prompt, 30)
+
+
+def test_greedy_without_drafting_per_request_is_the_same_output(tiny_model_dirs):
+    """`SamplingParams(speculative=False)` verifies the root alone every step: no draft proposed or
+    accepted, and the same tokens as drafting (and as the target alone); every emitted token carries
+    its origin, drafts at depths 1..k of their step and the target's own token (depth 0) last."""
+    engine = engine_for(tiny_model_dirs["llama"], "ngram")
+    accepted = 0
+    for text in PROMPTS:
+        prompt = engine.prepare_text(text)
+        on = list(engine.stream(prompt, SamplingParams(max_tokens=40, ignore_eos=True)))
+        off = list(engine.stream(prompt, SamplingParams(max_tokens=40, ignore_eos=True, speculative=False)))
+        tokens = [t for out in on for t in out.token_ids]
+        assert tokens == [t for out in off for t in out.token_ids] == reference_greedy(engine, prompt, 40)
+        assert all(out.depths == [0] for out in off)
+        for out in on[:-1]:  # the last step may be cut at max_tokens
+            assert out.depths == list(range(1, len(out.depths))) + [0]
+        accepted += sum(d > 0 for out in on for d in out.depths)
+        metrics = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True, speculative=False)).metrics
+        assert metrics.proposed_draft_tokens == metrics.accepted_draft_tokens == 0 and metrics.verify_steps == 39
+    assert accepted > 0  # the drafting runs did accept drafts (the repeating prompts)

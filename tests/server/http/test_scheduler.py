@@ -52,7 +52,7 @@ class ScriptedEngine:
             seq.metrics.observe(2, 1)
         seq.output_ids.append(len(seq.output_ids))
         done = len(seq.output_ids) >= seq.max_tokens
-        return StepOutput([1], "x", None, done, "length" if done else None)
+        return StepOutput([1], "x", None, done, "length" if done else None, [0], ["x"])
 
     def step_batch(self, seqs: list[FakeSeq]) -> list:
         outs = []
