@@ -81,6 +81,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
     ignore_eos: bool = False
+    # (token id, bias) pairs added to the target's logits before sampling (OpenAI's logit_bias, -100..100)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # no end token (EOS) and no stop string before this many tokens (vLLM's)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -91,6 +94,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
