@@ -84,6 +84,9 @@ class SamplingParams:
     # False: verify the root alone every step (plain decoding, no draft tree) in the same batch, e.g.
     # to compare against drafting; the output is the same either way (lossless)
     speculative: bool = True
+    # (token id, bias) pairs added to the target's logits before sampling (OpenAI's logit_bias, -100..100)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # no end token (EOS) and no stop string before this many tokens (vLLM's)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -94,6 +97,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -143,6 +143,10 @@ class Engine:
                 f"more than this model's context of {self.max_model_len} tokens",
                 param="max_tokens",
             )
+        vocab = self.target.config.vocab_size
+        if any(not 0 <= token < vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias names a token outside this model's vocabulary of {vocab}",
+                               param="logit_bias")
         if not self.free_slots:
             raise RuntimeError(f"all {self.num_slots} KV slots hold running sequences; release one first")
         generator = None

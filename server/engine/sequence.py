@@ -67,7 +67,7 @@ class Sequence:
                 self.finish_reason = "stop"
             else:
                 self.text += self.detokenizer.add(token)
-                if self._cut_at_stop_string():
+                if len(self.output_ids) >= self.params.min_tokens and self._cut_at_stop_string():
                     self.finish_reason = "stop"
                 elif len(self.output_ids) >= self.params.max_tokens:
                     self.finish_reason = "length"

@@ -16,7 +16,7 @@ import torch
 from ...drafting.base import DraftContext, DraftProposal, Proposer
 from ...kernels.acceptance import AcceptResult, chain_sample_accept, greedy_accept, tree_sample_accept
 from ...kernels.kv_cache import SlotCache
-from ...kernels.sampling import LogitsParams, logprobs_topk, process_logits, sample
+from ...kernels.sampling import LogitsParams, constrain_logits, logprobs_topk, process_logits, sample
 from ...kernels.tree import DraftTree, stack_trees
 from .config import SamplingParams
 from .outputs import StepOutput, TokenLogprob
@@ -50,7 +50,8 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
         image_mask=pending.prompt.image_mask[0] if needs_hidden else None,
         slot=seq.slot,
     ))
-    last_logits = target.logits(hidden[:, -1])
+    root_depth = torch.zeros(1, 1, dtype=torch.long)  # the first token follows the prompt: depth 0
+    last_logits = constrain([seq], target.logits(hidden[:, -1])[:, None], root_depth)[:, 0]
     if seq.params.greedy:
         token = last_logits.argmax(-1)
     else:
@@ -102,8 +103,10 @@ def _verify_and_emit(
     # 3. verify: the target scores every node of every tree in one forward
     with stopwatch.adds_to([seq.metrics for seq in seqs], "verify_seconds"):
         out = target.verify(tree, cache, [s.slot for s in seqs], [s.prefix_len for s in seqs])
-    # 4. accept: per row, the longest path the target agrees with plus a bonus token
-    results = accept(seqs, proposals, tree, out.logits)
+    # 4. accept: per row, the longest path the target agrees with plus a bonus token, on the logits
+    # that the row's logit bias and min_tokens leave
+    logits = constrain(seqs, out.logits, tree.depths)
+    results = accept(seqs, proposals, tree, logits)
     # 5. one host sync for the whole batch
     paths, emitted = _to_host(results)
     # 6. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
@@ -114,7 +117,7 @@ def _verify_and_emit(
         seq.prefix_len += len(paths[row])
         hidden = out.hidden[row, paths[row]] if proposer.needs_hidden_states else None
         outputs.append(per_sequence(lambda: _advance(seq, proposals[row], paths[row], emitted[row], hidden,
-                                                      out.logits[row, paths[row]], stopwatch)))
+                                                      logits[row, paths[row]], stopwatch)))
     return outputs
 
 
@@ -132,6 +135,24 @@ def _advance(
     # the root down, so its i-th draft token sits at tree depth i; the bonus is the target's own (0).
     depths = list(range(1, len(path))) + [0]
     return seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params), depths)
+
+
+def constrain(seqs: list[Sequence], logits: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """`kernels.sampling.constrain_logits` with each row's logit bias and min_tokens (logits [B, N, V],
+    the nodes' depths [B, N]); the logits themselves when no row has either."""
+    emitted = [len(seq.output_ids) for seq in seqs]
+    if not any(seq.params.logit_bias or seq.params.min_tokens > n for seq, n in zip(seqs, emitted)):
+        return logits
+    bias = None
+    if any(seq.params.logit_bias for seq in seqs):
+        bias = torch.zeros(len(seqs), logits.shape[-1], dtype=logits.dtype)
+        for row, seq in enumerate(seqs):
+            for token, value in seq.params.logit_bias:
+                bias[row, token] = value
+        bias = bias.to(logits.device)
+    banned = torch.tensor([max(seq.params.min_tokens - n, 0) for seq, n in zip(seqs, emitted)], device=logits.device)
+    ends = torch.tensor(sorted(seqs[0].eos_token_ids), dtype=torch.long, device=logits.device)
+    return constrain_logits(logits, depths.to(logits.device), bias, ends, banned)
 
 
 def per_sequence(work) -> StepOutput | Exception | None:

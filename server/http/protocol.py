@@ -112,11 +112,12 @@ class _Sampling(_Body):
     speculative: bool | None = True
     return_token_origins: bool | None = False
 
-    # not implemented: OpenAI's penalties and logit bias, structured output; vLLM's extra sampling
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    min_tokens: int | None = Field(default=None, ge=0)  # extra field (vLLM): no EOS or stop before this many
+    # not implemented: OpenAI's penalties, structured output; vLLM's extra sampling
     # and guided decoding fields
     frequency_penalty: Annotated[Any, _only(0)] = None
     presence_penalty: Annotated[Any, _only(0)] = None
-    logit_bias: Annotated[Any, _only({})] = None
     response_format: Annotated[Any, _only({"type": "text"})] = None
     repetition_penalty: Annotated[Any, _only(1)] = None
     min_p: Annotated[Any, _only(0)] = None
@@ -128,6 +129,16 @@ class _Sampling(_Body):
     structured_outputs: Annotated[Any, _only()] = None
 
     _normalize_stop = field_validator("stop", mode="before")(_stop_list)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not (token.isascii() and token.isdigit()):
+                raise ValueError(f"keys must be token ids, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} is {bias}; it must be in [-100, 100]")
+        return value
 
     @field_validator("stop")
     @classmethod

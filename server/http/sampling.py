@@ -59,6 +59,9 @@ def _base(req: _Sampling, settings: ServerSettings, max_tokens: int, logprobs: i
     if req.stop is not None and len(req.stop) > settings.max_stop:
         raise bad_request(f"at most {settings.max_stop} stop strings are allowed", "stop")
     temperature = OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens is {req.min_tokens}, more than the request's {max_tokens} max tokens",
+                          "min_tokens")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -69,6 +72,8 @@ def _base(req: _Sampling, settings: ServerSettings, max_tokens: int, logprobs: i
         logprobs=logprobs,
         ignore_eos=bool(req.ignore_eos),
         speculative=req.speculative is not False,  # null: the default
+        logit_bias=tuple((int(token), bias) for token, bias in (req.logit_bias or {}).items()),
+        min_tokens=req.min_tokens or 0,
     )
 
 
