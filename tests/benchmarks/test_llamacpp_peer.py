@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from specserve.server.bench import client
+from specserve.server.bench.workload import user
+
 
 def tiny_gguf(path: Path) -> dict[str, np.ndarray]:
     """A GGUF file with a Q8_0, a Q4_1 and an F32 tensor and metadata of several value types; the
@@ -97,14 +100,14 @@ def test_the_sweep_gets_both_files_plain_and_with_prompt_lookup(benchmark_script
                                           "llama.cpp Q4_1+lookup"]
     f32 = tmp_path / "cache" / "benchmarks" / "tiny.Q4_1.F32.gguf"
     assert [s.command[s.command.index("--model") + 1] for s in servers] == [str(f32)] * 2 + [str(source)] * 2
-    assert all(s.draft is None and s.ready_path == "/v1/models" and s.full_length == "min_tokens" for s in servers)
+    assert all(s.draft is None and s.ready_path == "/v1/models" for s in servers)
     assert len({s.env["PORT"] for s in servers}) == 4
 
 
-def test_a_stream_without_usage_counts_the_tokens_of_its_text(benchmark_script, tiny_model_dirs):
+def test_a_stream_without_usage_counts_the_tokens_of_its_text(tiny_model_dirs):
     """llama.cpp's stream carries no usage (and with prompt lookup it reports "stop" where it stopped
-    for length): its tokens are those of the streamed text under the model's tokenizer."""
-    serving = benchmark_script("serving")
+    for length): `specserve bench`'s client, which the sweep uses, counts the tokens of the streamed
+    text under the model's tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
     pieces = ["the quick", " brown fox", " jumps"]
 
@@ -117,10 +120,10 @@ def test_a_stream_without_usage_counts_the_tokens_of_its_text(benchmark_script, 
 
     async def one(usage: dict | None):
         transport = httpx.MockTransport(lambda request: httpx.Response(200, content=sse(usage)))
-        async with httpx.AsyncClient(transport=transport, base_url="http://peer") as client:
-            args = serving.argparse.Namespace(model="m", max_tokens=7, tokenizer=tokenizer)
-            server = serving.Server("peer", None, [], {}, full_length="min_tokens")
-            return await serving.stream_one(client, args, server, 0, "hi")
+        options = client.Options(max_tokens=7, ignore_eos=True,
+                                 count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False).input_ids))
+        async with httpx.AsyncClient(transport=transport, base_url="http://peer") as http:
+            return await client.stream_one(http, client.Target("http://peer", "m", "peer"), user("hi"), options, 0)
 
     counted = asyncio.run(one(None))
     expected = len(tokenizer("".join(pieces), add_special_tokens=False).input_ids)
