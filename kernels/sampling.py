@@ -78,6 +78,7 @@ def constrain_logits(
     bias: Tensor | None = None,  # [B, V]: added to every node's logits (OpenAI's logit_bias), or None
     end_ids: Tensor | None = None,  # [E]: the tokens that end a sequence (EOS)
     end_banned: Tensor | None = None,  # [B]: a node at depth < end_banned[b] may not be followed by an end token
+    allowed: Tensor | None = None,  # [B, N, V] bool: the tokens a grammar allows after each node, or None
 ) -> Tensor:
     """The logits a request's constraints leave, before temperature and sampling (so greedy decoding,
     acceptance and the bonus token all see them). Returns `logits` itself when there is nothing to do.
@@ -86,8 +87,10 @@ def constrain_logits(
     token, so with `min_tokens` m a row bans end tokens below depth m - emitted. Example: a row that
     has emitted 3 tokens with min_tokens 5 gets end_banned 2: the root (depth 0) and depth-1 nodes
     cannot be followed by EOS, depth 2 and deeper can.
+
+    `allowed` carries a response format's grammar: every other token gets -inf at that node.
     """
-    if bias is None and (end_banned is None or not bool((end_banned > 0).any())):
+    if bias is None and allowed is None and (end_banned is None or not bool((end_banned > 0).any())):
         return logits
     out = logits.clone()
     if bias is not None:
@@ -96,6 +99,8 @@ def constrain_logits(
         banned = depths < end_banned[:, None]  # [B, N]
         ends = out[..., end_ids]
         out[..., end_ids] = ends.masked_fill(banned[..., None], float("-inf"))
+    if allowed is not None:
+        out.masked_fill_(~allowed, float("-inf"))
     return out
 
 

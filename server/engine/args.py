@@ -71,6 +71,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", type=chat_template, default=None, metavar="FILE_OR_TEMPLATE",
                         help="Jinja chat template (a file, or the template itself) replacing the model's own; "
                              "for a model that has none, or to change how prompts are laid out")
+    parser.add_argument("--grammar-draft-tokens", type=int, default=EngineConfig.grammar_draft_tokens,
+                        help="structured output (response_format): draft up to this many tokens that the "
+                             "grammar forces per step, verified with the drafter's tree; 0: none "
+                             "(default: %(default)s)")
     parser.add_argument("--cache-dir", default=None,
                         help="model store directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
 
@@ -86,6 +90,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
         batch_tree_tokens=args.batch_tree_tokens, prefill_chunk_tokens=args.prefill_chunk or None,
         prepack_weights=args.prepack_weights, quantization=args.quantization, chat_template=args.chat_template,
+        grammar_draft_tokens=args.grammar_draft_tokens,
     )
 
 

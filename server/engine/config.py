@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from ...drafting.budget import TreeBudget
@@ -52,6 +53,8 @@ class EngineConfig:
     quantization: str = "none"
     # Jinja chat template replacing the model's own (for a model without one, or a fixed one); None = the model's
     chat_template: str | None = None
+    # structured output: at most this many tokens the grammar forces are drafted per tree (0 = none)
+    grammar_draft_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ValueError("batch_tree_tokens must be >= 0 or None")
         if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be >= 1 or None")
+        if self.grammar_draft_tokens < 0:
+            raise ValueError("grammar_draft_tokens must be >= 0")
         if self.max_num_seqs < 1 or self.kv_cache_memory_gib <= 0:
             raise ValueError("max_num_seqs must be >= 1 and kv_cache_memory_gib > 0")
         if self.quantization not in QUANTIZATIONS:
@@ -67,6 +72,20 @@ class EngineConfig:
         if self.draft_quantization not in DRAFT_QUANTIZATIONS:
             raise ValueError(f"draft_quantization must be one of {DRAFT_QUANTIZATIONS}, "
                              f"got {self.draft_quantization!r}")
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """OpenAI's `response_format` beyond plain text: any JSON object, or JSON that matches a schema."""
+
+    kind: str  # "json_object" | "json_schema"
+    # json_schema: the schema as compact JSON text, in the client's key order (the order of
+    # `properties` is the order of the answer's fields, so keys are not sorted)
+    schema: str | None = None
+
+    @classmethod
+    def json_schema(cls, schema: dict) -> ResponseFormat:
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,8 @@ class SamplingParams:
     # (token id, bias) pairs added to the target's logits before sampling (OpenAI's logit_bias, -100..100)
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # no end token (EOS) and no stop string before this many tokens (vLLM's)
+    # None = free text; else every token is drawn from what the format's grammar allows
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -101,6 +122,9 @@ class SamplingParams:
             raise ValueError("min_tokens must be in [0, max_tokens]")
         if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.response_format is not None and (self.ignore_eos or self.min_tokens):
+            # the grammar decides where the output ends: it allows only an end token once it is complete
+            raise ValueError("response_format cannot be combined with ignore_eos or min_tokens")
 
     @property
     def greedy(self) -> bool:

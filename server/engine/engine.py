@@ -24,10 +24,11 @@ from ...kernels.kv_cache import SlotCache
 from ..store.registry import default_draft
 from ..store.resolve import resolve_model
 from .calibration import calibrate_tree_nodes, measure_step_costs
-from .config import EngineConfig, GiB, SamplingParams
+from .config import EngineConfig, GiB, ResponseFormat, SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .drafters import make_proposer
 from .errors import RequestError
+from .grammar import GrammarCompiler
 from .loading import ModelLoadError, eos_token_ids, load_adapter, load_draft_model
 from .outputs import GenerationOutput, PromptInput, StepOutput, TokenLogprob
 from .planner import BatchPlanner, GoodputPlanner, SharePlanner
@@ -57,6 +58,7 @@ class Engine:
         self.model_name = config.model
         self.max_model_len = min(config.max_model_len or target.max_context, target.max_context)
         self.eos_token_ids = eos_token_ids(target.model, tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, target.config.vocab_size, self.eos_token_ids)
         self.stopwatch = Stopwatch(config.profile, target.device)
         self.cache = self._allocate_kv(config)
         self.planner = self._planner(config)
@@ -133,6 +135,11 @@ class Engine:
         aspect ratio, too many pixels once resized); `prepare_chat` checks every image with it."""
         self.prompts.check_image_size(width, height)
 
+    def check_response_format(self, fmt: ResponseFormat) -> None:
+        """Compile `fmt`'s grammar (cached) or raise `RequestError`; thread-safe, so the HTTP server
+        compiles in its prepare pool and `start` finds the grammar ready."""
+        self.grammars.grammar(fmt)
+
     def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
         """A new sequence; raises `RequestError` if it cannot fit the context. Prefill is its first step."""
         if len(prompt.token_ids) == 0:
@@ -147,6 +154,7 @@ class Engine:
         if any(not 0 <= token < vocab for token, _ in params.logit_bias):
             raise RequestError(f"logit_bias names a token outside this model's vocabulary of {vocab}",
                                param="logit_bias")
+        grammar = self.grammars.state(params.response_format) if params.response_format is not None else None
         if not self.free_slots:
             raise RuntimeError(f"all {self.num_slots} KV slots hold running sequences; release one first")
         generator = None
@@ -155,7 +163,7 @@ class Engine:
             generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         seq = Sequence(
             prompt, params, IncrementalDetokenizer(self.tokenizer, prompt.token_ids),
-            self.eos_token_ids, generator, slot=self.free_slots.pop(0),
+            self.eos_token_ids, generator, slot=self.free_slots.pop(0), grammar=grammar,
         )
         self.active[seq.slot] = seq
         return seq
@@ -190,7 +198,7 @@ class Engine:
         if decoding:
             with self.stopwatch.adds_to([seq.metrics for seq in decoding], "step_seconds"):
                 steps = speculative_step(decoding, self.target, self.proposer, self.cache, self.stopwatch,
-                                         self.planner)
+                                         self.planner, self.config.grammar_draft_tokens)
             outputs.update(zip(map(id, decoding), steps))
         self._count_kv_usage()
         return [outputs[id(seq)] for seq in seqs]

@@ -10,6 +10,10 @@ Definitions (as EAGLE, MSD, vLLM and SGLang use them):
 
 Tokens emitted by prefill (the first token) are not counted: no draft was verified for it.
 
+With a response format (structured output), `grammar_draft_tokens` counts the draft tokens the
+grammar forced (they are part of the proposed draft tokens) and `accepted_grammar_tokens` those of
+them that were accepted.
+
 With `EngineConfig.profile` the engine also sums the wall time of its verify steps, split into drafting
 (the drafter's propose + commit), verification (the target's tree forward) and the rest of the step.
 """
@@ -25,6 +29,8 @@ class SpecMetrics:
     proposed_draft_tokens: int = 0
     accepted_draft_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    grammar_draft_tokens: int = 0
+    accepted_grammar_tokens: int = 0
     # Summed wall time of verify steps; stays 0 unless the engine profiles.
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -45,6 +51,8 @@ class SpecMetrics:
         self.verify_steps += other.verify_steps
         self.proposed_draft_tokens += other.proposed_draft_tokens
         self.accepted_draft_tokens += other.accepted_draft_tokens
+        self.grammar_draft_tokens += other.grammar_draft_tokens
+        self.accepted_grammar_tokens += other.accepted_grammar_tokens
         self.draft_seconds += other.draft_seconds
         self.verify_seconds += other.verify_seconds
         self.step_seconds += other.step_seconds
@@ -82,6 +90,8 @@ class SpecMetrics:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "accepted_per_position": list(self.accepted_per_position),
             "per_position_acceptance": [round(r, 4) for r in self.per_position_acceptance],
+            "grammar_draft_tokens": self.grammar_draft_tokens,
+            "accepted_grammar_tokens": self.accepted_grammar_tokens,
         }
 
     def timing_dict(self) -> dict:

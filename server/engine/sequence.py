@@ -9,6 +9,7 @@ import torch
 from ...drafting.base import DraftSession
 from .config import SamplingParams
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarState
 from .metrics import SpecMetrics
 from .outputs import PromptInput, StepOutput, TokenLogprob
 from .planner import AcceptanceRate
@@ -42,6 +43,7 @@ class Sequence:
     sent: int = 0  # characters of `text` already returned to the caller
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
     acceptance: AcceptanceRate = field(default_factory=AcceptanceRate)  # recent, for the batch planner
+    grammar: GrammarState | None = None  # structured output: the matcher, advanced to the root
     finish_reason: str | None = None
 
     @property

@@ -19,6 +19,7 @@ from ...kernels.kv_cache import SlotCache
 from ...kernels.sampling import LogitsParams, constrain_logits, logprobs_topk, process_logits, sample
 from ...kernels.tree import DraftTree, stack_trees
 from .config import SamplingParams
+from .grammar import ShapedTree
 from .outputs import StepOutput, TokenLogprob
 from .planner import BatchPlanner
 from .profiling import Stopwatch
@@ -51,23 +52,28 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
         slot=seq.slot,
     ))
     root_depth = torch.zeros(1, 1, dtype=torch.long)  # the first token follows the prompt: depth 0
-    last_logits = constrain([seq], target.logits(hidden[:, -1])[:, None], root_depth)[:, 0]
+    allowed = [seq.grammar.root_mask()[None]] if seq.grammar is not None else None
+    last_logits = constrain([seq], target.logits(hidden[:, -1])[:, None], root_depth, allowed)[:, 0]
     if seq.params.greedy:
         token = last_logits.argmax(-1)
     else:
         token = sample(_probs(last_logits, seq.params.logits_params), seq.generator)
     seq.root_token = int(token)
+    if seq.grammar is not None:
+        seq.grammar.advance([seq.root_token])
     return seq.emit([seq.root_token], _logprobs(last_logits, token, seq.params), [0])  # the target's own token
 
 
 def speculative_step(
     seqs: list[Sequence], target: TargetModel, proposer: Proposer, cache: SlotCache, stopwatch: Stopwatch,
-    planner: BatchPlanner,
+    planner: BatchPlanner, grammar_draft_tokens: int = 0,
 ) -> list[StepOutput | Exception]:
     """One target forward that verifies every sequence's draft tree; each emits its accepted tokens
     plus a bonus one. The `planner` cuts each row's tree to what pays in this batch (down to the root
-    alone, plain decoding). A failure that belongs to one sequence (its drafter, its detokenizer) is
-    returned in that sequence's place and the others go on; a failing forward fails them all."""
+    alone, plain decoding). A row with a response format has its tree pruned to what its grammar
+    allows, up to `grammar_draft_tokens` forced tokens appended, and its logits masked (`grammar.py`).
+    A failure that belongs to one sequence (its drafter, its grammar, its detokenizer) is returned in
+    that sequence's place and the others go on; a failing forward fails them all."""
     # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token (model
     # drafters run the whole batch's tree levels together), unless the planner finds that drafting
     # cannot pay this turn (then only pinned rows draft, the others send their root alone); a
@@ -89,60 +95,92 @@ def speculative_step(
         # 2. plan: how much of each tree this batch's forward should carry
         sizes = planner.plan([proposals[row].tree for row in rows], [s.acceptance.value for s in batch],
                              [pinned[row] for row in rows])
-        trees = [proposals[row].first(size) for row, size in zip(rows, sizes)]
-        for row, out in zip(rows, _verify_and_emit(batch, trees, target, proposer, cache, stopwatch)):
-            results[row] = out
+        # 3. grammar: prune what a row's response format forbids, append what it forces
+        shaped = {row: per_sequence(lambda: _grammar(seqs[row], proposals[row].first(size), grammar_draft_tokens))
+                  for row, size in zip(rows, sizes)}
+        results.update((row, out) for row, out in shaped.items() if isinstance(out, Exception))
+        rows = [row for row in rows if not isinstance(shaped[row], Exception)]
+        if rows:
+            outs = _verify_and_emit([seqs[row] for row in rows], [shaped[row] for row in rows], target, proposer,
+                                    cache, stopwatch)
+            results.update(zip(rows, outs))
     return [results[row] for row in range(len(seqs))]
 
 
+def _grammar(seq: Sequence, proposal: DraftProposal, forced_budget: int) -> ShapedTree:
+    """The row's tree as its grammar leaves it; unchanged (and no mask) without a response format. A
+    request that asked for no drafting gets no grammar drafts either."""
+    if seq.grammar is None:
+        return ShapedTree(proposal, None, None)
+    return seq.grammar.shape(proposal, forced_budget if seq.params.speculative else 0)
+
+
 def _verify_and_emit(
-    seqs: list[Sequence], proposals: list[DraftProposal], target: TargetModel, proposer: Proposer,
+    seqs: list[Sequence], shaped: list[ShapedTree], target: TargetModel, proposer: Proposer,
     cache: SlotCache, stopwatch: Stopwatch,
 ) -> list[StepOutput | Exception]:
+    proposals = [s.proposal for s in shaped]
     tree = stack_trees([p.tree for p in proposals])  # padded to the largest tree
-    # 3. verify: the target scores every node of every tree in one forward
+    # 4. verify: the target scores every node of every tree in one forward
     with stopwatch.adds_to([seq.metrics for seq in seqs], "verify_seconds"):
         out = target.verify(tree, cache, [s.slot for s in seqs], [s.prefix_len for s in seqs])
-    # 4. accept: per row, the longest path the target agrees with plus a bonus token, on the logits
-    # that the row's logit bias and min_tokens leave
-    logits = constrain(seqs, out.logits, tree.depths)
+    # 5. accept: per row, the longest path the target agrees with plus a bonus token, on the logits
+    # that the row's logit bias, min_tokens and grammar leave
+    logits = constrain(seqs, out.logits, tree.depths, [s.allowed for s in shaped])
     results = accept(seqs, proposals, tree, logits)
-    # 5. one host sync for the whole batch
+    # 6. one host sync for the whole batch
     paths, emitted = _to_host(results)
-    # 6. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
+    # 7. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
     width = max(r.accepted_nodes.shape[1] for r in results)
     cache.compact(torch.stack([_pad(r.accepted_nodes[0], width) for r in results]))
     outputs: list[StepOutput | Exception] = []
     for row, seq in enumerate(seqs):
         seq.prefix_len += len(paths[row])
         hidden = out.hidden[row, paths[row]] if proposer.needs_hidden_states else None
-        outputs.append(per_sequence(lambda: _advance(seq, proposals[row], paths[row], emitted[row], hidden,
+        outputs.append(per_sequence(lambda: _advance(seq, shaped[row], paths[row], emitted[row], hidden,
                                                       logits[row, paths[row]], stopwatch)))
     return outputs
 
 
 def _advance(
-    seq: Sequence, proposal: DraftProposal, path: list[int], tokens: list[int], hidden: torch.Tensor | None,
+    seq: Sequence, shaped: ShapedTree, path: list[int], tokens: list[int], hidden: torch.Tensor | None,
     path_logits: torch.Tensor, stopwatch: Stopwatch,
 ) -> StepOutput:
-    # 7. update the drafter with what entered the cache (root + accepted drafts)
+    # 8. update the drafter with what entered the cache (root + accepted drafts)
     with stopwatch.adds_to(seq.metrics, "draft_seconds"):
         seq.draft.commit([seq.root_token] + tokens[:-1], hidden)
     seq.root_token = tokens[-1]
-    seq.metrics.observe(proposal.tree.num_nodes - 1, len(path) - 1)
-    seq.acceptance.observe(proposal.tree.max_depth, len(path) - 1)
-    # 8. emit: accepted drafts + bonus; stop conditions may cut the run. The accepted path runs from
+    tree = shaped.proposal.tree
+    seq.metrics.observe(tree.num_nodes - 1, len(path) - 1)
+    seq.acceptance.observe(tree.max_depth, len(path) - 1)
+    if shaped.from_grammar is not None:
+        seq.metrics.grammar_draft_tokens += sum(shaped.from_grammar)
+        seq.metrics.accepted_grammar_tokens += sum(shaped.from_grammar[node] for node in path[1:])
+    # 9. emit: accepted drafts + bonus; stop conditions may cut the run. The accepted path runs from
     # the root down, so its i-th draft token sits at tree depth i; the bonus is the target's own (0).
     depths = list(range(1, len(path))) + [0]
-    return seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params), depths)
+    out = seq.emit(tokens, _logprobs(path_logits, torch.tensor(tokens), seq.params), depths)
+    if seq.grammar is not None and not seq.finished:
+        seq.grammar.advance(out.token_ids)  # the matcher follows the text to the new root
+    return out
 
 
-def constrain(seqs: list[Sequence], logits: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
-    """`kernels.sampling.constrain_logits` with each row's logit bias and min_tokens (logits [B, N, V],
-    the nodes' depths [B, N]); the logits themselves when no row has either."""
+def constrain(seqs: list[Sequence], logits: torch.Tensor, depths: torch.Tensor,
+              allowed: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """`kernels.sampling.constrain_logits` with each row's logit bias, min_tokens and grammar mask
+    (logits [B, N, V], the nodes' depths [B, N], `allowed[b]` [N_b, V] bool or None); the logits
+    themselves when no row has any."""
     emitted = [len(seq.output_ids) for seq in seqs]
-    if not any(seq.params.logit_bias or seq.params.min_tokens > n for seq, n in zip(seqs, emitted)):
+    masked = allowed is not None and any(a is not None for a in allowed)
+    if not masked and not any(seq.params.logit_bias or seq.params.min_tokens > n for seq, n in zip(seqs, emitted)):
         return logits
+    grammar = None
+    if masked:
+        grammar = torch.ones(logits.shape, dtype=torch.bool)  # padding nodes and unconstrained rows: all allowed
+        for row, mask in enumerate(allowed):
+            if mask is not None:
+                grammar[row, : len(mask)] = mask
+        grammar = grammar.to(logits.device)
     bias = None
     if any(seq.params.logit_bias for seq in seqs):
         bias = torch.zeros(len(seqs), logits.shape[-1], dtype=logits.dtype)
@@ -152,7 +190,7 @@ def constrain(seqs: list[Sequence], logits: torch.Tensor, depths: torch.Tensor) 
         bias = bias.to(logits.device)
     banned = torch.tensor([max(seq.params.min_tokens - n, 0) for seq, n in zip(seqs, emitted)], device=logits.device)
     ends = torch.tensor(sorted(seqs[0].eos_token_ids), dtype=torch.long, device=logits.device)
-    return constrain_logits(logits, depths.to(logits.device), bias, ends, banned)
+    return constrain_logits(logits, depths.to(logits.device), bias, ends, banned, grammar)
 
 
 def per_sequence(work) -> StepOutput | Exception | None:

@@ -98,6 +98,7 @@ async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: fl
         messages = await engine_messages(req.messages, state.settings, engine.check_image_size, state.pool.run)
         prompt = await state.prepare(prepare_chat, messages)
         params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
+        await state.check_format(params)
         group = submit(state, [prompt] * len(params), params, arrival)
     renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name, req.stream_origins)
     return await respond(state, group, renderer, bool(req.stream), req.include_usage,

@@ -85,6 +85,7 @@ async def serve_completion(state: ServerState, req: CompletionRequest, arrival: 
                                        DEFAULT_MAX_TOKENS)
             all_prompts += [prompt] * len(params)
             all_params += params
+        await state.check_format(all_params)
         group = submit(state, all_prompts, all_params, arrival)
     renderer = CompletionRenderer(state.new_id("cmpl"), state.now(), state.model_name, req.stream_origins)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Unknown fields are ignored (as OpenAI and vLLM do). Fields of OpenAI's API (and vLLM's) that would
-change the output and that this server does not implement (penalties, logit_bias, response_format,
-tools, ...) are known: a request may send them as null or as the value that means "off", and
+change the output and that this server does not implement (penalties, tools, vLLM's guided decoding,
+...) are known: a request may send them as null or as the value that means "off", and
 anything else is a 400 naming the field, never an answer that silently ignores it. Known fields are
 strict: JSON's types are not coerced (`"max_tokens": true`, `"stream": "yes"` and `"n": "2"` are
 400s naming the field), except that an integer is a valid float. Every number has a range here;
@@ -89,6 +89,41 @@ def _only(*off: Any) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+MAX_SCHEMA_CHARS = 64 * 1024  # a response format's JSON schema, as JSON text
+
+
+class JSONSchemaSpec(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    # OpenAI's strict mode rejects schema features its decoder cannot enforce; this server enforces
+    # every schema it accepts (and refuses the rest), so both values mean the same here
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value)) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"the schema is longer than {MAX_SCHEMA_CHARS} characters of JSON")
+        return value
+
+
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormatBody = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+
+
 def _stop_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -114,11 +149,10 @@ class _Sampling(_Body):
 
     logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     min_tokens: int | None = Field(default=None, ge=0)  # extra field (vLLM): no EOS or stop before this many
-    # not implemented: OpenAI's penalties, structured output; vLLM's extra sampling
-    # and guided decoding fields
+    response_format: ResponseFormatBody | None = None  # text, any JSON object, or JSON matching a schema
+    # not implemented: OpenAI's penalties; vLLM's extra sampling and guided decoding fields
     frequency_penalty: Annotated[Any, _only(0)] = None
     presence_penalty: Annotated[Any, _only(0)] = None
-    response_format: Annotated[Any, _only({"type": "text"})] = None
     repetition_penalty: Annotated[Any, _only(1)] = None
     min_p: Annotated[Any, _only(0)] = None
     use_beam_search: Annotated[Any, _only(False)] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..engine.config import SamplingParams
+from ..engine.config import ResponseFormat, SamplingParams
 from .errors import bad_request
 from .protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest, _Sampling
 from .settings import ServerSettings
@@ -62,6 +62,12 @@ def _base(req: _Sampling, settings: ServerSettings, max_tokens: int, logprobs: i
     if req.min_tokens is not None and req.min_tokens > max_tokens:
         raise bad_request(f"min_tokens is {req.min_tokens}, more than the request's {max_tokens} max tokens",
                           "min_tokens")
+    response_format = _response_format(req)
+    if response_format is not None:
+        for field, value in (("ignore_eos", req.ignore_eos), ("min_tokens", req.min_tokens)):
+            if value:
+                raise bad_request(f"{field} cannot be combined with response_format: the format's grammar "
+                                  "decides where the output ends", field)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -74,7 +80,17 @@ def _base(req: _Sampling, settings: ServerSettings, max_tokens: int, logprobs: i
         speculative=req.speculative is not False,  # null: the default
         logit_bias=tuple((int(token), bias) for token, bias in (req.logit_bias or {}).items()),
         min_tokens=req.min_tokens or 0,
+        response_format=response_format,
     )
+
+
+def _response_format(req: _Sampling) -> ResponseFormat | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ResponseFormat("json_object")
+    return ResponseFormat.json_schema(fmt.json_schema.schema_)
 
 
 def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ..engine.config import SamplingParams
 from ..engine.engine import Engine
 from ..engine.errors import RequestError
 from ..engine.events import NotReady
@@ -79,6 +80,13 @@ class ServerState:
             return await self.pool.run(fn, self.scheduler.engine, *args)
         except RequestError as exc:
             raise engine_error(exc) from None
+
+    async def check_format(self, params: list[SamplingParams]) -> None:
+        """Compile the request's response format (all its choices share one) in the prepare pool: a
+        schema the grammar engine refuses is a 400, and the engine's worker finds the grammar cached."""
+        fmt = params[0].response_format if params else None
+        if fmt is not None:
+            await self.prepare(lambda engine, f: engine.check_response_format(f), fmt)
 
     @property
     def busy(self) -> bool:

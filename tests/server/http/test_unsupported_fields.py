@@ -14,7 +14,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 # field -> (a value that changes nothing, a value this server would have to implement)
 SHARED = {
     "frequency_penalty": (0, 0.5), "presence_penalty": (0.0, -1),
-    "response_format": ({"type": "text"}, {"type": "json_object"}), "repetition_penalty": (1, 1.2),
+    "repetition_penalty": (1, 1.2),
     "min_p": (0, 0.1), "use_beam_search": (False, True), "guided_json": (None, {"type": "object"}),
     "guided_regex": (None, "a+"), "guided_choice": (None, ["a", "b"]), "guided_grammar": (None, "root ::= x"),
     "structured_outputs": (None, {"json": {}}),
