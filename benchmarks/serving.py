@@ -47,6 +47,7 @@ import torch
 from llamacpp import f32_gguf, server_command, store_gguf
 from PIL import Image
 from plots import Panel, save_bar_chart
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from specserve.server.bench import client
@@ -192,11 +193,16 @@ def running_server(server: Server) -> Iterator[str]:
             process.wait(timeout=30)
 
 
-def worker_tpot(base: str) -> np.ndarray:
-    """[sum, count] of the worker-side TPOT histogram on /metrics."""
-    lines = httpx.get(f"{base}/metrics", timeout=30).text.splitlines()
-    return np.array([sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(TPOT_SERIES + suffix))
-                     for suffix in ("_sum", "_count")])
+def scrape(base: str) -> tuple[dict | None, np.ndarray]:
+    """One `/metrics` scrape: the speculative counters (None for a server without them) and
+    [sum, count] of the worker-side TPOT histogram (zeros without it)."""
+    metrics = client.scrape_metrics(base)
+    tpot = np.zeros(2)
+    for family in text_string_to_metric_families(metrics or ""):
+        if family.name == TPOT_SERIES:
+            tpot += [sum(s.value for s in family.samples if s.name == f"{TPOT_SERIES}{suffix}")
+                     for suffix in ("_sum", "_count")]
+    return client.parse_spec_counters(metrics), tpot
 
 
 def summarise(results: list[client.RequestResult], wall: float, spec: dict | None,
@@ -290,11 +296,12 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
         target = client.Target(base, args.model, server.label)
         asyncio.run(client.run(target, requests, 1, options))  # warm-up: the server's first calls allocate
         for concurrency in args.concurrency:
-            before, tpot_before = client.spec_counters(base), worker_tpot(base)
+            before, tpot_before = scrape(base)
             results, wall = asyncio.run(client.run(target, requests, concurrency * args.requests_per_client,
                                                    options, concurrency=concurrency))
-            spec = client.counters_delta(before, client.spec_counters(base))
-            levels[concurrency] = summarise(results, wall, spec, timings, worker_tpot(base) - tpot_before)
+            after, tpot_after = scrape(base)
+            levels[concurrency] = summarise(results, wall, client.counters_delta(before, after), timings,
+                                            tpot_after - tpot_before)
     return {"engine": [asdict(t) for t in timings] if timings else None, "levels": levels}
 
 

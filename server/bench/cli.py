@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -55,10 +56,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     return bench
 
 
-def served_model(target_url: str, api_key: str | None) -> str:
+def served_model(target: Target) -> str:
     """The first model a server lists at /v1/models."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(target_url + "/v1/models", headers=headers, timeout=30)
+    response = httpx.get(target.base_url + "/v1/models", headers=target.headers, timeout=30)
     response.raise_for_status()
     return response.json()["data"][0]["id"]
 
@@ -68,8 +68,8 @@ def targets(args) -> list[Target]:
     labels = args.label or urls
     if len(labels) != len(urls):
         raise ValueError(f"{len(labels)} --label values for {len(urls)} --base-url values")
-    return [Target(url, args.model or served_model(url, args.api_key), label, args.api_key)
-            for url, label in zip(urls, labels)]
+    servers = [Target(url, args.model or "", label, args.api_key) for url, label in zip(urls, labels)]
+    return [server if server.model else replace(server, model=served_model(server)) for server in servers]
 
 
 def options(args) -> Options:

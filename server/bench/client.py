@@ -151,18 +151,28 @@ async def run(target: Target, requests: list[BenchRequest], num_prompts: int, op
     return list(results), wall
 
 
-def spec_counters(base_url: str, headers: dict[str, str] | None = None) -> dict | None:
-    """The speculative-decoding counters on `base_url/metrics`, summed over models: drafts, draft and
-    accepted tokens, accepted tokens per position. None when the server has no such metrics."""
+def scrape_metrics(base_url: str, headers: dict[str, str] | None = None) -> str | None:
+    """The Prometheus text of `base_url/metrics`; None when the server has none (or cannot be reached)."""
     try:
         response = httpx.get(base_url + "/metrics", headers=headers, timeout=30)
     except httpx.HTTPError:
         return None
-    if response.status_code != 200:
+    return response.text if response.status_code == 200 else None
+
+
+def spec_counters(base_url: str, headers: dict[str, str] | None = None) -> dict | None:
+    """The speculative-decoding counters on `base_url/metrics` (see `parse_spec_counters`)."""
+    return parse_spec_counters(scrape_metrics(base_url, headers))
+
+
+def parse_spec_counters(metrics: str | None) -> dict | None:
+    """The speculative-decoding counters in a `/metrics` text, summed over models: drafts, draft and
+    accepted tokens, accepted tokens per position. None when there are no such metrics."""
+    if metrics is None:
         return None
     counters, per_position, found = dict.fromkeys(SPEC_COUNTERS, 0.0), {}, False
     keys = {name: key for key, name in SPEC_COUNTERS.items()}
-    for family in text_string_to_metric_families(response.text):  # a family is listed before its first sample
+    for family in text_string_to_metric_families(metrics):  # a family is listed before its first sample
         totals = [sample for sample in family.samples if sample.name == family.name + "_total"]
         if family.name in keys:
             found = True

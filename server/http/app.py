@@ -160,16 +160,18 @@ def create_app(
     hears a failed load (the CLI exits); without it the app answers 503 with the reason."""
     settings = settings or ServerSettings()
     # The gauges read the scheduler when scraped; the scheduler reports steps to the metrics.
+    def kv_usage() -> float:
+        return getattr(state.scheduler.engine, "kv_cache_usage", 0.0)  # 0 until the model loads
+
     prometheus = PrometheusMetrics(
         model_name=lambda: state.model_name,
         running=lambda: state.scheduler.num_running,
         waiting=lambda: state.scheduler.num_waiting,
-        kv_usage=lambda: getattr(state.scheduler.engine, "kv_cache_usage", 0.0),  # 0 until the model loads
+        kv_usage=kv_usage,
     )
     drain_rate = DrainRate()
     stats = StatsLog(settings.log_stats_interval_s, running=lambda: state.scheduler.num_running,
-                     waiting=lambda: state.scheduler.num_waiting,
-                     kv_usage=lambda: getattr(state.scheduler.engine, "kv_cache_usage", 0.0))
+                     waiting=lambda: state.scheduler.num_waiting, kv_usage=kv_usage)
     scheduler = Scheduler(engine_or_factory, max_active=settings.max_active, max_queue=settings.max_queue,
                           postprocess=postprocess, observer=_Observers(prometheus, drain_rate, stats),
                           on_load_failure=on_load_failure)

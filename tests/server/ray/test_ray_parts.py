@@ -1,5 +1,6 @@
 """The Ray Serve pieces without a cluster: conversation routing, the replicas' deployment options,
-`serve deploy`'s argument builder and the metrics mirror."""
+`serve deploy`'s argument builder, the flags Ray's proxy cannot honour, reading a load failure from
+Ray's status, and the metrics mirror."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from prometheus_client import CollectorRegistry, Counter
 
 pytest.importorskip("ray.serve", reason="the Ray tests need the `ray` extra: pip install -e '.[ray]'")
 
+from specserve.server.cli import main  # noqa: E402
 from specserve.server.http.settings import ServerSettings  # noqa: E402
+from specserve.server.http.transport import SHUTDOWN_FLUSH_S  # noqa: E402
 from specserve.server.ray import deployment as deploy_module  # noqa: E402
 from specserve.server.ray.cli import deploy_app  # noqa: E402
-from specserve.server.ray.deployment import ReplicaOptions  # noqa: E402
+from specserve.server.ray.deployment import ReplicaLoadError, ReplicaOptions, load_failure  # noqa: E402
 from specserve.server.ray.metrics import SpecDecodeMirror  # noqa: E402
 from specserve.server.ray.routing import ConversationRouter, conversation_id, rendezvous_order  # noqa: E402
 
@@ -76,7 +79,9 @@ def test_deployment_options_follow_the_flags():
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["max_ongoing_requests"] == 14 and fixed["max_queued_requests"] == 10
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.0}
-    assert fixed["graceful_shutdown_timeout_s"] == 7
+    # the replica ends its streams at 7 s; Ray kills it only once their last events have had time to go out
+    assert fixed["graceful_shutdown_timeout_s"] == 7 + SHUTDOWN_FLUSH_S
+    assert fixed["graceful_shutdown_wait_loop_s"] < 1
     assert fixed["request_router_config"].request_router_class.endswith("ConversationRouter")
     scaled = ReplicaOptions(min_replicas=0, max_replicas=4, route_by="none").deployment_options(settings)
     assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 4}
@@ -85,7 +90,7 @@ def test_deployment_options_follow_the_flags():
 
 @pytest.mark.parametrize("bad", [
     {"replicas": 0}, {"min_replicas": 1}, {"min_replicas": 3, "max_replicas": 2},
-    {"min_replicas": 0, "max_replicas": 0}, {"num_gpus": -1}, {"route_by": "prompt"},
+    {"min_replicas": 0, "max_replicas": 0}, {"num_gpus": -1}, {"route_by": "prompt"}, {"log_format": "xml"},
 ])
 def test_bad_replica_options_are_refused(bad):
     with pytest.raises(ValueError):
@@ -97,13 +102,48 @@ def test_deploy_app_reads_flags_without_dashes(tiny_model_dir):
                       "num_cpus_per_replica": 0.5, "allowed-origins": ["https://a", "https://b"], "no-ui": True,
                       "allow-remote-images": False})
     deployment = app._bound_deployment
-    config, settings, threads = deployment.init_args
+    config, settings, threads, options = deployment.init_args
     assert (config.model, config.draft, threads) == (str(tiny_model_dir), "ngram", 1)
     assert settings.max_active == 3 and settings.allowed_origins == ("https://a", "https://b")
     assert not settings.ui and not settings.allow_remote_images
     assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_cpus"] == 0.5
+    assert (options.log_level, options.log_format) == ("info", "plain")  # the replicas log as the flags say
     with pytest.raises(SystemExit):
         deploy_app({"route-by": "prompt"})
+    with pytest.raises(SystemExit):
+        deploy_app({"header-timeout": 5})
+
+
+@pytest.mark.parametrize("argv, env, flag", [
+    (["--header-timeout", "5"], {}, "--header-timeout"), (["--limit-concurrency", "100"], {}, "--limit-concurrency"),
+    ([], {"SPECSERVE_LIMIT_CONCURRENCY": "100"}, "--limit-concurrency"),
+])
+def test_flags_rays_proxy_cannot_honour_are_refused(argv, env, flag, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["ray-serve", "--model", "/nowhere", *argv]) == 2  # before Ray starts or a model loads
+    assert capsys.readouterr().err == (f"specserve: error: {flag} cannot apply under ray-serve: Ray's HTTP proxy "
+                                       "serves the connections and has no such limit (set it on a load balancer "
+                                       "in front)\n")
+
+
+def test_help_says_which_serve_flags_ray_serve_refuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["ray-serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--header-timeout", "--limit-concurrency"):
+        assert f"{flag} {flag.upper()[2:].replace('-', '_')} not under ray-serve" in text
+
+
+def test_a_load_failure_is_read_from_rays_status_message():
+    # the shape of Ray's deployment message: its retry note, then the replica's traceback
+    message = ("A replica failed to start with exception. Retrying 2 more time(s). Error:\n"
+               "Traceback (most recent call last):\n  File \"replica.py\", line 1867, in initialize\n"
+               f"specserve.server.ray.deployment.{ReplicaLoadError.__name__}: the model failed to load: "
+               "StoreError: /m is a folder but not a Hugging Face model folder (no config.json)\n")
+    assert load_failure(message) == ("the model failed to load: StoreError: /m is a folder but not a Hugging Face "
+                                      "model folder (no config.json)")
+    assert load_failure("Deploying: 1 of 2 replicas running.") is None
 
 
 class FakeCounter:
@@ -142,5 +182,5 @@ def test_the_documented_serve_deploy_config_builds():
     assert f"{module}.{name}" == f"{deploy_app.__module__}.{deploy_app.__name__}"
     deployment = deploy_app(application["args"])._bound_deployment
     options = deployment._deployment_config
-    assert options.autoscaling_config.max_replicas == 4 and options.graceful_shutdown_timeout_s == 30
+    assert options.autoscaling_config.max_replicas == 4 and options.graceful_shutdown_timeout_s == 30 + SHUTDOWN_FLUSH_S
     assert deployment.init_args[0].draft == "suffix"

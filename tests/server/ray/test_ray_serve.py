@@ -1,35 +1,50 @@
 """specserve on Ray Serve: a local Ray instance, 2 replicas of the tiny LLaVA model (text and
-images), the `openai` client through Ray's proxy; conversation affinity; a replica killed under
-load; a clean shutdown. Slow (Ray starts in ~10 s, each replica loads its own engine); `.ci/run`
-installs the `ray` extra and runs them."""
+images), the `openai` client through Ray's proxy; conversation affinity; the replicas' spec-decode
+counters on Ray's metrics port; a replica killed under load; a shutdown that ends a running stream
+with an error event and `[DONE]` and leaves no Ray process. Slow (Ray starts in ~10 s, each replica
+loads its own engine); `.ci/run` installs the `ray` extra and runs them."""
 
 from __future__ import annotations
 
 import base64
 import functools
 import io
+import json
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import openai
 import psutil
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the `ray` extra: pip install -e '.[ray]'")
 serve = pytest.importorskip("ray.serve", reason="the Ray tests need the `ray` extra: pip install -e '.[ray]'")
 
 from specserve.server.engine.config import EngineConfig  # noqa: E402
 from specserve.server.http.settings import ServerSettings  # noqa: E402
+from specserve.server.ray.cli import undeploy  # noqa: E402
 from specserve.server.ray.deployment import ReplicaOptions, build_application  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPLICA = "x-specserve-replica"
 RAY_DAEMONS = {"raylet", "gcs_server"}
+SHUTDOWN_S = 1.0  # the replicas' --shutdown-timeout
+MIRRORED = ("num_drafts", "num_accepted_tokens")  # checked end to end on Ray's metrics port
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str  # Ray's HTTP proxy
+    metrics_url: str  # Ray's metrics agent (Prometheus text)
+    started: float
 
 
 def free_port() -> int:
@@ -50,16 +65,19 @@ def alive_actors() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dirs):
-    """Ray with 2 replicas (1 CPU and 1 torch thread each) on this machine; yields the base URL.
-    The last test shuts it down and checks that nothing is left."""
+    """Ray with 2 replicas (1 CPU and 1 torch thread each) on this machine, its metrics exported on a
+    known port. The last test shuts it down and checks that nothing is left."""
     started = time.time()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = EngineConfig(model=str(tiny_model_dirs["llava"]), draft="ngram", max_model_len=256)
-    app = build_application(config, ServerSettings(ui=False), threads=1, options=ReplicaOptions(replicas=2))
+    config = EngineConfig(model=str(tiny_model_dirs["llava"]), draft="ngram", max_model_len=512)
+    options = ReplicaOptions(replicas=2, shutdown_timeout_s=SHUTDOWN_S)
+    app = build_application(config, ServerSettings(ui=False), threads=1, options=options)
     serve.run(app, name="specserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", started
+    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", started)
     if ray.is_initialized():  # a test failed before the shutdown test
         serve.shutdown()
         ray.shutdown()
@@ -85,14 +103,14 @@ def stream_chat(url: str, text: str, conversation: str | None = None, max_tokens
 
 
 def test_models_and_health_through_the_proxy(cluster):
-    url, _ = cluster
+    url = cluster.url
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     models = client(url).models.list().data
     assert len(models) == 1 and models[0].id.endswith("llava")
 
 
 def test_16_concurrent_streams_are_all_answered_by_both_replicas(cluster):
-    url, _ = cluster
+    url = cluster.url
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: stream_chat(url, f"count to {i}: one two three"), range(16)))
     assert all(finish in ("stop", "length") for _, finish in results)
@@ -100,7 +118,7 @@ def test_16_concurrent_streams_are_all_answered_by_both_replicas(cluster):
 
 
 def test_an_image_chat_works_through_the_proxy(cluster):
-    url, _ = cluster
+    url = cluster.url
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(buffer, format="PNG")
     image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -113,14 +131,14 @@ def test_an_image_chat_works_through_the_proxy(cluster):
 
 
 def test_bad_input_is_an_openai_400_through_the_proxy(cluster):
-    url, _ = cluster
+    url = cluster.url
     response = httpx.post(f"{url}/v1/chat/completions", json={"messages": [], "max_tokens": -1})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_conversation_stays_on_one_replica(cluster):
-    url, _ = cluster
+    url = cluster.url
     homes = {}
     for conversation in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"):
         replicas = {stream_chat(url, f"turn {turn}", conversation, max_tokens=4)[0] for turn in range(4)}
@@ -129,8 +147,48 @@ def test_a_conversation_stays_on_one_replica(cluster):
     assert len(set(homes.values())) == 2, "six conversations should not all hash to one replica"
 
 
+def replica_counters(url: str) -> dict[str, dict[str, float]]:
+    """{replica: {counter: value}} of each replica's own `/metrics` (through the proxy, which
+    reaches one replica per request: asked until both have answered)."""
+    seen: dict[str, dict[str, float]] = {}
+    for _ in range(50):
+        response = httpx.get(f"{url}/metrics")
+        seen[response.headers[REPLICA]] = {
+            family.name.removeprefix("vllm:spec_decode_"): sum(s.value for s in family.samples
+                                                              if s.name.endswith("_total"))
+            for family in text_string_to_metric_families(response.text)
+            if family.name.removeprefix("vllm:spec_decode_") in MIRRORED}
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"/metrics reached only {list(seen)}")
+
+
+def ray_counters(metrics_url: str) -> dict[str, dict[str, float]]:
+    """{replica: {counter: value}} of the mirrored counters on Ray's own metrics port."""
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        name = family.name.removeprefix("ray_specserve_spec_decode_")
+        if name in MIRRORED:
+            for sample in family.samples:
+                values = found.setdefault(sample.labels["replica"], dict.fromkeys(MIRRORED, 0.0))
+                values[name] += sample.value
+    return found
+
+
+def test_rays_metrics_port_exports_each_replicas_spec_counters(cluster):
+    url = cluster.url
+    with ThreadPoolExecutor(4) as pool:  # repetitive prompts, so n-gram drafts get accepted on both replicas
+        list(pool.map(lambda i: stream_chat(url, "one two three " * 6, f"metrics-{i}", max_tokens=32), range(8)))
+    own = replica_counters(url)  # nothing runs from here on, so the counters stand still
+    assert all(values["num_drafts"] > 0 for values in own.values()), own
+    deadline = time.monotonic() + 60  # each replica copies every second; Ray exports every few seconds
+    while (exported := ray_counters(cluster.metrics_url)) != own:
+        assert time.monotonic() < deadline, f"Ray exports {exported}, the replicas count {own}"
+        time.sleep(1)
+
+
 def test_a_killed_replica_fails_its_streams_and_ray_replaces_it(cluster):
-    url, _ = cluster
+    url = cluster.url
     victim_tag = stream_chat(url, "hello", "victim", max_tokens=2)[0]
     victim_pid = next(a["Pid"] for a in alive_actors() if a["Name"].endswith(victim_tag))
     elsewhere = next(c for c in (f"other-{k}" for k in range(50)) if stream_chat(url, "hi", c, 2)[0] != victim_tag)
@@ -162,12 +220,43 @@ def test_a_killed_replica_fails_its_streams_and_ray_replaces_it(cluster):
     assert not any(name.endswith(victim_tag) for name in replica_actors)
 
 
-def test_shutdown_leaves_no_ray_process(cluster):
-    _, started = cluster
+def stream_events(url: str, body: dict, out: list[tuple[float, str]], first: threading.Event) -> None:
+    """Stream one chat completion; its `data:` payloads go to `out` with their arrival times."""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                out.append((time.monotonic(), line[len("data: "):]))
+                first.set()
+
+
+def test_shutdown_ends_a_running_stream_cleanly_and_leaves_no_ray_process(cluster):
     ours = [p for p in psutil.process_iter(["name", "create_time"])
-            if p.info["name"] in RAY_DAEMONS and p.info["create_time"] >= started - 1]
+            if p.info["name"] in RAY_DAEMONS and p.info["create_time"] >= cluster.started - 1]
     assert ours, "the fixture's Ray daemons were not found"
+    # longer than the deadline: one token per step (no drafting) up to the context
+    body = {"model": model_id(cluster.url), "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
+            "stream": True, "ignore_eos": True, "speculative": False}
+    events: list[tuple[float, str]] = []
+    first = threading.Event()
+    stream = threading.Thread(target=stream_events, args=(cluster.url, body, events, first))
+    stream.start()
+    assert first.wait(30)
+    stopping = time.monotonic()
+    # `specserve ray-serve`'s shutdown: the application first (its replicas drain while the proxy still
+    # forwards their last events: SHUTDOWN_S for running sequences, then the error event), then Serve
+    undeploy(timeout_s=30)
+    stream.join(30)
+    assert not stream.is_alive()
     serve.shutdown()
+    payloads = [payload for _, payload in events]
+    assert payloads[-1] == "[DONE]", payloads[-3:]
+    last = json.loads(payloads[-2])
+    assert "error" in last, f"the stream was not ended by the drain: {last}"
+    assert (last["error"]["type"], last["error"]["code"]) == ("server_error", "unavailable")
+    assert all("choices" in json.loads(payload) for payload in payloads[:-2])
+    ended = events[-1][0] - stopping
+    assert SHUTDOWN_S <= ended < SHUTDOWN_S + 5, f"the stream ended {ended:.1f} s into the shutdown"
+    assert any(stopping < arrival < stopping + SHUTDOWN_S for arrival, _ in events), "it did not run while draining"
     ray.shutdown()
     gone, alive = psutil.wait_procs(ours, timeout=30)
     assert not alive, f"left running: {[p.info['name'] for p in alive]}"
