@@ -76,11 +76,13 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ResponseFormat:
-    """OpenAI's `response_format` beyond plain text: any JSON object, or JSON that matches a schema."""
+    """A grammar the answer must follow: OpenAI's `response_format` beyond plain text (any JSON object,
+    or JSON that matches a schema), or a Lark grammar (llguidance's dialect, e.g. the tool calls that
+    `tool_choice` "required" asks for)."""
 
-    kind: str  # "json_object" | "json_schema"
+    kind: str  # "json_object" | "json_schema" | "lark"
     # json_schema: the schema as compact JSON text, in the client's key order (the order of
-    # `properties` is the order of the answer's fields, so keys are not sorted)
+    # `properties` is the order of the answer's fields, so keys are not sorted); lark: the grammar
     schema: str | None = None
 
     @classmethod

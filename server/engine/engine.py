@@ -122,10 +122,11 @@ class Engine:
     def is_multimodal(self) -> bool:
         return self.target.is_multimodal
 
-    def prepare_chat(self, messages: list[dict]) -> PromptInput:
-        """Template, tokenize and process images. It only reads the tokenizer and processor, so it
-        may run on another thread than the one stepping (the HTTP server prepares in a pool)."""
-        return self.prompts.chat(messages)
+    def prepare_chat(self, messages: list[dict], tools: list[dict] | None = None) -> PromptInput:
+        """Template (with `tools`, OpenAI function tools, if given), tokenize and process images. It
+        only reads the tokenizer and processor, so it may run on another thread than the one stepping
+        (the HTTP server prepares in a pool)."""
+        return self.prompts.chat(messages, tools)
 
     def prepare_text(self, prompt: str | list[int]) -> PromptInput:
         return self.prompts.text(prompt)

@@ -71,14 +71,18 @@ class GrammarCompiler:
                 self._grammars.move_to_end(fmt)
                 return self._grammars[fmt]
             tokenizer = self._llg_tokenizer()
-        schema = fmt.schema if fmt.kind == "json_schema" else ANY_JSON_OBJECT
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-        except ValueError as exc:
-            raise RequestError(f"response_format's schema is not a JSON object: {exc}", "response_format") from None
+        if fmt.kind == "lark":
+            grammar = llguidance.LLMatcher.grammar_from_lark(fmt.schema)
+        else:
+            schema = fmt.schema if fmt.kind == "json_schema" else ANY_JSON_OBJECT
+            try:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            except ValueError as exc:
+                raise RequestError(f"response_format's schema is not a JSON object: {exc}",
+                                   "response_format") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
-            raise RequestError(f"response_format's schema cannot be used: {error}", "response_format")
+            raise RequestError(f"this schema cannot be used: {error}", "response_format")
         with self._lock:
             self._grammars[fmt] = grammar
             while len(self._grammars) > MAX_CACHED_GRAMMARS:
@@ -90,7 +94,7 @@ class GrammarCompiler:
         grammar = self.grammar(fmt)
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
-            raise RequestError(f"response_format's schema cannot be used: {matcher.get_error()}", "response_format")
+            raise RequestError(f"this schema cannot be used: {matcher.get_error()}", "response_format")
         return GrammarState(matcher, self.vocab_size)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:

@@ -19,7 +19,8 @@ MAX_PROCESSED_PIXELS = 4096 * 4096  # what the processor may hold before its cro
 
 class PromptBuilder:
     """Messages: `{"role", "content"}` where content is a string or a list of parts,
-    `{"type": "text", "text": str}` or `{"type": "image", "image": PIL.Image.Image}`."""
+    `{"type": "text", "text": str}` or `{"type": "image", "image": PIL.Image.Image}`; other keys (an
+    assistant's `tool_calls`, a tool message's `tool_call_id`) go to the chat template as they are."""
 
     def __init__(self, tokenizer, processor, multimodal: bool) -> None:
         self.tokenizer = tokenizer
@@ -49,23 +50,28 @@ class PromptBuilder:
                                f"{out_width}x{out_height} pixels, more than this server's limit of "
                                f"{MAX_PROCESSED_PIXELS}", param="messages")
 
-    def chat(self, messages: list[dict]) -> PromptInput:
+    @property
+    def chat_template(self) -> str | None:
+        """The template that renders chats (the processor's for a multimodal model)."""
+        owner = self.processor if self.multimodal else self.tokenizer
+        return getattr(owner, "chat_template", None)
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> PromptInput:
+        """`tools`: OpenAI function tools, rendered by the template's own `tools` section."""
         if not messages:
             raise RequestError("messages must not be empty", param="messages")
         images = [p["image"] for m in messages for p in _parts(m) if p.get("type") == "image"]
         if images and not self.multimodal:
             raise RequestError("this model does not accept images", param="messages")
         if not self.multimodal:
-            flat = [{"role": m["role"], "content": _text_of(m)} for m in messages]
-            ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+            flat = [m | {"content": _text_of(m)} for m in messages]
+            ids = self.tokenizer.apply_chat_template(flat, tools=tools, add_generation_prompt=True, tokenize=True)
             return PromptInput(list(_input_ids(ids)))
-        return self._multimodal(messages, images)
+        return self._multimodal(messages, images, tools)
 
-    def _multimodal(self, messages: list[dict], images: list[Image.Image]) -> PromptInput:
-        templated = [
-            {"role": m["role"], "content": [_template_part(p) for p in _parts(m)]} for m in messages
-        ]
-        text = self.processor.apply_chat_template(templated, add_generation_prompt=True, tokenize=False)
+    def _multimodal(self, messages: list[dict], images: list[Image.Image], tools: list[dict] | None) -> PromptInput:
+        templated = [m | {"content": [_template_part(p) for p in _parts(m)]} for m in messages]
+        text = self.processor.apply_chat_template(templated, tools=tools, add_generation_prompt=True, tokenize=False)
         for image in images:
             self.check_image_size(*image.size)
         rgb = [image.convert("RGB") for image in images]

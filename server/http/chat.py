@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from jinja2 import TemplateError
 from starlette.responses import Response
 
@@ -26,13 +28,14 @@ from .responses import (
 )
 from .sampling import chat_params, check_choices, check_prompt_chars
 from .state import ServerState
+from .tools import ToolSetup, ToolStream, history, parse_calls, setup
 
 
-def prepare_chat(engine: Engine, messages: list[dict]) -> PromptInput:
+def prepare_chat(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> PromptInput:
     """Runs in the prepare pool. A template or processor that rejects the messages (roles that do not
     alternate, an image the processor cannot size) is a problem with the request, not the server."""
     try:
-        return engine.prepare_chat(messages)
+        return engine.prepare_chat(messages, tools)
     except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
         if isinstance(exc, RequestError):
             raise
@@ -57,17 +60,28 @@ def chat_logprobs(infos: list[TokenInfo] | None) -> ChatLogprobs | None:
 
 
 class ChatRenderer:
-    """Chat completion objects and chunks of one request (chunks with `token_origins` if asked)."""
+    """Chat completion objects and chunks of one request (chunks with `token_origins` if asked;
+    answers parsed for tool calls if the request has tools that may be called)."""
 
-    def __init__(self, request_id: str, created: int, model: str, token_origins: bool) -> None:
+    def __init__(self, request_id: str, created: int, model: str, token_origins: bool,
+                 tools: ToolSetup | None = None) -> None:
         self.head = {"id": request_id, "created": created, "model": model}
         self.token_origins = token_origins
+        self.tools = tools if tools is not None and tools.parse else None
+        self.streams: dict[int, ToolStream] = {}
 
     def chunk(self, index: int, result: StepResult, first: bool, metrics: SpecMetrics | None) -> dict:
         # The role travels with the first token (never ahead of it: clients time the first chunk).
-        delta = Delta(role="assistant" if first else None, content=result.text)
+        content, calls, finish_reason = result.text, None, result.finish_reason
+        if self.tools is not None:
+            stream = self.streams.setdefault(index, ToolStream(self.tools.names))
+            content, calls = stream.feed(result.text, finish_reason is not None)
+            finish_reason = _with_calls(finish_reason, stream.calls)
+        # with tools, a chunk that only carries calls (or text held back) has no content
+        shown = content if self.tools is None or content or first else None
+        delta = Delta(role="assistant" if first else None, content=shown, tool_calls=calls or None)
         choice = ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(result.logprobs),
-                                 finish_reason=result.finish_reason,
+                                 finish_reason=finish_reason,
                                  token_origins=origins(result) if self.token_origins else None)
         spec = metrics.to_dict() if metrics is not None else None
         return ChatCompletionChunk(**self.head, choices=[choice], spec_decode=spec).model_dump()
@@ -77,11 +91,12 @@ class ChatRenderer:
                                    spec_decode=metrics.to_dict()).model_dump()
 
     def response(self, results: list[ChoiceResult], usage: dict, metrics: SpecMetrics) -> dict:
-        choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), logprobs=chat_logprobs(r.logprobs),
-                       finish_reason=r.finish_reason)
-            for i, r in enumerate(results)
-        ]
+        choices = []
+        for i, r in enumerate(results):
+            content, calls = (r.text, []) if self.tools is None else parse_calls(r.text, self.tools.names)
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+                                      logprobs=chat_logprobs(r.logprobs),
+                                      finish_reason=_with_calls(r.finish_reason, len(calls))))
         return ChatCompletion(**self.head, choices=choices, usage=Usage(**usage),
                               spec_decode=metrics.to_dict()).model_dump()
 
@@ -94,12 +109,21 @@ async def serve_chat(state: ServerState, req: ChatCompletionRequest, arrival: fl
     check_choices(n, 1, state.settings)
     check_image_count(req.messages, state.settings, engine.is_multimodal)
     check_prompt_chars(text_chars(req.messages), engine.max_model_len, state.settings, "messages")
+    tools = setup(req, engine.prompts.chat_template, engine.tokenizer)
     with state.admission.hold(n):
         messages = await engine_messages(req.messages, state.settings, engine.check_image_size, state.pool.run)
-        prompt = await state.prepare(prepare_chat, messages)
+        messages = [m | history(source, i) for i, (m, source) in enumerate(zip(messages, req.messages))]
+        prompt = await state.prepare(prepare_chat, messages, tools.tools if tools is not None else None)
         params = chat_params(req, len(prompt.token_ids), engine.max_model_len, state.settings)
-        await state.check_format(params)
+        if tools is not None and tools.grammar is not None:
+            params = [replace(p, response_format=tools.grammar) for p in params]
+        await state.check_format(params, "tools" if tools is not None and tools.grammar is not None else None)
         group = submit(state, [prompt] * len(params), params, arrival)
-    renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name, req.stream_origins)
+    renderer = ChatRenderer(state.new_id("chatcmpl"), state.now(), state.model_name, req.stream_origins, tools)
     return await respond(state, group, renderer, bool(req.stream), req.include_usage,
                          len(prompt.token_ids), arrival)
+
+
+def _with_calls(finish_reason: str | None, calls: int) -> str | None:
+    """OpenAI's finish reason of an answer that called tools (and ended on its own)."""
+    return "tool_calls" if finish_reason == "stop" and calls else finish_reason

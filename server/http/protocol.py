@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Unknown fields are ignored (as OpenAI and vLLM do). Fields of OpenAI's API (and vLLM's) that would
-change the output and that this server does not implement (penalties, tools, vLLM's guided decoding,
-...) are known: a request may send them as null or as the value that means "off", and
+change the output and that this server does not implement (penalties, legacy functions, vLLM's guided
+decoding, ...) are known: a request may send them as null or as the value that means "off", and
 anything else is a 400 naming the field, never an answer that silently ignores it. Known fields are
 strict: JSON's types are not coerced (`"max_tokens": true`, `"stream": "yes"` and `"n": "2"` are
 400s naming the field), except that an integer is a valid float. Every number has a range here;
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20
@@ -51,11 +51,39 @@ class ImagePart(_Body):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(_Body):
+    """An earlier answer's tool call, sent back in the history."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
-    # Tool and function messages are refused by the Literal: this server does not run tools.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: list[ContentPart]
+    # Legacy "function" messages are refused by the Literal (`functions` is not implemented).
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: list[ContentPart] = Field(default_factory=list)  # may be left out only by an assistant's tool calls
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_or_calls(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "content" not in value and not value.get("tool_calls"):
+            raise ValueError("a message needs content (only an assistant message with tool_calls may leave it out)")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_result_names_its_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -66,6 +94,27 @@ class ChatMessage(_Body):
         if isinstance(value, str):
             return [{"type": "text", "text": value}]
         return value
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # calls that the grammar makes always match `parameters`
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class StreamOptions(_Body):
@@ -196,9 +245,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # not implemented: tools and functions, predicted outputs, audio, reasoning and search options
-    tools: Annotated[Any, _only([])] = None
-    tool_choice: Annotated[Any, _only("none")] = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # null: true (OpenAI's default)
+    # not implemented: legacy functions, predicted outputs, audio, reasoning and search options
     functions: Annotated[Any, _only([])] = None
     function_call: Annotated[Any, _only("none")] = None
     prediction: Annotated[Any, _only()] = None

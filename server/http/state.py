@@ -81,12 +81,17 @@ class ServerState:
         except RequestError as exc:
             raise engine_error(exc) from None
 
-    async def check_format(self, params: list[SamplingParams]) -> None:
+    async def check_format(self, params: list[SamplingParams], field: str | None = None) -> None:
         """Compile the request's response format (all its choices share one) in the prepare pool: a
-        schema the grammar engine refuses is a 400, and the engine's worker finds the grammar cached."""
+        schema the grammar engine refuses is a 400 (naming `field` if given: the request field the
+        grammar was made from), and the engine's worker finds the grammar cached."""
         fmt = params[0].response_format if params else None
-        if fmt is not None:
-            await self.prepare(lambda engine, f: engine.check_response_format(f), fmt)
+        if fmt is None:
+            return
+        try:
+            await self.pool.run(self.scheduler.engine.check_response_format, fmt)
+        except RequestError as exc:
+            raise engine_error(RequestError(exc.message, field or exc.param)) from None
 
     @property
     def busy(self) -> bool:

@@ -31,7 +31,7 @@ LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 120)
 CHAT_CASES = {
     "missing messages": ({"max_tokens": 3}, "messages"),
     "empty messages": (chat(messages=[]), "messages"),
-    "tool role": (chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages[0].role"),
+    "legacy function role": (chat(messages=[{"role": "function", "content": "x", "name": "f"}]), "messages[0].role"),
     "content not text": (chat(messages=[{"role": "user", "content": 42}]), "messages[0].content"),
     "unknown part type": (chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]),
                           "messages[0].content[0]"),

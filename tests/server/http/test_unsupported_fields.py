@@ -20,7 +20,7 @@ SHARED = {
     "structured_outputs": (None, {"json": {}}),
 }
 CHAT_ONLY = {
-    "tools": ([], [TOOL]), "tool_choice": ("none", "auto"), "functions": ([], [TOOL["function"]]),
+    "functions": ([], [TOOL["function"]]),
     "function_call": ("none", "auto"), "prediction": (None, {"type": "content", "content": "x"}),
     "audio": (None, {"voice": "alloy", "format": "wav"}), "modalities": (["text"], ["text", "audio"]),
     "reasoning_effort": (None, "high"), "verbosity": ("medium", "low"), "web_search_options": (None, {}),
@@ -69,7 +69,7 @@ def test_the_official_client_sees_a_bad_request_naming_the_field(server):
     client = server.openai()
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                       tools=[TOOL])
-    assert error.value.body["param"] == "tools"
+                                       presence_penalty=0.5)
+    assert error.value.body["param"] == "presence_penalty"
     answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert answer.choices[0].message.content is not None
