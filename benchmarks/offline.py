@@ -5,7 +5,7 @@ and specserve with each drafter, on the same model, prompts and machine, in one 
     python benchmarks/offline.py --model qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b \
         --prompts code-prose --drafts none ngram qwen2.5-coder-0.5b
     python benchmarks/offline.py --model tiny-vlm --prompts images --drafts none ngram tiny-vlm-msd
-    python benchmarks/offline.py --model smollm2-135m --prompts repeated --drafts none ngram suffix self:8
+    python benchmarks/offline.py --model smollm2-135m --prompts repeated --drafts none ngram suffix self:auto
 
 Throughput = generated tokens / wall time of the whole request, prefill included. Every method runs
 every prompt `--repeats` times (interleaved, so drift in machine load hits all methods alike); the
@@ -16,6 +16,7 @@ two bounds from those times (`step_timing.py`); they need `none` among `--drafts
 asks a vision-language model (tiny-vlm) held-out description prompts on easy-vqa test images.
 The suffix drafter's store of past outputs is emptied before every repeat, so a repeat never drafts
 from its own previous answers to the same prompts (only from the earlier prompts of the same repeat).
+A self-drafting row names the layers it drafts with (`self:auto`: the calibration's choice, logged).
 Writes `<name>.md`, `.json` and `.png` into `--out`.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -39,6 +41,7 @@ from specserve.drafting.suffix import SuffixProposer
 from specserve.server.bench.prompts import PROMPT_SETS
 from specserve.server.engine import Engine, load_draft_model
 from specserve.server.engine.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams
+from specserve.server.engine.drafters import SELF_PREFIX
 from specserve.server.engine.metrics import SpecMetrics
 from specserve.server.engine.outputs import PromptInput
 from specserve.server.engine.target import TargetModel
@@ -58,6 +61,7 @@ class MethodResult:
     throughputs: list[float] = field(default_factory=list)  # tokens/s, one per repeat
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
+    note: str = ""  # shown under the table
 
 
 def hf_methods(target: TargetModel, assistants: dict[str, torch.nn.Module], tree: TreeBudget) -> dict:
@@ -114,6 +118,9 @@ def build(args) -> tuple[dict, dict[str, MethodResult], Engine, list[SuffixPropo
         engine = Engine(config, base.target, base.tokenizer, base.prompts.processor, proposer)
         results[name] = MethodResult(name)
         methods[name] = engine_method(engine, results[name])
+        if draft.startswith(SELF_PREFIX):
+            results[name].note = (f"{name} drafts with {engine.proposer.model.config.num_hidden_layers} of "
+                                  f"{base.target.config.num_hidden_layers} layers")
         if isinstance(engine.proposer, SuffixProposer):
             stores.append(engine.proposer)
     return methods, results, base, stores
@@ -195,6 +202,13 @@ def report(args, results: dict[str, MethodResult], steps: dict[str, dict]) -> st
                f"{med / best_peer:.2f}x", f"{med / ar_median:.2f}x", *step_timing.cells(steps[name]),
                tau, pos, agreement(r.outputs, ar.outputs)]
         lines.append("| " + " | ".join(row) + " |")
+    notes = [r.note for r in results.values() if r.note]
+    if "specserve-suffix" in results and "specserve-ngram" in results:
+        ratio = statistics.median(results["specserve-suffix"].throughputs) / statistics.median(
+            results["specserve-ngram"].throughputs)
+        notes.append(f"specserve-suffix / specserve-ngram (median tokens/s): {ratio:.2f}x")
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("specserve").setLevel(logging.INFO)  # the calibrations' choices (self:auto, step costs)
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"offline-{Path(args.model).name}-{args.prompts}"
     (args.out / f"{stem}.md").write_text(table)
-    raw = {n: {"throughputs": r.throughputs, "spec": r.metrics.to_dict(), "step": steps[n]}
+    raw = {n: {"throughputs": r.throughputs, "spec": r.metrics.to_dict(), "step": steps[n], "note": r.note}
            for n, r in results.items()}
     (args.out / f"{stem}.json").write_text(json.dumps(raw, indent=2))
     plot(args.out / f"{stem}.png", f"{Path(args.model).name}, prompts {args.prompts}, {args.dtype}", results, steps)

@@ -21,8 +21,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default="auto",
                         help="'auto' (the store's drafter for --model, e.g. tiny-vlm-msd; else ngram), "
                              "'none', 'ngram', 'suffix' (prompt lookup plus the outputs of earlier "
-                             "requests), 'self:N' (the model's own first N layers), an EAGLE/MSD head "
-                             "folder, or a draft model (alias, folder, .gguf, hub id) (default: %(default)s)")
+                             "requests), 'self:N' (the model's own first N layers; 'self:auto': the N that "
+                             "decodes fastest, measured at load), an EAGLE/MSD head folder, or a draft model "
+                             "(alias, folder, .gguf, hub id) (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tree-depth", type=int, default=TreeBudget.depth)

@@ -21,8 +21,9 @@ class EngineConfig:
 
     `model` and `draft` accept a model-store alias, a local HF folder, a `.gguf` file or a hub id.
     `draft` may also be `"ngram"` (prompt lookup), `"suffix"` (prompt lookup plus past outputs of this
-    engine), `"self:N"` (the target's first N layers), `"none"` (plain autoregressive decoding) or
-    `"auto"` (the store's drafter for a store-alias model, e.g. tiny-vlm's MSD head; else ngram).
+    engine), `"self:N"` (the target's first N layers; `"self:auto"`: N measured at load), `"none"`
+    (plain autoregressive decoding) or `"auto"` (the store's drafter for a store-alias model, e.g.
+    tiny-vlm's MSD head; else ngram).
     """
 
     model: str

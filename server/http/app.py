@@ -32,6 +32,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from ... import __version__
+from ..engine.drafters import suffix_stats
 from ..engine.engine import Engine
 from ..engine.events import SequenceRecord
 from ..engine.metrics import SpecMetrics
@@ -168,6 +169,7 @@ def create_app(
         running=lambda: state.scheduler.num_running,
         waiting=lambda: state.scheduler.num_waiting,
         kv_usage=kv_usage,
+        suffix_stats=lambda: suffix_stats(getattr(state.scheduler.engine, "proposer", None)),
     )
     drain_rate = DrainRate()
     stats = StatsLog(settings.log_stats_interval_s, running=lambda: state.scheduler.num_running,

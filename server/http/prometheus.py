@@ -33,6 +33,18 @@ Requests, observed when a sequence (one choice of a request) ends:
   "other" for paths no route serves);
 - gauges `vllm:num_requests_running` (sequences holding KV memory) and `vllm:num_requests_waiting`,
   read from the scheduler at scrape time.
+
+The suffix drafter (`--draft suffix`), counters read from its `SuffixStats` at scrape time (absent
+with any other drafter):
+
+- `specserve:suffix_proposals_total`: draft trees it proposed (roots alone included);
+- `specserve:suffix_shared_proposals_total`: of those, trees with a node taken from past outputs;
+- `specserve:suffix_draft_nodes_total`: draft nodes proposed (root excluded, before the batch
+  planner cuts a tree, so more than `vllm:spec_decode_num_draft_tokens` when it does);
+- `specserve:suffix_shared_nodes_total`: of those, nodes that past outputs support,
+
+so d(shared_proposals) / d(proposals) is the share of drafts the shared store helped, and
+d(shared_nodes) / d(draft_nodes) the share of draft nodes it supplied.
 """
 
 from __future__ import annotations
@@ -40,9 +52,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..engine.drafters import SuffixStats
 from ..engine.events import SequenceRecord
 from ..engine.metrics import SpecMetrics
 
@@ -79,11 +92,42 @@ class _QueueGauges(Collector):
         )
 
 
+class _SuffixCounters(Collector):
+    """The suffix drafter's counters, read when scraped: the drafter counts on the engine's thread and
+    only ever adds, so a scrape sees a monotonic count without the engine reporting to anyone."""
+
+    COUNTERS = (
+        ("specserve:suffix_proposals", "Draft trees the suffix drafter proposed.", "proposals"),
+        ("specserve:suffix_shared_proposals", "Suffix draft trees with nodes from past outputs.",
+         "shared_proposals"),
+        ("specserve:suffix_draft_nodes", "Draft nodes the suffix drafter proposed.", "draft_nodes"),
+        ("specserve:suffix_shared_nodes", "Suffix draft nodes supported by past outputs.", "shared_nodes"),
+    )
+
+    def __init__(self, stats: Callable[[], SuffixStats | None], model_name: Callable[[], str]) -> None:
+        self._stats, self._model_name = stats, model_name
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for name, doc, _ in self.COUNTERS:
+            yield CounterMetricFamily(name, doc, labels=["model_name"])
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._stats()
+        if stats is None:  # another drafter, or the model is still loading
+            return
+        for name, doc, field in self.COUNTERS:
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric([self._model_name()], getattr(stats, field))
+            yield counter
+
+
 class PrometheusMetrics:
-    """The app's series; implements the scheduler's `SchedulerObserver`."""
+    """The app's series; implements the scheduler's `SchedulerObserver`. `suffix_stats` returns the
+    suffix drafter's counters (None with another drafter)."""
 
     def __init__(self, model_name: Callable[[], str], running: Callable[[], int],
-                 waiting: Callable[[], int], kv_usage: Callable[[], float]) -> None:
+                 waiting: Callable[[], int], kv_usage: Callable[[], float],
+                 suffix_stats: Callable[[], SuffixStats | None] = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._model_name = model_name
         reg, label = self.registry, ["model_name"]
@@ -113,6 +157,7 @@ class PrometheusMetrics:
             "specserve:http_requests", "HTTP responses by route and status.", ["endpoint", "status"],
             registry=reg)
         reg.register(_QueueGauges(running, waiting, kv_usage, model_name))
+        reg.register(_SuffixCounters(suffix_stats, model_name))
 
     def on_step(self, delta: SpecMetrics) -> None:
         if delta.verify_steps == 0:  # prefill: nothing was drafted
