@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ...drafting.base import Proposer
 from ...drafting.none import NoDraftProposer
@@ -111,7 +111,7 @@ class Engine:
             nodes, _ = calibrate_tree_nodes(target)
             config = replace(config, tree=replace(config.tree, draft_nodes=nodes))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        processor = AutoProcessor.from_pretrained(path) if target.is_multimodal else None
+        processor = adapter.load_processor(path) if target.is_multimodal else None
         if config.chat_template is not None:
             for owner in (tokenizer, processor):
                 if owner is not None:

@@ -8,8 +8,9 @@ import torch
 
 from ...drafting.quantize import quantize_draft_model
 from ..store.resolve import hub_error_message, resolve_model
+from .adapters import CausalLMAdapter
 from .config import EngineConfig
-from .target import CausalLMAdapter, load_model
+from .target import load_model
 
 
 class ModelLoadError(RuntimeError):

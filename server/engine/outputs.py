@@ -17,6 +17,7 @@ class PromptInput:
     token_ids: list[int]
     pixel_values: torch.Tensor | None = None
     num_images: int = 0
+    image_grid_thw: torch.Tensor | None = None  # [num_images, 3] each image's (t, h, w) patch grid (Qwen2-VL)
 
 
 @dataclass(frozen=True)

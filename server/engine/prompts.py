@@ -5,6 +5,7 @@ from __future__ import annotations
 from PIL import Image
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import get_image_size_for_max_height_width
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .errors import RequestError
 from .outputs import PromptInput
@@ -38,7 +39,8 @@ class PromptBuilder:
     def check_image_size(self, width: int, height: int) -> None:
         """Refuse an image whose processing would be extreme, from its size alone (known from the
         file's header, before its pixels are decoded). Tokens need no check of their own: a LLaVA
-        processor makes the same number of image tokens for every image (its crop's patches)."""
+        processor makes the same number of image tokens for every image (its crop's patches), a
+        Qwen2-VL one at most its pixel bound over (patch * merge)^2."""
         if not self.multimodal:
             raise RequestError("this model does not accept images", param="messages")
         if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
@@ -77,7 +79,8 @@ class PromptBuilder:
         rgb = [image.convert("RGB") for image in images]
         encoded = self.processor(text=text, images=rgb or None, return_tensors="pt")
         pixel_values = encoded.get("pixel_values") if rgb else None
-        return PromptInput(encoded["input_ids"][0].tolist(), pixel_values, len(rgb))
+        grid = encoded.get("image_grid_thw") if rgb else None  # Qwen2-VL: each image's patch grid
+        return PromptInput(encoded["input_ids"][0].tolist(), pixel_values, len(rgb), grid)
 
 
 def processed_size(image_processor, height: int, width: int) -> tuple[int, int]:
@@ -86,6 +89,9 @@ def processed_size(image_processor, height: int, width: int) -> tuple[int, int]:
     size = image_processor.size
     if not getattr(image_processor, "do_resize", True) or size is None:
         return height, width
+    if getattr(image_processor, "merge_size", None):  # Qwen2-VL: `size` bounds the pixel count, not an edge
+        factor = image_processor.patch_size * image_processor.merge_size
+        return smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
     if size.get("shortest_edge"):  # CLIP/LLaVA: the shortest edge to this, the other one scaled
         return get_size_with_aspect_ratio((height, width), size["shortest_edge"], size.get("longest_edge"))
     if size.get("max_height") and size.get("max_width"):

@@ -36,7 +36,8 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
         seq.prefill = PendingPrefill(target.embed(seq.prompt))
     pending, start = seq.prefill, seq.prefix_len
     end = min(seq.prompt_len, start + max_tokens)
-    hidden = target.prefill(pending.prompt.embeds[:, start:end], cache, seq.slot, start)
+    hidden = target.prefill(pending.prompt.embeds[:, start:end], cache, seq.slot, start,
+                            pending.prompt.position_ids(start, end))
     seq.prefix_len = end
     needs_hidden = proposer.needs_hidden_states
     if needs_hidden:
@@ -44,6 +45,7 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
     if end < seq.prompt_len:
         return None
     seq.prefill = None
+    seq.rope_delta = pending.prompt.rope_delta
     seq.draft = proposer.open(DraftContext(
         seq.prompt.token_ids, seq.params.logits_params, seq.generator,
         hidden=torch.cat(pending.hidden, dim=1)[0] if needs_hidden else None,
@@ -123,7 +125,8 @@ def _verify_and_emit(
     tree = stack_trees([p.tree for p in proposals])  # padded to the largest tree
     # 4. verify: the target scores every node of every tree in one forward
     with stopwatch.adds_to([seq.metrics for seq in seqs], "verify_seconds"):
-        out = target.verify(tree, cache, [s.slot for s in seqs], [s.prefix_len for s in seqs])
+        out = target.verify(tree, cache, [s.slot for s in seqs], [s.prefix_len for s in seqs],
+                            [s.rope_delta for s in seqs])
     # 5. accept: per row, the longest path the target agrees with plus a bonus token, on the logits
     # that the row's logit bias, min_tokens and grammar leave
     logits = constrain(seqs, out.logits, tree.depths, [s.allowed for s in shaped])

@@ -1,10 +1,10 @@
 """The target model: the model whose output speculative decoding must reproduce exactly.
 
-One wrapper serves every HF causal LM and LLaVA-family vision-language model. Model families differ
-only in where their parts live (decoder, LM head, token embeddings, vision tower); a small adapter
-per config class says where, so nothing here dispatches on model-name strings and no HF modeling
-code is forked. Tree verification passes the tree's 4D additive mask and position ids as ordinary
-forward arguments.
+One wrapper serves every HF causal LM and the LLaVA and Qwen2-VL vision-language families. Model
+families differ only in where their parts live (decoder, LM head, token embeddings, vision tower)
+and in how prompt tokens map to rotary positions; a small adapter per config class says so
+(`adapters.py`, `qwen2_vl.py`). Tree verification passes the tree's 4D additive mask and position
+ids as ordinary forward arguments.
 """
 
 from __future__ import annotations
@@ -13,20 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    PretrainedConfig,
-)
+from transformers import AutoConfig, LlavaConfig, PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
 from ...kernels import grouped_attention
 from ...kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import DraftTree
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
+from .adapters import CausalLMAdapter, LlavaAdapter, RopeIndex
 from .outputs import PromptInput
+from .qwen2_vl import Qwen2VLAdapter
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -46,55 +42,24 @@ class ForwardOutput:
 class PromptEmbeds:
     embeds: torch.Tensor  # [1, L, H] what the decoder consumes (visual embeddings at image slots)
     image_mask: torch.Tensor  # [1, L] bool, True at image placeholder positions
+    rope: RopeIndex | None = None  # M-RoPE positions of a prompt with images; None: position = index
 
-
-class CausalLMAdapter:
-    """Where the parts of an `AutoModelForCausalLM` model live."""
-
-    model_class = AutoModelForCausalLM
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def position_ids(self, start: int, end: int) -> torch.Tensor | None:
+        """Positions of prompt tokens [start, end) ([3, 1, n]), or None where they are the indices."""
+        return None if self.rope is None else self.rope.position_ids[..., start:end]
 
     @property
-    def decoder(self) -> torch.nn.Module:
-        return self.model.model
-
-    @property
-    def text_config(self) -> PretrainedConfig:
-        return self.model.config
-
-    image_token_id: int | None = None
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ValueError("this model does not take images")
-
-
-class LlavaAdapter(CausalLMAdapter):
-    """LLaVA: a vision tower + projector in front of a causal LM (`model.model.language_model`)."""
-
-    model_class = LlavaForConditionalGeneration
-
-    @property
-    def decoder(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self) -> PretrainedConfig:
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected visual embeddings of every image, concatenated: [num_image_tokens, H]."""
-        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        return torch.cat(list(out.pooler_output), dim=0)
+    def rope_delta(self) -> int:
+        """Position - cache index of every token after the prompt (what `verify` adds to positions)."""
+        return 0 if self.rope is None else self.rope.rope_delta
 
 
 # Model families keyed by config class: a new family registers here instead of adding a name check.
-ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {LlavaConfig: LlavaAdapter}
+ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {
+    LlavaConfig: LlavaAdapter,
+    Qwen2VLConfig: Qwen2VLAdapter,
+    Qwen2_5_VLConfig: Qwen2VLAdapter,
+}
 
 
 def load_model(path: str, dtype: str, device: str, prepack: bool = False,
@@ -178,28 +143,36 @@ class TargetModel:
         embeds = self.embed_tokens(ids)
         image_mask = torch.zeros_like(ids, dtype=torch.bool)
         if prompt.pixel_values is not None:
-            features = self.adapter.image_features(prompt.pixel_values.to(self.device, self.dtype))
+            features = self.adapter.image_features(prompt.pixel_values.to(self.device, self.dtype),
+                                                   prompt.image_grid_thw)
             image_mask = ids == self.adapter.image_token_id
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-        return PromptEmbeds(embeds, image_mask)
+        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, prompt.image_grid_thw))
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, cache: SlotCache, slot: int, offset: int) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, cache: SlotCache, slot: int, offset: int,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run prompt embeddings [1, n, H] into `slot` after its `offset` cached tokens (a whole prompt,
-        or one chunk of it); returns the last hidden states [1, n, H]."""
+        or one chunk of it); returns the last hidden states [1, n, H]. `position_ids`: the chunk's
+        M-RoPE positions (`PromptEmbeds.position_ids`); None: the model's own (the cache indices)."""
         cache.bind([slot], [offset], embeds.shape[1])
-        # one row, no padding: the model's own causal mask and positions (from the cache's length) fit
-        return self.adapter.decoder(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
+        # one row, no padding: the model's own causal mask fits
+        return self.adapter.decoder(inputs_embeds=embeds, position_ids=position_ids, cache=cache,
+                                    use_cache=True).last_hidden_state
 
     @torch.inference_mode()
-    def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int]) -> ForwardOutput:
+    def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int],
+               rope_deltas: list[int] | None = None) -> ForwardOutput:
         """Score every node of a batch of trees (row b: slot `slots[b]` after `prefix_lens[b]` cached
-        tokens) in one forward; each row's tree KV rows land right after its own prefix."""
+        tokens) in one forward; each row's tree KV rows land right after its own prefix. A node's
+        position is its row's prefix length + `rope_deltas[b]` (M-RoPE after images, else 0) + its
+        depth; an M-RoPE decoder puts a 1-row position on all three of its rows."""
         offsets = cache.bind(slots, prefix_lens, tree.num_nodes)
+        positions = offsets if rope_deltas is None else offsets + torch.tensor(rope_deltas, device=offsets.device)
         out = self.adapter.decoder(
             input_ids=tree.tokens.clamp(min=0),  # padding nodes (-1) run as token 0; the mask isolates them
             attention_mask=tree.attention_mask(offsets, self.dtype, cache.binding.width),
-            position_ids=tree.position_ids(offsets),
+            position_ids=tree.position_ids(positions),
             cache=cache,
             use_cache=True,
         )

@@ -1,0 +1,75 @@
+"""Where the parts of a model family live: one small adapter per config class (`target.ADAPTERS`).
+
+Families differ in where their decoder, LM head, token embeddings and vision tower sit, how their
+images become embeddings, and (M-RoPE families) how prompt tokens map to rotary positions; nothing
+here dispatches on model-name strings and no HF modeling code is forked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
+
+
+@dataclass(frozen=True)
+class RopeIndex:
+    """A prompt's rotary positions where they are not the token indices (M-RoPE with images)."""
+
+    position_ids: torch.Tensor  # [3, 1, L] long: temporal / height / width rows
+    rope_delta: int  # position - index of every token after the prompt (<= 0: an image takes fewer positions)
+
+
+class CausalLMAdapter:
+    """Where the parts of an `AutoModelForCausalLM` model live."""
+
+    model_class = AutoModelForCausalLM
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.model.config
+
+    image_token_id: int | None = None
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        raise ValueError("this model does not take images")
+
+    def rope_index(self, token_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> RopeIndex | None:
+        """Rotary positions of a prompt (`token_ids` [1, L]); None: position = token index, the
+        decoder's own default."""
+        return None
+
+    def load_processor(self, path: str):
+        """The processor that turns chats with images into token ids and pixel values."""
+        return AutoProcessor.from_pretrained(path)
+
+
+class LlavaAdapter(CausalLMAdapter):
+    """LLaVA: a vision tower + projector in front of a causal LM (`model.model.language_model`)."""
+
+    model_class = LlavaForConditionalGeneration
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected visual embeddings of every image, concatenated: [num_image_tokens, H]."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)

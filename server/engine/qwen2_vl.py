@@ -1,0 +1,77 @@
+"""Qwen2-VL family targets (Qwen2-VL, Qwen2.5-VL): multimodal rotary positions (M-RoPE).
+
+The decoder rotates each token by three position rows (temporal, height, width). A text token has
+the same position on all three; an image's tokens get their (t, h, w) grid coordinates, offset by
+the position where the image starts; text after an image continues from the image's largest
+position + 1. An image of h x w tokens thus spans max(h, w) positions, not h * w, and every token
+after the prompt sits at (its index in the sequence) + `rope_delta`, the same on all three rows.
+The model's own `get_rope_index` computes the prompt's positions; nothing of HF's code is copied.
+
+Example (text "ab", an image of 2 x 3 merged tokens, text "c"; rows t / h / w):
+    index     0 1 | 2 3 4 5 6 7 | 8
+    t         0 1 | 2 2 2 2 2 2 | 5
+    h         0 1 | 2 2 2 3 3 3 | 5
+    w         0 1 | 2 3 4 2 3 4 | 5
+The image starts at 2 and spans max(2, 3) = 3 positions, so "c" sits at 5 and `rope_delta` is
+5 - 8 = -3: the next token (index 9) takes position 6, and a tree node at depth d after a prefix of
+n cached tokens takes n + rope_delta + d on every row.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForImageTextToText, PretrainedConfig
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.utils import is_torchvision_available
+
+from .adapters import CausalLMAdapter, RopeIndex
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video processor, which needs torchvision: the image
+    processor (transformers' PIL one when torchvision is missing) and the tokenizer only."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
+        # ProcessorMixin takes its sub-processors from this signature, so `video_processor` is never
+        # looked up (that lookup is what fails without torchvision)
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLAdapter(CausalLMAdapter):
+    """Qwen2-VL / Qwen2.5-VL: a vision tower (`model.model.visual`) in front of an M-RoPE decoder
+    (`model.model.language_model`)."""
+
+    model_class = AutoModelForImageTextToText
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Merged visual embeddings of every image, concatenated: [num_image_tokens, H]. The flattened
+        patches of all images ([num_patches, C * T * P * P]) need each image's (t, h, w) patch grid."""
+        out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def rope_index(self, token_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> RopeIndex | None:
+        """The prompt's M-RoPE positions (`token_ids` [1, L]); None without images, where every row
+        is the token index (the decoder's own default)."""
+        if image_grid_thw is None:
+            return None
+        token_types = (token_ids == self.image_token_id).long()  # text 0, image 1 (no videos here)
+        positions, deltas = self.model.model.get_rope_index(
+            token_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw.to(token_ids.device))
+        return RopeIndex(positions, int(deltas))
+
+    def load_processor(self, path: str):
+        if is_torchvision_available():
+            return super().load_processor(path)
+        return ImageOnlyQwen2VLProcessor.from_pretrained(path)

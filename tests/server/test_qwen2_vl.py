@@ -1,0 +1,181 @@
+"""Qwen2-VL family targets (M-RoPE): greedy speculative output equals the model's own
+`generate(do_sample=False)` with an image and without, prefilled whole or in chunks that cut through
+the image, alone or in a batch with a sequence of another length and rope delta. Tiny random models
+(float64, LM head scaled so greedy decoding has no near ties) with an image-only processor built
+without torchvision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from specserve.drafting.budget import TreeBudget
+from specserve.kernels.tree import DraftTree
+from specserve.server.engine import Engine
+from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
+
+from ..conftest import CHAT_TEMPLATE, build_tokenizer
+from .test_engine_batch import run_batched
+
+# (config, model, vision tower): 8x8 patches merged 2x2 into the LM's 64 dimensions
+VISION = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                 VISION | dict(embed_dim=32, hidden_size=64, mlp_ratio=2)),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                   VISION | dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=32,
+                                 fullatt_block_indexes=[1])),
+}
+MAX_NEW = 30
+
+
+def make_tiny_qwen_vl(family: str, path: Path) -> Path:
+    """A tiny random `family` model with 8x8 patches merged 2x2: a 48x40 image becomes a 6x4 patch
+    grid, 6 image tokens spanning 3 positions."""
+    tokenizer = build_tokenizer(path)
+    eos = tokenizer.eos_token_id
+    config_cls, model_cls, vision = FAMILIES[family]
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=8,
+                                                 merge_size=2, temporal_patch_size=2),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+    )
+    config = config_cls(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            # head_dim 16: 8 rotary frequencies split over the temporal / height / width rows
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
+        ),
+        vision_config=vision,
+        image_token_id=processor.image_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = model_cls(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # random logits are nearly flat: sharpen them away from float ties
+        # random attention is nearly uniform, so positions would barely change the output: sharpen it
+        # (checked: with 10x, decoding an image prompt at plain 1-row positions changes 20 of 30 tokens)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def model_dir(request, tmp_path_factory) -> Path:
+    return make_tiny_qwen_vl(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def engine_for(path: Path, draft: str = "none", **config) -> Engine:
+    return Engine.from_config(EngineConfig(model=str(path), draft=draft, dtype="float64", batch_tree_tokens=0,
+                                           tree=TreeBudget(depth=4, branching=3, draft_nodes=8), **config))
+
+
+def image_prompt(engine: Engine, size=(48, 40), text="describe the red circle. a red circle, a blue"):
+    image = Image.new("RGB", size, (200, 30, 30))
+    image.paste((20, 40, 220), (0, 0, size[0] // 2, size[1] // 3))  # not uniform: patches differ
+    return engine.prepare_chat([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": text},
+    ]}])
+
+
+def text_prompt(engine: Engine):
+    return engine.prepare_chat([{"role": "user", "content": "the quick brown fox. the quick brown"}])
+
+
+def reference_greedy(engine: Engine, prompt, max_new: int = MAX_NEW) -> list[int]:
+    ids = torch.tensor([prompt.token_ids])
+    kwargs = {}
+    if prompt.pixel_values is not None:  # generate computes the M-RoPE positions itself from these
+        kwargs = {"pixel_values": prompt.pixel_values.double(), "image_grid_thw": prompt.image_grid_thw,
+                  "mm_token_type_ids": (ids == engine.target.adapter.image_token_id).long()}
+    out = engine.target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=max_new, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_adapter_and_image_prompt(model_dir):
+    engine = engine_for(model_dir)
+    assert isinstance(engine.target.adapter, Qwen2VLAdapter)
+    assert isinstance(engine.prompts.processor, ImageOnlyQwen2VLProcessor)  # no torchvision here
+    prompt = image_prompt(engine)
+    assert prompt.num_images == 1 and prompt.image_grid_thw.tolist() == [[1, 4, 6]]
+    assert prompt.token_ids.count(engine.target.adapter.image_token_id) == 6
+    embeds = engine.target.embed(prompt)
+    assert embeds.rope_delta == -3  # 6 image tokens take max(2, 3) = 3 positions
+    assert embeds.position_ids(0, len(prompt.token_ids)).shape == (3, 1, len(prompt.token_ids))
+    assert engine.target.embed(text_prompt(engine)).rope_delta == 0
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_greedy_matches_generate(model_dir, draft):
+    engine = engine_for(model_dir, draft)
+    accepted = 0
+    for prompt in (image_prompt(engine), text_prompt(engine)):
+        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
+        assert out.token_ids == reference_greedy(engine, prompt)
+        accepted += out.metrics.accepted_draft_tokens
+    if draft == "ngram":
+        assert accepted > 0  # drafts were accepted, so tree positions after the image were used
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram"])
+def test_greedy_with_chunked_prefill(model_dir, draft):
+    # 5-token chunks: the image's 6 tokens are split between chunks
+    engine = engine_for(model_dir, draft, prefill_chunk_tokens=5)
+    prompt = image_prompt(engine)
+    seq = engine.start(prompt, SamplingParams(max_tokens=MAX_NEW))
+    chunks = 0
+    tokens = []
+    while not seq.finished:
+        out = engine.step_batch([seq])[0]
+        assert not isinstance(out, Exception), out
+        chunks += out is None
+        tokens += out.token_ids if out is not None else []
+    engine.release(seq)
+    assert chunks >= 3  # the prompt took several turns
+    assert tokens == reference_greedy(engine, prompt)
+
+
+def test_greedy_batch_of_different_lengths_and_deltas(model_dir):
+    engine = engine_for(model_dir, "ngram")
+    prompts = [image_prompt(engine), image_prompt(engine, (80, 24), "describe it"), text_prompt(engine)]
+    deltas = [engine.target.embed(p).rope_delta for p in prompts]
+    assert len(set(deltas)) == 3 and len({len(p.token_ids) for p in prompts}) == 3
+    params = SamplingParams(max_tokens=MAX_NEW)
+    arrivals = [(0, prompts[0], params), (0, prompts[1], params), (1, prompts[2], params)]
+    tokens, largest, _ = run_batched(engine, arrivals)
+    assert largest == 3
+    for i, prompt in enumerate(prompts):
+        assert tokens[i] == reference_greedy(engine, prompt), i
+
+
+def test_verify_needs_the_rope_delta(model_dir):
+    """The tree's positions carry the sequence's rope delta: verified without it, the same tree scores
+    differently (so the equality tests above could fail)."""
+    engine = engine_for(model_dir)
+    target = engine.target
+    embeds = target.embed(image_prompt(engine))
+    length = embeds.embeds.shape[1]
+    cache = target.new_cache(1, length + 4)
+    target.prefill(embeds.embeds, cache, 0, 0, embeds.position_ids(0, length))
+    tree = DraftTree.from_parents(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, 0, 0]]))
+    right = target.verify(tree, cache, [0], [length], [embeds.rope_delta]).logits
+    wrong = target.verify(tree, cache, [0], [length]).logits
+    assert not torch.allclose(right, wrong)
