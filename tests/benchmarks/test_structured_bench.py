@@ -15,7 +15,7 @@ def structured(benchmark_script):
 
 def test_a_whole_run_on_a_tiny_model(structured, tiny_model_dirs, tmp_path):
     structured.main(["--model", str(tiny_model_dirs["llama"]), "--tasks", "2", "--drafts", "ngram",
-                     "--max-tokens", "48", "--out", str(tmp_path), "--name", "run"])
+                     "--max-tokens", "48", "--batch-repeats", "1", "--out", str(tmp_path), "--name", "run"])
     lines = (tmp_path / "run.md").read_text().splitlines()
     methods = ["constrained", "grammar", "ngram-no-grammar-drafts", "ngram"]
     rows = [line for line in lines if line.startswith(tuple(f"| {m} |" for m in methods))]
@@ -26,6 +26,9 @@ def test_a_whole_run_on_a_tiny_model(structured, tiny_model_dirs, tmp_path):
     assert by_name["grammar"]["spec_decode"]["accepted_grammar_tokens"] > 0
     assert by_name["ngram-no-grammar-drafts"]["spec_decode"]["grammar_draft_tokens"] == 0
     assert len({m["valid"] for m in raw["methods"]}) == 1  # equal answers, equal validity
+    assert set(raw["batch"]) == {"none", "free", "structured", "structured, no grammar drafts"}
+    assert all(r[0] > 0 for r in raw["batch"].values())
+    assert "| structured |" in (tmp_path / "run.md").read_text()
 
 
 def test_the_workload_has_fifty_checkable_tasks(benchmark_script):
