@@ -9,9 +9,11 @@ and rolling it back on the way up:
   distribution), so the bonus token obeys the grammar too;
 - a draft node whose token the grammar forbids after its parent is pruned with its subtree before
   the forward (it could never be accepted, and would cost verify width);
-- at each leaf, the tokens the grammar forces next (the matcher's fast-forward tokens: the bytes
-  every continuation must start with, tokenized) are appended as a chain of *grammar drafts*, up to
-  `forced_budget` tokens per tree. They are still verified: a model may spell forced bytes with
+- below the leaves (first leaf first), the tokens the grammar forces next (the matcher's
+  fast-forward tokens: the bytes every continuation must start with, tokenized) are appended as a
+  chain of *grammar drafts*, up to `forced_budget` tokens per tree; in a batch of several rows only
+  as far as the widest tree the planner kept (`max_nodes`), so grammar drafts never widen the
+  batch's padded forward for the other rows. They are still verified: a model may spell forced bytes with
   other tokens, so they are likely, not certain, to be accepted. The output stays exactly the
   constrained target's.
 
@@ -132,19 +134,20 @@ class GrammarState:
         self._fill(bitmask, 0)
         return unpack(bitmask, self.vocab_size)[0]
 
-    def shape(self, proposal: DraftProposal, forced_budget: int) -> ShapedTree:
-        """Prune `proposal` to what the grammar allows and append up to `forced_budget` grammar drafts
-        below its leaves (see the module doc). Parents stay before children; a chain stays a chain."""
+    def shape(self, proposal: DraftProposal, forced_budget: int, max_nodes: int | None = None) -> ShapedTree:
+        """Prune `proposal` to what the grammar allows, then append up to `forced_budget` grammar drafts
+        below its leaves (see the module doc), keeping the tree within `max_nodes` nodes if given.
+        Parents stay before children; a chain stays a chain."""
         tree = proposal.tree
         tokens, parents = tree.tokens[0].tolist(), tree.parents[0].tolist()
         children: list[list[int]] = [[] for _ in tokens]
         for node, parent in enumerate(parents[1:], start=1):
             children[parent].append(node)
         kept_tokens, kept_parents, source, grammar = [tokens[0]], [-1], [0], [False]
-        budget = [forced_budget]
+        leaves: list[int] = []  # kept nodes with no kept child, in depth-first order
         masks = allocate_token_bitmask(len(tokens) + forced_budget, self.vocab_size)
 
-        def visit(node: int, index: int) -> None:
+        def prune(node: int, index: int) -> None:
             self._fill(masks, index)
             grew = False
             for child in children[node]:
@@ -155,15 +158,22 @@ class GrammarState:
                 kept_parents.append(index)
                 source.append(child)
                 grammar.append(False)
-                visit(child, len(kept_tokens) - 1)
+                prune(child, len(kept_tokens) - 1)
                 self.matcher.rollback(1)
                 grew = True
-            if not grew and budget[0] > 0:
-                extend(index)
+            if not grew:
+                leaves.append(index)
 
-        def extend(leaf: int) -> None:
-            forced = self.matcher.compute_ff_tokens()[: budget[0]]
-            budget[0] -= len(forced)
+        prune(0, 0)
+        room = forced_budget if max_nodes is None else min(forced_budget, max_nodes - len(kept_tokens))
+        for leaf in leaves:
+            if room <= 0:
+                break
+            path = self._path(leaf, kept_tokens, kept_parents)
+            for token in path:
+                self._consume(token)
+            forced = self.matcher.compute_ff_tokens()[:room]
+            room -= len(forced)
             parent = leaf
             for token in forced:
                 self._consume(token)
@@ -173,9 +183,7 @@ class GrammarState:
                 grammar.append(True)
                 parent = len(kept_tokens) - 1
                 self._fill(masks, parent)
-            self.matcher.rollback(len(forced))
-
-        visit(0, 0)
+            self.matcher.rollback(len(path) + len(forced))
         device = tree.tokens.device
         shaped = DraftTree.from_parents(torch.tensor([kept_tokens], device=device),
                                         torch.tensor([kept_parents], device=device))
@@ -184,6 +192,15 @@ class GrammarState:
             draft_probs = _chain_probs(proposal.draft_probs, source, kept_tokens)
         allowed = unpack(masks[: len(kept_tokens)], self.vocab_size)
         return ShapedTree(DraftProposal(shaped, draft_probs), allowed, grammar)
+
+    @staticmethod
+    def _path(node: int, tokens: list[int], parents: list[int]) -> list[int]:
+        """The tokens from below the root down to `node` (what the matcher consumes to reach it)."""
+        path = []
+        while node > 0:
+            path.append(tokens[node])
+            node = parents[node]
+        return path[::-1]
 
     def _consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -73,7 +73,8 @@ def speculative_step(
     """One target forward that verifies every sequence's draft tree; each emits its accepted tokens
     plus a bonus one. The `planner` cuts each row's tree to what pays in this batch (down to the root
     alone, plain decoding). A row with a response format has its tree pruned to what its grammar
-    allows, up to `grammar_draft_tokens` forced tokens appended, and its logits masked (`grammar.py`).
+    allows, up to `grammar_draft_tokens` forced tokens appended (in a batch, no wider than the widest
+    cut tree), and its logits masked (`grammar.py`).
     A failure that belongs to one sequence (its drafter, its grammar, its detokenizer) is returned in
     that sequence's place and the others go on; a failing forward fails them all."""
     # 1. propose: each drafter proposes a tree rooted at its sequence's last emitted token (model
@@ -97,9 +98,12 @@ def speculative_step(
         # 2. plan: how much of each tree this batch's forward should carry
         sizes = planner.plan([proposals[row].tree for row in rows], [s.acceptance.value for s in batch],
                              [pinned[row] for row in rows])
-        # 3. grammar: prune what a row's response format forbids, append what it forces
-        shaped = {row: per_sequence(lambda: _grammar(seqs[row], proposals[row].first(size), grammar_draft_tokens))
-                  for row, size in zip(rows, sizes)}
+        # 3. grammar: prune what a row's response format forbids, append what it forces (in a batch,
+        # only up to the widest cut tree: the forward is padded to it anyway)
+        cut = {row: proposals[row].first(size) for row, size in zip(rows, sizes)}
+        width = max(p.tree.num_nodes for p in cut.values()) if len(rows) > 1 else None
+        shaped = {row: per_sequence(lambda: _grammar(seqs[row], cut[row], grammar_draft_tokens, width))
+                  for row in rows}
         results.update((row, out) for row, out in shaped.items() if isinstance(out, Exception))
         rows = [row for row in rows if not isinstance(shaped[row], Exception)]
         if rows:
@@ -109,12 +113,12 @@ def speculative_step(
     return [results[row] for row in range(len(seqs))]
 
 
-def _grammar(seq: Sequence, proposal: DraftProposal, forced_budget: int) -> ShapedTree:
+def _grammar(seq: Sequence, proposal: DraftProposal, forced_budget: int, max_nodes: int | None) -> ShapedTree:
     """The row's tree as its grammar leaves it; unchanged (and no mask) without a response format. A
     request that asked for no drafting gets no grammar drafts either."""
     if seq.grammar is None:
         return ShapedTree(proposal, None, None)
-    return seq.grammar.shape(proposal, forced_budget if seq.params.speculative else 0)
+    return seq.grammar.shape(proposal, forced_budget if seq.params.speculative else 0, max_nodes)
 
 
 def _verify_and_emit(

@@ -232,3 +232,17 @@ def test_sampled_structured_answers_follow_the_constrained_distribution(engines,
     probs = torch.tensor([exact[a] for a in answers] + [0.0], dtype=torch.float64)
     ok, p_value = chi_square_ok(counts[:-1], probs[:-1])
     assert ok, p_value
+
+
+def test_grammar_drafts_fill_but_never_widen_a_batch(engines):
+    engine = engines["none"]
+    state = engine.grammars.state(FORMATS["enum"])
+    brace = engine.tokenizer.convert_tokens_to_ids("{")
+    state.advance([brace])
+    root = DraftTree.from_parents(torch.tensor([[brace]]), torch.tensor([[-1]]))
+    alone = state.shape(DraftProposal(root), forced_budget=16)
+    assert alone.proposal.tree.num_nodes > 4  # `"color": "` and more are forced
+    capped = state.shape(DraftProposal(root), forced_budget=16, max_nodes=4)
+    assert capped.proposal.tree.num_nodes == 4
+    assert capped.proposal.tree.tokens[0].tolist() == alone.proposal.tree.tokens[0, :4].tolist()
+    assert state.shape(DraftProposal(root), forced_budget=16, max_nodes=1).proposal.tree.num_nodes == 1
