@@ -135,11 +135,11 @@ class SlowEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def prepare_chat(self, messages):
+    def prepare_chat(self, messages, tools=None):
         self.prepared.append(threading.current_thread().name)
         if SLOW in str(messages):
             time.sleep(PREPARE_DELAY)
-        return self._engine.prepare_chat(messages)
+        return self._engine.prepare_chat(messages, tools)
 
     def prepare_text(self, prompt):
         self.prepared.append(threading.current_thread().name)
