@@ -52,10 +52,9 @@ class CausalLMAdapter:
         return AutoProcessor.from_pretrained(path)
 
 
-class LlavaAdapter(CausalLMAdapter):
-    """LLaVA: a vision tower + projector in front of a causal LM (`model.model.language_model`)."""
-
-    model_class = LlavaForConditionalGeneration
+class VisionLanguageAdapter(CausalLMAdapter):
+    """A vision tower in front of a causal LM (`model.model.language_model`), the layout that HF's
+    image-text-to-text models share: the LM's config is `text_config`, images sit at `image_token_id`."""
 
     @property
     def decoder(self) -> torch.nn.Module:
@@ -68,6 +67,12 @@ class LlavaAdapter(CausalLMAdapter):
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
+
+
+class LlavaAdapter(VisionLanguageAdapter):
+    """LLaVA: a vision tower + projector in front of a causal LM."""
+
+    model_class = LlavaForConditionalGeneration
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Projected visual embeddings of every image, concatenated: [num_image_tokens, H]."""

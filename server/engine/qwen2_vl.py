@@ -20,11 +20,11 @@ n cached tokens takes n + rope_delta + d on every row.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.utils import is_torchvision_available
 
-from .adapters import CausalLMAdapter, RopeIndex
+from .adapters import RopeIndex, VisionLanguageAdapter
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -37,23 +37,10 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-class Qwen2VLAdapter(CausalLMAdapter):
-    """Qwen2-VL / Qwen2.5-VL: a vision tower (`model.model.visual`) in front of an M-RoPE decoder
-    (`model.model.language_model`)."""
+class Qwen2VLAdapter(VisionLanguageAdapter):
+    """Qwen2-VL / Qwen2.5-VL: a vision tower (`model.model.visual`) in front of an M-RoPE decoder."""
 
     model_class = AutoModelForImageTextToText
-
-    @property
-    def decoder(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self) -> PretrainedConfig:
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Merged visual embeddings of every image, concatenated: [num_image_tokens, H]. The flattened
