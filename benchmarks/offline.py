@@ -43,7 +43,7 @@ from specserve.server.engine import Engine, load_draft_model
 from specserve.server.engine.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.drafters import SELF_PREFIX
 from specserve.server.engine.metrics import SpecMetrics
-from specserve.server.engine.outputs import PromptInput
+from specserve.server.engine.outputs import PromptInput, image_tensors
 from specserve.server.engine.target import TargetModel
 from specserve.server.training.draft_head.data import chat_prompt
 from specserve.server.training.draft_head.prompts import PromptSpec, image_prompts
@@ -70,8 +70,8 @@ def hf_methods(target: TargetModel, assistants: dict[str, torch.nn.Module], tree
 
     def run(prompt: PromptInput, max_new, **kwargs):
         ids = torch.tensor([prompt.token_ids], device=target.device)
-        if prompt.pixel_values is not None:  # the engine's own input: processor-expanded ids and pixels
-            kwargs["pixel_values"] = prompt.pixel_values.to(target.device, target.dtype)
+        # the engine's own input: processor-expanded ids and the processor's image tensors
+        kwargs |= image_tensors(prompt.images, target.device, target.dtype)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new, **kwargs)
         return out[0, ids.shape[1]:].tolist()

@@ -39,12 +39,14 @@ class CausalLMAdapter:
 
     image_token_id: int | None = None
 
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    def image_features(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Visual embeddings of a prompt's images (`PromptInput.images`, on the model's device and
+        dtype), concatenated in prompt order: [num_image_tokens, H], one row per image token."""
         raise ValueError("this model does not take images")
 
-    def rope_index(self, token_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> RopeIndex | None:
-        """Rotary positions of a prompt (`token_ids` [1, L]); None: position = token index, the
-        decoder's own default."""
+    def rope_index(self, token_ids: torch.Tensor, images: dict[str, torch.Tensor]) -> RopeIndex | None:
+        """Rotary positions of a prompt (`token_ids` [1, L], its `images` as for `image_features`);
+        None: position = token index, the decoder's own default."""
         return None
 
     def load_processor(self, path: str):
@@ -74,7 +76,7 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     model_class = LlavaForConditionalGeneration
 
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected visual embeddings of every image, concatenated: [num_image_tokens, H]."""
-        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    def image_features(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tower's patches of every image, projected: [num_image_tokens, H]."""
+        out = self.model.model.get_image_features(**images, return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)

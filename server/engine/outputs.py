@@ -12,12 +12,21 @@ from .metrics import SpecMetrics
 @dataclass(frozen=True)
 class PromptInput:
     """A tokenized prompt. For vision-language models `token_ids` already holds the expanded image
-    placeholder tokens and `pixel_values` the processed images (None for text-only prompts)."""
+    placeholder tokens and `images` the processor's image tensors, keyed as the model's own forward
+    takes them: `pixel_values` and, by family, `image_grid_thw` (Qwen2-VL: each image's patch grid),
+    `image_sizes` (LLaVA-NeXT / OneVision: each image's size before tiling), `pixel_attention_mask`
+    (Idefics3: the real pixels of padded tiles). None for text-only prompts."""
 
     token_ids: list[int]
-    pixel_values: torch.Tensor | None = None
+    images: dict[str, torch.Tensor] | None = None
     num_images: int = 0
-    image_grid_thw: torch.Tensor | None = None  # [num_images, 3] each image's (t, h, w) patch grid (Qwen2-VL)
+
+
+def image_tensors(images: dict[str, torch.Tensor] | None, device: torch.device | str,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A prompt's `images` on `device`, the floating ones (pixels) in the model's `dtype`; {} for None."""
+    return {key: value.to(device, dtype if value.is_floating_point() else value.dtype)
+            for key, value in (images or {}).items()}
 
 
 @dataclass(frozen=True)

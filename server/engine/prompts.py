@@ -78,9 +78,9 @@ class PromptBuilder:
             self.check_image_size(*image.size)
         rgb = [image.convert("RGB") for image in images]
         encoded = self.processor(text=text, images=rgb or None, return_tensors="pt")
-        pixel_values = encoded.get("pixel_values") if rgb else None
-        grid = encoded.get("image_grid_thw") if rgb else None  # Qwen2-VL: each image's patch grid
-        return PromptInput(encoded["input_ids"][0].tolist(), pixel_values, len(rgb), grid)
+        # the image processor's outputs (pixels and, by family, grids, sizes or tile masks) by name
+        images = {key: encoded[key] for key in self.processor.image_processor.model_input_names if key in encoded}
+        return PromptInput(encoded["input_ids"][0].tolist(), images if rgb else None, len(rgb))
 
 
 def processed_size(image_processor, height: int, width: int) -> tuple[int, int]:

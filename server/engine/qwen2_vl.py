@@ -42,20 +42,21 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
 
     model_class = AutoModelForImageTextToText
 
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Merged visual embeddings of every image, concatenated: [num_image_tokens, H]. The flattened
-        patches of all images ([num_patches, C * T * P * P]) need each image's (t, h, w) patch grid."""
-        out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    def image_features(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Merged visual embeddings of every image: [num_image_tokens, H]. The flattened patches of all
+        images (`pixel_values` [num_patches, C * T * P * P]) need each image's (t, h, w) patch grid
+        (`image_grid_thw`)."""
+        out = self.model.model.get_image_features(**images, return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)
 
-    def rope_index(self, token_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> RopeIndex | None:
+    def rope_index(self, token_ids: torch.Tensor, images: dict[str, torch.Tensor]) -> RopeIndex | None:
         """The prompt's M-RoPE positions (`token_ids` [1, L]); None without images, where every row
         is the token index (the decoder's own default)."""
-        if image_grid_thw is None:
+        if not images:
             return None
         token_types = (token_ids == self.image_token_id).long()  # text 0, image 1 (no videos here)
         positions, deltas = self.model.model.get_rope_index(
-            token_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw.to(token_ids.device))
+            token_ids, mm_token_type_ids=token_types, image_grid_thw=images["image_grid_thw"])
         return RopeIndex(positions, int(deltas))
 
     def load_processor(self, path: str):

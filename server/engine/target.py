@@ -21,7 +21,7 @@ from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import DraftTree
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
 from .adapters import CausalLMAdapter, LlavaAdapter, RopeIndex
-from .outputs import PromptInput
+from .outputs import PromptInput, image_tensors
 from .qwen2_vl import Qwen2VLAdapter
 
 TORCH_DTYPES = {
@@ -142,12 +142,12 @@ class TargetModel:
         ids = torch.tensor([prompt.token_ids], device=self.device)
         embeds = self.embed_tokens(ids)
         image_mask = torch.zeros_like(ids, dtype=torch.bool)
-        if prompt.pixel_values is not None:
-            features = self.adapter.image_features(prompt.pixel_values.to(self.device, self.dtype),
-                                                   prompt.image_grid_thw)
+        images = image_tensors(prompt.images, self.device, self.dtype)
+        if images:
+            features = self.adapter.image_features(images)
             image_mask = ids == self.adapter.image_token_id
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, prompt.image_grid_thw))
+        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, images))
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, cache: SlotCache, slot: int, offset: int,

@@ -17,7 +17,7 @@ from specserve.drafting.eagle_inputs import prompt_entries
 from specserve.kernels.sampling import LogitsParams
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
-from specserve.server.engine.outputs import PromptInput
+from specserve.server.engine.outputs import PromptInput, image_tensors
 
 TEXT_PROMPTS = ["the quick brown fox", "Summarise: the cat sat on the mat. The mat was red."]
 TREE = TreeBudget(depth=4, branching=3, draft_nodes=10)
@@ -38,7 +38,7 @@ def image_prompt(engine: Engine, text: str = "describe the red circle"):
 
 def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
     ids = torch.tensor([prompt.token_ids])
-    extra = {"pixel_values": prompt.pixel_values.double()} if prompt.pixel_values is not None else {}
+    extra = image_tensors(prompt.images, "cpu", torch.float64)
     out = engine.target.model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new, **extra
     )
@@ -94,7 +94,7 @@ def test_catch_up_matches_fresh_recomputation(tiny_model_dirs, random_head_dir, 
     engine = eagle_engine(model_dir, random_head_dir(model_dir, mode))
     prompt = image_prompt(engine)
     root, a1, a2, bonus = 5, 17, 42, 9  # any tokens: the session must not care whether they were drafted
-    full = PromptInput(prompt.token_ids + [root, a1, a2, bonus], prompt.pixel_values, 1)
+    full = PromptInput(prompt.token_ids + [root, a1, a2, bonus], prompt.images, 1)
     out = engine.target.embed(full)
     hidden = engine.target.prefill(out.embeds, engine.target.new_cache(1, len(full.token_ids)), 0, 0)[0]
     length = len(prompt.token_ids)

@@ -60,7 +60,7 @@ def test_batches_are_seeded_by_step_and_follow_the_share():
     images = [example([4, 5, 6], 1, image=True) for _ in range(5)]
     data = Datasets(text, images, [], [])
     config = TrainConfig(model="m", out="o", text_steps=2, mm_steps=3, image_share_start=1.0, batch_size=6)
-    assert all(e.pixel_values is None and e.spec.image is None for e in pick_batch(data, config, 1))
+    assert all(e.images is None and e.spec.image is None for e in pick_batch(data, config, 1))
     assert all(e.spec.image is not None for e in pick_batch(data, config, 2))
     assert [id(e) for e in pick_batch(data, config, 3)] == [id(e) for e in pick_batch(data, config, 3)]
 
@@ -171,7 +171,7 @@ def test_tiny_vlm_greedy_lossless_in_every_mode(tiny_vlm_dir, tmp_path, mode):
     out = engine.generate(prompt, SamplingParams(max_tokens=48))
     ids = torch.tensor([prompt.token_ids])
     expected = base.target.model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt.pixel_values,
+        input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.images,
         do_sample=False, max_new_tokens=48,
     )[0, ids.shape[1]:].tolist()
     assert out.token_ids == expected

@@ -12,6 +12,7 @@ from specserve.drafting.budget import TreeBudget
 from specserve.drafting.eagle_head import ImageMode
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.outputs import image_tensors
 from specserve.server.engine.planner import GoodputPlanner, StepCosts
 
 PROMPTS = [
@@ -30,7 +31,7 @@ def engine_for(path, draft: str = "ngram", **config) -> Engine:
 
 def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
     ids = torch.tensor([prompt.token_ids])
-    kwargs = {"pixel_values": prompt.pixel_values.double()} if prompt.pixel_values is not None else {}
+    kwargs = image_tensors(prompt.images, "cpu", torch.float64)
     out = engine.target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                        max_new_tokens=max_new, **kwargs)
     return out[0, ids.shape[1]:].tolist()

@@ -14,6 +14,7 @@ from specserve.kernels.tree import DraftTree
 from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.outputs import image_tensors
 
 PROMPTS = [
     "the quick brown fox",
@@ -51,7 +52,7 @@ class WrongTokenProposer(SequentialProposer):
 
 def reference_greedy(engine: Engine, prompt, max_new: int) -> list[int]:
     ids = torch.tensor([prompt.token_ids])
-    kwargs = {"pixel_values": prompt.pixel_values.double()} if prompt.pixel_values is not None else {}
+    kwargs = image_tensors(prompt.images, "cpu", torch.float64)
     out = engine.target.model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
         **kwargs,
@@ -177,7 +178,7 @@ def test_greedy_llava_with_image(tiny_model_dirs, draft):
         {"type": "image", "image": image}, {"type": "text", "text": "describe the red circle"},
     ]}]
     prompt = engine.prepare_chat(messages)
-    assert prompt.pixel_values is not None and prompt.num_images == 1
+    assert prompt.images is not None and prompt.num_images == 1
     out = engine.generate(prompt, SamplingParams(max_tokens=30))
     assert out.token_ids == reference_greedy(engine, prompt, 30)
 

@@ -54,7 +54,7 @@ def test_tiny_vlm_greedy_speculative_equals_generate(base, draft):
         out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
         ids = torch.tensor([prompt.token_ids])
         expected = engine.target.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt.pixel_values,
+            input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.images,
             do_sample=False, max_new_tokens=MAX_NEW,
         )[0, ids.shape[1]:].tolist()
         assert out.token_ids == expected

@@ -23,6 +23,7 @@ from specserve.drafting.budget import TreeBudget
 from specserve.kernels.tree import DraftTree
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.outputs import image_tensors
 from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
 
 from ..conftest import CHAT_TEMPLATE, build_tokenizer
@@ -102,9 +103,9 @@ def text_prompt(engine: Engine):
 def reference_greedy(engine: Engine, prompt, max_new: int = MAX_NEW) -> list[int]:
     ids = torch.tensor([prompt.token_ids])
     kwargs = {}
-    if prompt.pixel_values is not None:  # generate computes the M-RoPE positions itself from these
-        kwargs = {"pixel_values": prompt.pixel_values.double(), "image_grid_thw": prompt.image_grid_thw,
-                  "mm_token_type_ids": (ids == engine.target.adapter.image_token_id).long()}
+    if prompt.images is not None:  # generate computes the M-RoPE positions itself from these
+        kwargs = image_tensors(prompt.images, "cpu", torch.float64) | {
+            "mm_token_type_ids": (ids == engine.target.adapter.image_token_id).long()}
     out = engine.target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                        max_new_tokens=max_new, **kwargs)
     return out[0, ids.shape[1]:].tolist()
@@ -115,7 +116,7 @@ def test_adapter_and_image_prompt(model_dir):
     assert isinstance(engine.target.adapter, Qwen2VLAdapter)
     assert isinstance(engine.prompts.processor, ImageOnlyQwen2VLProcessor)  # no torchvision here
     prompt = image_prompt(engine)
-    assert prompt.num_images == 1 and prompt.image_grid_thw.tolist() == [[1, 4, 6]]
+    assert prompt.num_images == 1 and prompt.images["image_grid_thw"].tolist() == [[1, 4, 6]]
     assert prompt.token_ids.count(engine.target.adapter.image_token_id) == 6
     embeds = engine.target.embed(prompt)
     assert embeds.rope_delta == -3  # 6 image tokens take max(2, 3) = 3 positions

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ...engine.outputs import PromptInput
+from ...engine.outputs import PromptInput, image_tensors
 from .prompts import PromptSpec
 
 
@@ -29,7 +29,15 @@ class Example:
     spec: PromptSpec
     token_ids: list[int]  # prompt (image placeholders expanded) + answer
     answer_start: int
-    pixel_values: torch.Tensor | None  # [1, 3, h, w] for image prompts
+    images: dict[str, torch.Tensor] | None  # the prompt's `PromptInput.images`
+
+
+def batch_images(examples) -> dict[str, torch.Tensor]:
+    """The images of several prompts (`Example`s or `PromptInput`s) as one batch: each tensor joined
+    along its image axis, as for families whose processor gives every image the same shape (LLaVA);
+    {} without images."""
+    with_images = [e.images for e in examples if e.images]
+    return {key: torch.cat([images[key] for images in with_images]) for key in (with_images or [{}])[0]}
 
 
 def chat_prompt(engine, spec: PromptSpec) -> PromptInput:
@@ -49,7 +57,7 @@ def generate_examples(
         batch = [chat_prompt(engine, spec) for spec in specs[start : start + batch_size]]
         answers = _generate_batch(engine, batch, max_new_tokens)
         for spec, prompt, answer in zip(specs[start : start + batch_size], batch, answers):
-            examples.append(Example(spec, prompt.token_ids + answer, len(prompt.token_ids), prompt.pixel_values))
+            examples.append(Example(spec, prompt.token_ids + answer, len(prompt.token_ids), prompt.images))
     return examples
 
 
@@ -57,15 +65,12 @@ def generate_examples(
 def _generate_batch(engine, prompts: list[PromptInput], max_new_tokens: int) -> list[list[int]]:
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     width = max(len(p.token_ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=engine.target.device)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt.token_ids):] = torch.tensor(prompt.token_ids)
+        ids[row, width - len(prompt.token_ids):] = torch.tensor(prompt.token_ids, device=ids.device)
         mask[row, width - len(prompt.token_ids):] = 1
-    extra = {}
-    pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if pixels:
-        extra["pixel_values"] = torch.cat(pixels).to(engine.target.dtype)
+    extra = image_tensors(batch_images(prompts), engine.target.device, engine.target.dtype)
     model = engine.target.model
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
@@ -89,7 +94,7 @@ def load_examples(engine, path: Path) -> list[Example]:
     for row in json.loads(Path(path).read_text()):
         spec = PromptSpec(row["text"], row["image"])
         prompt = chat_prompt(engine, spec)
-        examples.append(Example(spec, prompt.token_ids + row["answer"], len(prompt.token_ids), prompt.pixel_values))
+        examples.append(Example(spec, prompt.token_ids + row["answer"], len(prompt.token_ids), prompt.images))
     return examples
 
 

@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 from ....drafting.eagle_head import EagleHead
 from ....drafting.eagle_inputs import prompt_entries
-from .data import Example
+from ...engine.outputs import image_tensors
+from .data import Example, batch_images
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ def teacher_pass(target, examples: list[Example]) -> TeacherPass:
         ids[row, : lengths[row]] = torch.tensor(example.token_ids)
     embeds = target.embed_tokens(ids)
     image_mask = torch.zeros_like(ids, dtype=torch.bool)
-    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
-    if pixels:
-        features = target.adapter.image_features(torch.cat(pixels).to(target.device, target.dtype))
+    images = image_tensors(batch_images(examples), target.device, target.dtype)
+    if images:
+        features = target.adapter.image_features(images)
         image_mask = ids == target.adapter.image_token_id
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
     hidden = target.adapter.decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
