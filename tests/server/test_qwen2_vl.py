@@ -6,6 +6,7 @@ without torchvision."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,26 @@ from PIL import Image
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from specserve.drafting.budget import TreeBudget
+from specserve.drafting.budget import TreeBudget, TreeMode
+from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle_head import ImageMode
+from specserve.kernels.sampling import process_logits
 from specserve.kernels.tree import DraftTree
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.outputs import image_tensors
 from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
 
-from ..conftest import CHAT_TEMPLATE, build_tokenizer
+from ..conftest import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 from .test_engine_batch import run_batched
+from .test_engine_sampling import SAMPLES, chi_square_ok
 
 # (config, model, vision tower): 8x8 patches merged 2x2 into the LM's 64 dimensions
 VISION = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
@@ -180,3 +187,93 @@ def test_verify_needs_the_rope_delta(model_dir):
     right = target.verify(tree, cache, [0], [length], [embeds.rope_delta]).logits
     wrong = target.verify(tree, cache, [0], [length]).logits
     assert not torch.allclose(right, wrong)
+
+
+@pytest.fixture(scope="module")
+def text_draft_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 text LM with the same tokenizer: a separate draft LM for the VLM target."""
+    return make_tiny_model("qwen2", tmp_path_factory.mktemp("draft-lm"), seed=1)
+
+
+def test_greedy_with_a_draft_lm(model_dir, text_draft_dir):
+    """A separate text draft LM drafts for an M-RoPE target (its own 1-row positions: what it proposes
+    is verified at the target's positions), an image prompt and a text prompt."""
+    engine = engine_for(model_dir, str(text_draft_dir))
+    for prompt in (image_prompt(engine), text_prompt(engine)):
+        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
+        assert out.token_ids == reference_greedy(engine, prompt)
+        assert out.metrics.proposed_draft_tokens > 0
+
+
+@pytest.mark.parametrize("mode", list(ImageMode))
+def test_greedy_with_a_random_eagle_head(model_dir, random_head_dir, mode):
+    """An EAGLE/MSD head (random weights) in every image mode drafts for an M-RoPE target with an
+    image, alone and in a batch with a text prompt; output == generate."""
+    engine = engine_for(model_dir, str(random_head_dir(model_dir, mode)))
+    assert isinstance(engine.proposer, EagleProposer)
+    prompts = [image_prompt(engine), text_prompt(engine)]
+    params = SamplingParams(max_tokens=MAX_NEW)
+    tokens, largest, _ = run_batched(engine, [(0, prompts[0], params), (0, prompts[1], params)])
+    assert largest == 2
+    for i, prompt in enumerate(prompts):
+        assert tokens[i] == reference_greedy(engine, prompt), i
+
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_vl_dir(tmp_path_factory) -> Path:
+    return make_tiny_qwen_vl("qwen2_5_vl", tmp_path_factory.mktemp("qwen2_5_vl-sampling"))
+
+
+@pytest.fixture(scope="module")
+def own_lm_draft_dir(qwen2_5_vl_dir, tmp_path_factory) -> Path:
+    """A text-only Qwen2 LM holding the target's own language-model weights (1-row RoPE, image
+    placeholders seen as tokens): a draft LM close enough to the target to be accepted often."""
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen2_5_vl_dir)
+    text = vlm.config.text_config
+    config = Qwen2Config(**{key: getattr(text, key) for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "eos_token_id", "bos_token_id", "pad_token_id")},
+        tie_word_embeddings=False)
+    draft = Qwen2ForCausalLM(config)
+    draft.model.load_state_dict(vlm.model.language_model.state_dict())
+    draft.lm_head.load_state_dict(vlm.lm_head.state_dict())
+    path = tmp_path_factory.mktemp("own-lm-draft")
+    draft.save_pretrained(path)
+    build_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", [TreeMode.DYNAMIC, TreeMode.CHAIN])
+def test_sampling_with_an_image_follows_the_target(qwen2_5_vl_dir, own_lm_draft_dir, mode):
+    """Seeded sampling (temperature 2, top-k 3: at most 9 pairs) after an image prompt, drafted by a
+    draft LM (dynamic trees, or a chain sampled from q): the first two tokens follow the target's own
+    processed distribution at its M-RoPE positions (chi-square, the engine sampling tests' statistic),
+    with drafts accepted on the way."""
+    tree = TreeBudget(depth=3, branching=2, draft_nodes=6, mode=mode)
+    engine = Engine.from_config(EngineConfig(model=str(qwen2_5_vl_dir), draft=str(own_lm_draft_dir),
+                                             dtype="float64", batch_tree_tokens=0, tree=tree))
+    prompt = image_prompt(engine)
+    params = SamplingParams(max_tokens=3, temperature=2.0, top_k=3, ignore_eos=True)
+    model, ids = engine.target.model, torch.tensor([prompt.token_ids])
+    images = image_tensors(prompt.images, "cpu", torch.float64)
+
+    @torch.no_grad()
+    def processed(tokens: list[int]) -> torch.Tensor:  # the target's next-token distribution after them
+        context = torch.cat([ids, torch.tensor([tokens], dtype=torch.long)], dim=1)
+        types = (context == engine.target.adapter.image_token_id).long()
+        logits = model(input_ids=context, mm_token_type_ids=types, **images).logits[0, -1].double()
+        return process_logits(logits, params.temperature, params.top_p, params.top_k).double()
+
+    first = processed([])
+    pairs = {(a, b): float(first[a] * p_b) for a in first.nonzero().flatten().tolist()
+             for b, p_b in enumerate(processed([a]).tolist()) if p_b > 0}
+    counts = dict.fromkeys(pairs, 0)
+    accepted = 0
+    for seed in range(SAMPLES):
+        out = engine.generate(prompt, replace(params, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1  # a pair outside the support fails here
+        accepted += out.metrics.accepted_draft_tokens
+    ok, stat = chi_square_ok(torch.tensor(list(counts.values())), torch.tensor(list(pairs.values())))
+    assert ok, f"chi-square {stat:.1f}: sampled pairs do not follow the target's distribution"
+    assert accepted > 0  # speculation was tested, not only the target's own sampling
