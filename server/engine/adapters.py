@@ -49,6 +49,11 @@ class CausalLMAdapter:
         None: position = token index, the decoder's own default."""
         return None
 
+    def bidirectional_blocks(self, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """Spans of a prompt with images (`token_ids` [1, L]) whose tokens see each other both ways in
+        prefill (`kernels.blocks`): [L] long, the span's id at its tokens, -1 elsewhere; None: causal."""
+        return None
+
     def load_processor(self, path: str):
         """The processor that turns chats with images into token ids and pixel values."""
         return AutoProcessor.from_pretrained(path)

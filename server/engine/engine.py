@@ -181,8 +181,9 @@ class Engine:
     @torch.inference_mode()
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput | Exception | None]:
         """Advance every sequence by one step: new sequences take the next chunk of their prompts (up to
-        `prefill_chunk_tokens` prompt tokens per turn over all of them, first come first served; one
-        forward each), all the others are verified together in ONE target forward. Results come in
+        `prefill_chunk_tokens` prompt tokens per turn over all of them, first come first served, one
+        forward each; a chunk that starts a bidirectional block takes all of it, which may overdraw the
+        turn's budget), all the others are verified together in ONE target forward. Results come in
         the order of `seqs`: None for a sequence still prefilling (nothing to emit yet), the
         exception for a sequence whose own part failed (only it), else its output."""
         if any(seq.finished or seq.slot < 0 for seq in seqs):
@@ -191,10 +192,10 @@ class Engine:
         budget = self.config.prefill_chunk_tokens or max(seq.prompt_len for seq in seqs)
         for seq in seqs:
             if not seq.prefilled:
-                chunk = min(budget, seq.prompt_len - seq.prefix_len)
+                start = seq.prefix_len
                 outputs[id(seq)] = per_sequence(
-                    lambda: prefill(seq, self.target, self.proposer, self.cache, chunk)) if chunk else None
-                budget -= chunk
+                    lambda: prefill(seq, self.target, self.proposer, self.cache, budget)) if budget > 0 else None
+                budget -= seq.prefix_len - start  # the chunk prefill took, which may differ from the budget
         decoding = [seq for seq in seqs if id(seq) not in outputs]
         if decoding:
             with self.stopwatch.adds_to([seq.metrics for seq in decoding], "step_seconds"):

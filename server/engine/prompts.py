@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from PIL import Image
+from transformers.image_processing_utils import select_best_resolution
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import get_image_size_for_max_height_width
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -40,7 +41,9 @@ class PromptBuilder:
         """Refuse an image whose processing would be extreme, from its size alone (known from the
         file's header, before its pixels are decoded). Tokens need no check of their own: a LLaVA
         processor makes the same number of image tokens for every image (its crop's patches), a
-        Qwen2-VL one at most its pixel bound over (patch * merge)^2."""
+        Qwen2-VL one at most its pixel bound over (patch * merge)^2, an Idefics3 one at most
+        (tiles of its longest edge + 1) x its tokens per tile, an anyres one (LLaVA-NeXT, OneVision)
+        at most (its largest grid pinpoint's tiles + 1) x its tokens per tile, plus one per row."""
         if not self.multimodal:
             raise RequestError("this model does not accept images", param="messages")
         if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
@@ -92,6 +95,13 @@ def processed_size(image_processor, height: int, width: int) -> tuple[int, int]:
     if getattr(image_processor, "merge_size", None):  # Qwen2-VL: `size` bounds the pixel count, not an edge
         factor = image_processor.patch_size * image_processor.merge_size
         return smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
+    if getattr(image_processor, "image_grid_pinpoints", None):  # anyres: onto the best pinpoint, then tiles
+        return select_best_resolution((height, width), image_processor.image_grid_pinpoints)
+    if isinstance(getattr(image_processor, "max_image_size", None), dict):  # Idefics3/SmolVLM: the longest
+        # edge to `size`, then rows x cols tiles of `max_image_size` (the processor's own count); uncut, at most L x L
+        _, rows, cols = image_processor.get_number_of_image_patches(height, width)
+        tile = image_processor.max_image_size["longest_edge"]
+        return (rows * tile, cols * tile) if rows else (size["longest_edge"], size["longest_edge"])
     if size.get("shortest_edge"):  # CLIP/LLaVA: the shortest edge to this, the other one scaled
         return get_size_with_aspect_ratio((height, width), size["shortest_edge"], size.get("longest_edge"))
     if size.get("max_height") and size.get("max_width"):

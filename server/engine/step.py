@@ -30,14 +30,15 @@ from .target import TargetModel
 def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotCache,
             max_tokens: int) -> StepOutput | None:
     """The next chunk of the prompt (at most `max_tokens` tokens) through the target; the vision tower
-    runs once, before the first chunk. After the last chunk the drafter is opened and the first token
-    emitted; before it there is nothing to emit (None)."""
+    runs once, before the first chunk. A chunk never cuts a bidirectional block (Gemma 3's images): it
+    stops before one, or takes a whole block that starts it even past `max_tokens`. After the last
+    chunk the drafter is opened and the first token emitted; before it there is nothing to emit (None)."""
     if seq.prefill is None:
         seq.prefill = PendingPrefill(target.embed(seq.prompt))
     pending, start = seq.prefill, seq.prefix_len
-    end = min(seq.prompt_len, start + max_tokens)
+    end = pending.prompt.chunk_end(start, min(seq.prompt_len, start + max_tokens))
     hidden = target.prefill(pending.prompt.embeds[:, start:end], cache, seq.slot, start,
-                            pending.prompt.position_ids(start, end))
+                            pending.prompt.position_ids(start, end), pending.prompt.chunk_blocks(start, end))
     seq.prefix_len = end
     needs_hidden = proposer.needs_hidden_states
     if needs_hidden:

@@ -13,14 +13,29 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, LlavaConfig, PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import (
+    AutoConfig,
+    Gemma3Config,
+    Idefics3Config,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    PretrainedConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    SmolVLMConfig,
+)
 
 from ...kernels import grouped_attention
+from ...kernels.blocks import chunk_end, prefill_mask
 from ...kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import DraftTree
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
 from .adapters import CausalLMAdapter, LlavaAdapter, RopeIndex
+from .gemma3 import Gemma3Adapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .outputs import PromptInput, image_tensors
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -43,10 +58,19 @@ class PromptEmbeds:
     embeds: torch.Tensor  # [1, L, H] what the decoder consumes (visual embeddings at image slots)
     image_mask: torch.Tensor  # [1, L] bool, True at image placeholder positions
     rope: RopeIndex | None = None  # M-RoPE positions of a prompt with images; None: position = index
+    blocks: torch.Tensor | None = None  # [L] bidirectional block id per token, -1 outside (`kernels.blocks`)
 
     def position_ids(self, start: int, end: int) -> torch.Tensor | None:
         """Positions of prompt tokens [start, end) ([3, 1, n]), or None where they are the indices."""
         return None if self.rope is None else self.rope.position_ids[..., start:end]
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """Where a prefill chunk [start, end) ends so that it cuts no bidirectional block."""
+        return end if self.blocks is None else chunk_end(self.blocks, start, end)
+
+    def chunk_blocks(self, start: int, end: int) -> torch.Tensor | None:
+        """Block ids of prompt tokens [start, end) for `TargetModel.prefill`; None: a causal prompt."""
+        return None if self.blocks is None else self.blocks[start:end]
 
     @property
     def rope_delta(self) -> int:
@@ -57,8 +81,13 @@ class PromptEmbeds:
 # Model families keyed by config class: a new family registers here instead of adding a name check.
 ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {
     LlavaConfig: LlavaAdapter,
+    LlavaNextConfig: LlavaNextAdapter,
+    LlavaOnevisionConfig: LlavaOnevisionAdapter,
     Qwen2VLConfig: Qwen2VLAdapter,
     Qwen2_5_VLConfig: Qwen2VLAdapter,
+    Gemma3Config: Gemma3Adapter,
+    Idefics3Config: Idefics3Adapter,
+    SmolVLMConfig: SmolVLMAdapter,
 }
 
 
@@ -147,18 +176,22 @@ class TargetModel:
             features = self.adapter.image_features(images)
             image_mask = ids == self.adapter.image_token_id
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, images))
+        blocks = self.adapter.bidirectional_blocks(ids) if images else None
+        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, images), blocks)
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, cache: SlotCache, slot: int, offset: int,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Run prompt embeddings [1, n, H] into `slot` after its `offset` cached tokens (a whole prompt,
         or one chunk of it); returns the last hidden states [1, n, H]. `position_ids`: the chunk's
-        M-RoPE positions (`PromptEmbeds.position_ids`); None: the model's own (the cache indices)."""
+        M-RoPE positions (`PromptEmbeds.position_ids`); None: the model's own (the cache indices).
+        `blocks`: the chunk's bidirectional block ids ([n], `PromptEmbeds.chunk_blocks`; the chunk holds
+        whole blocks), which then see each other both ways; None: causal."""
         cache.bind([slot], [offset], embeds.shape[1])
-        # one row, no padding: the model's own causal mask fits
-        return self.adapter.decoder(inputs_embeds=embeds, position_ids=position_ids, cache=cache,
-                                    use_cache=True).last_hidden_state
+        # one row, no padding: the model's own causal mask fits a causal chunk
+        mask = None if blocks is None else prefill_mask(blocks, offset, self.dtype)
+        return self.adapter.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                    cache=cache, use_cache=True).last_hidden_state
 
     @torch.inference_mode()
     def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int],
