@@ -70,8 +70,10 @@ def hf_methods(target: TargetModel, assistants: dict[str, torch.nn.Module], tree
 
     def run(prompt: PromptInput, max_new, **kwargs):
         ids = torch.tensor([prompt.token_ids], device=target.device)
-        # the engine's own input: processor-expanded ids and the processor's image tensors
-        kwargs |= image_tensors(prompt.images, target.device, target.dtype)
+        # the engine's own input: processor-expanded ids, the processor's image tensors and the token
+        # types some families need to place them (M-RoPE positions, Gemma 3's bidirectional images)
+        if prompt.images:
+            kwargs |= image_tensors(prompt.images, target.device, target.dtype) | target.adapter.token_types(ids)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new, **kwargs)
         return out[0, ids.shape[1]:].tolist()

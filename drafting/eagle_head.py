@@ -6,9 +6,12 @@ never duplicated in memory nor saved with the head.
 
 Checkpoints use the layout EAGLE-1 and MSD publish: a folder with `config.json` (the base model's
 config with one hidden layer) and `model.safetensors` or `pytorch_model.bin` holding `fc.*` and
-`layers.0.*`. EAGLE-1/MSD drop layer 0's `input_layernorm` and sometimes ship `embed_tokens.weight`;
-both are handled here. specserve's own heads add a `specserve_draft` section to `config.json` with
-the image mode; a checkpoint without it is taken to be an MSD head (visual tokens decoupled).
+`layers.0.*`. EAGLE-1/MSD drop layer 0's `input_layernorm` for LLaMA-family bases and sometimes ship
+`embed_tokens.weight`; both are handled here. MSD's Qwen2-VL heads keep the input norm and come with a
+flat Qwen2-VL config (`model_type` "qwen2_vl", an "mrope" `rope_scaling`, the vision tower's settings);
+only the layer sizes (`LAYER_FIELDS`) are read from any config. specserve's own heads add a
+`specserve_draft` section to `config.json` with the image mode; a checkpoint without it is taken to
+be an MSD head (visual tokens decoupled).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ Worked example (decoupled_pooled, stride 2): tokens t0 t1 I2 I3 I4 I5 t6, a 2x2 
 Drafter positions count the drafter's own entries (0, 1, 2 here), so after an image of m tokens the
 text sits m - m / stride^2 positions earlier for the drafter than for the target; RoPE only sees
 relative offsets, and training builds the same compacted sequence, so the head learns this layout.
+For an M-RoPE target (Qwen2-VL) the head is a layer of the target's family whose rotary puts the
+drafter position on all three rows, i.e. plain RoPE over the entries (as MSD's Qwen2-VL heads): the
+target's (t, h, w) image positions never reach the head, in training or in drafting.
 """
 
 from __future__ import annotations

@@ -38,13 +38,20 @@ def chunk_end(blocks: Tensor, start: int, end: int) -> int:
     return first if first > start else last
 
 
-def prefill_mask(blocks: Tensor, offset: int, dtype: torch.dtype) -> Tensor:
+def prefill_mask(blocks: Tensor, offset: int, dtype: torch.dtype, window: int | None = None) -> Tensor:
     """Additive mask [1, 1, n, offset + n] of a prefill chunk of n tokens after `offset` cached ones,
     `blocks` [n] the chunk's own block ids (a chunk holds whole blocks, `chunk_end`): each token sees
-    every cached token, the chunk's tokens up to itself, and all of its own block."""
+    every cached token, the chunk's tokens up to itself, and all of its own block.
+
+    `window`: a sliding-window layer's mask, which also hides every key `window` or more tokens before
+    the query, in its block or not (Gemma 3's sliding layers: window AND (causal OR block)); later
+    tokens of its block stay visible. In the example with window 2, query 2 sees 1..4, query 4 sees
+    3 and 4 (not its block's first token), query 5 sees 4 and 5."""
     n = blocks.shape[0]
-    queries = torch.arange(n, device=blocks.device)
-    causal = queries[None, :] <= queries[:, None]  # [n, n]
-    same_block = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
-    cached = torch.ones(n, offset, dtype=torch.bool, device=blocks.device)
-    return additive_mask(torch.cat([cached, causal | same_block], dim=1), dtype)
+    queries = torch.arange(offset, offset + n, device=blocks.device)
+    keys = torch.arange(offset + n, device=blocks.device)
+    allowed = keys[None, :] <= queries[:, None]  # [n, offset + n]: every cached token, the chunk up to itself
+    allowed[:, offset:] |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)  # the own block
+    if window is not None:
+        allowed &= keys[None, :] > queries[:, None] - window
+    return additive_mask(allowed, dtype)

@@ -15,10 +15,12 @@ other sets as one gather.
 Example: rows [0, 2] with offsets [5, 3] and a tree of 4 nodes write slot 0 at positions 5..8 and
 slot 2 at 3..6, and attention sees keys [2, H, 9, D] (width = max offset + 4).
 
-This is a transformers `Cache`, so the stock model forward runs on it unchanged. Only full-attention
-layers are supported (the compaction of accepted rows gathers positions, which a sliding-window
-layer's rolling buffer cannot express); `TargetModel.max_context` keeps sliding-window models inside
-their window.
+This is a transformers `Cache`, so the stock model forward runs on it unchanged. Sliding-window
+layers keep every row too, as full-attention ones do, and report themselves as full layers (so the
+model's own masks index keys by their absolute cache position): no rolling buffer, since compaction
+gathers rows by position and every layer of a forward shares one binding. Their masks hide the rows
+past the window instead (`kernels.tree.LayerMasks`; the decoder's own sliding mask in a causal prefill
+chunk), so a context longer than the window is served exactly, at full attention's memory.
 
 ## Compaction
 

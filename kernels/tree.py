@@ -1,4 +1,5 @@
-"""Draft trees: the ancestor closure, the tree attention mask, position ids and root-to-leaf paths.
+"""Draft trees: the ancestor closure, the tree attention mask, position ids and root-to-leaf paths;
+`LayerMasks`, how a decoder whose layers attend differently (full / sliding window) takes its masks.
 
 Conventions every caller relies on:
 
@@ -10,6 +11,7 @@ Conventions every caller relies on:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -77,7 +79,8 @@ class DraftTree:
         """
         return int(self.depths.max())
 
-    def attention_mask(self, prefix_len: int | Tensor, dtype: torch.dtype, width: int | None = None) -> Tensor:
+    def attention_mask(self, prefix_len: int | Tensor, dtype: torch.dtype, width: int | None = None,
+                       window: int | None = None) -> Tensor:
         """Additive mask [B, 1, N, width] for verifying the tree after a cached prefix.
 
         prefix_len: an int, or [B] long when every row has its own prefix (a batch of sequences);
@@ -88,10 +91,18 @@ class DraftTree:
         fully masked row cannot turn into NaN). Pass it to a HF model as ``attention_mask`` with
         `position_ids`.
 
+        window: a sliding-window layer's mask: a node also loses the keys `window` or more tokens before
+        it, counted in plain decoding's order (prefix key k sits at k, ancestor j at prefix_len + depth j,
+        the node itself at prefix_len + its depth), as transformers' sliding masks count.
+
         Example (one row, prefix_len 2, width 6, tree 0 -> 1, 0 -> 2): allowed keys per node
             node 0: [1 1 | 1 0 0 | 0]
             node 1: [1 1 | 1 1 0 | 0]
             node 2: [1 1 | 1 0 1 | 0]
+        with window 2, node 0 (at 2) loses key 0, nodes 1 and 2 (at 3) lose keys 0 and 1:
+            node 0: [0 1 | 1 0 0 | 0]
+            node 1: [0 0 | 1 1 0 | 0]
+            node 2: [0 0 | 1 0 1 | 0]
         """
         batch, n = self.tokens.shape
         device = self.tokens.device
@@ -102,6 +113,12 @@ class DraftTree:
         allowed = (keys < prefix_len[:, None]).expand(n, batch, width).transpose(0, 1).clone()  # [B, N, W]
         slots = (prefix_len[:, None] + torch.arange(n, device=device))[:, None, :].expand(batch, n, n)
         allowed.scatter_(2, slots, self.ancestors)
+        if window is not None:
+            # each key's place in plain decoding: its index in the prefix, prefix + depth in the tree
+            places = keys.expand(batch, width).clone()
+            places.scatter_(1, slots[:, 0], prefix_len[:, None] + self.depths)
+            queries = prefix_len[:, None] + self.depths  # [B, N]
+            allowed &= places[:, None, :] > queries[:, :, None] - window
         return additive_mask(allowed, dtype)
 
     def position_ids(self, prefix_len: int | Tensor) -> Tensor:
@@ -160,6 +177,41 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None] if allowed.dim() == 2 else mask[:, None]
+
+
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' `config.layer_types` names
+
+
+@dataclass(frozen=True)
+class LayerMasks:
+    """The `attention_mask` a decoder takes when some of its layers see only a sliding window.
+
+    transformers' decoders take either one 4D mask for every layer or, where the config lists
+    `layer_types`, a dict of 4D masks keyed by layer type. Every cached row stays in the slot cache;
+    a sliding-window layer's mask hides the rows `window` or more tokens before the query.
+    """
+
+    window: int | None = None  # the sliding layers' window; None: no layer slides
+    layer_types: tuple[str, ...] = ()  # the config's layer types; (): every layer alike
+
+    @classmethod
+    def of(cls, config) -> LayerMasks:
+        """From a text config: a `sliding_window` applies to the "sliding_attention" layers of its
+        `layer_types`, or to every layer when it lists none (Mistral, Mixtral, Phi-3, Starcoder2)."""
+        types = tuple(sorted(set(getattr(config, "layer_types", None) or ())))
+        window = getattr(config, "sliding_window", None)
+        if not window or (types and SLIDING not in types):
+            return cls()
+        return cls(int(window), types)
+
+    def __call__(self, mask: Callable[[int | None], Tensor]) -> Tensor | dict[str, Tensor]:
+        """`mask(window)` -> an additive 4D mask whose keys lie less than `window` tokens before their
+        query (None: no limit), as the decoder's `attention_mask`."""
+        if self.window is None:
+            return mask(None)
+        if not self.layer_types:
+            return mask(self.window)
+        return {kind: mask(self.window if kind == SLIDING else None) for kind in self.layer_types}
 
 
 def _validate(tokens: Tensor, parents: Tensor) -> None:

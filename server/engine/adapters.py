@@ -14,6 +14,15 @@ from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditiona
 
 
 @dataclass(frozen=True)
+class ImageEmbeds:
+    """What a prompt's images become for the decoder."""
+
+    features: torch.Tensor  # [num_image_tokens, H] the embeddings at the image tokens, in prompt order
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: per early layer, [num_image_tokens, H] added
+    # to that layer's output at the image tokens
+
+
+@dataclass(frozen=True)
 class RopeIndex:
     """A prompt's rotary positions where they are not the token indices (M-RoPE with images)."""
 
@@ -31,7 +40,7 @@ class CausalLMAdapter:
 
     @property
     def decoder(self) -> torch.nn.Module:
-        return self.model.model
+        return self.model.base_model  # `model.model` (Llama, Qwen, ...), `transformer` (GPT-2, Falcon), ...
 
     @property
     def text_config(self) -> PretrainedConfig:
@@ -44,10 +53,20 @@ class CausalLMAdapter:
         dtype), concatenated in prompt order: [num_image_tokens, H], one row per image token."""
         raise ValueError("this model does not take images")
 
+    def embed_images(self, images: dict[str, torch.Tensor]) -> ImageEmbeds:
+        """Everything the decoder takes of a prompt's images: `image_features`, and what a family adds
+        inside the decoder (Qwen3-VL's deepstack features)."""
+        return ImageEmbeds(self.image_features(images))
+
     def rope_index(self, token_ids: torch.Tensor, images: dict[str, torch.Tensor]) -> RopeIndex | None:
         """Rotary positions of a prompt (`token_ids` [1, L], its `images` as for `image_features`);
         None: position = token index, the decoder's own default."""
         return None
+
+    def token_types(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model's own `forward` / `generate` needs, besides the images, to tell a prompt's
+        image tokens from its text (`token_ids` [B, L]): {} for most families."""
+        return {}
 
     def bidirectional_blocks(self, token_ids: torch.Tensor) -> torch.Tensor | None:
         """Spans of a prompt with images (`token_ids` [1, L]) whose tokens see each other both ways in

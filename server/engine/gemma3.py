@@ -9,10 +9,10 @@ In prefill the tokens of one run of image tokens attend to each other both ways 
 from `token_type_ids`), the rest causally; after the prompt everything is causal.
 `bidirectional_blocks` numbers those runs with the model's own `get_block_sequence_ids_for_mask`, so
 the engine's prefill mask groups tokens as the model's does, and chunked prefill never cuts an image
-(`kernels.blocks`). The decoder uses the engine's 4D additive masks as given for its sliding-window
-and full-attention layers alike; sliding-window models are served up to their window
-(`TargetModel.max_context`), where the two masks agree. Text embeddings are scaled inside the
-model's embedding layer, so `get_input_embeddings()` returns what the decoder consumes.
+(`kernels.blocks`). Sliding-window layers get the engine's masks limited to their window
+(`TargetModel.layer_masks`); in prefill: window AND (causal OR image block), the model's own rule.
+Text embeddings are scaled inside the model's embedding layer, so `get_input_embeddings()` returns
+what the decoder consumes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ class Gemma3Adapter(VisionLanguageAdapter):
         out = self.model.model.get_image_features(images["pixel_values"], return_dict=True)
         return out.pooler_output.flatten(0, 1)
 
+    def token_types(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The processor's `token_type_ids` (image 1, text 0): without them `generate` prefills causally."""
+        return {"token_type_ids": (token_ids == self.image_token_id).long()}
+
     def bidirectional_blocks(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[L]: each run of image tokens numbered 0, 1, ... in prompt order, -1 at text tokens."""
-        token_types = (token_ids == self.image_token_id).long()  # the processor's token_type_ids
+        token_types = self.token_types(token_ids)["token_type_ids"]
         return get_block_sequence_ids_for_mask(token_types, device=token_ids.device)[0]

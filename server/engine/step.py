@@ -38,7 +38,7 @@ def prefill(seq: Sequence, target: TargetModel, proposer: Proposer, cache: SlotC
     pending, start = seq.prefill, seq.prefix_len
     end = pending.prompt.chunk_end(start, min(seq.prompt_len, start + max_tokens))
     hidden = target.prefill(pending.prompt.embeds[:, start:end], cache, seq.slot, start,
-                            pending.prompt.position_ids(start, end), pending.prompt.chunk_blocks(start, end))
+                            pending.prompt.chunk_inputs(start, end))
     seq.prefix_len = end
     needs_hidden = proposer.needs_hidden_states
     if needs_hidden:

@@ -10,10 +10,14 @@ ids as ordinary forward arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    MODEL_FOR_MULTIMODAL_LM_MAPPING,
     AutoConfig,
     Gemma3Config,
     Idefics3Config,
@@ -23,6 +27,7 @@ from transformers import (
     PretrainedConfig,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
+    Qwen3VLConfig,
     SmolVLMConfig,
 )
 
@@ -30,14 +35,14 @@ from ...kernels import grouped_attention
 from ...kernels.blocks import chunk_end, prefill_mask
 from ...kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
-from ...kernels.tree import DraftTree
+from ...kernels.tree import FULL, SLIDING, DraftTree, LayerMasks
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
 from .adapters import CausalLMAdapter, LlavaAdapter, RopeIndex
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .outputs import PromptInput, image_tensors
-from .qwen2_vl import Qwen2VLAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen3VLAdapter
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -59,18 +64,31 @@ class PromptEmbeds:
     image_mask: torch.Tensor  # [1, L] bool, True at image placeholder positions
     rope: RopeIndex | None = None  # M-RoPE positions of a prompt with images; None: position = index
     blocks: torch.Tensor | None = None  # [L] bidirectional block id per token, -1 outside (`kernels.blocks`)
-
-    def position_ids(self, start: int, end: int) -> torch.Tensor | None:
-        """Positions of prompt tokens [start, end) ([3, 1, n]), or None where they are the indices."""
-        return None if self.rope is None else self.rope.position_ids[..., start:end]
+    deepstack: list[torch.Tensor] | None = None  # per early decoder layer: [num_image_tokens, H] (Qwen3-VL)
+    masks: LayerMasks = LayerMasks()  # how the decoder takes a block mask (`TargetModel.layer_masks`)
 
     def chunk_end(self, start: int, end: int) -> int:
         """Where a prefill chunk [start, end) ends so that it cuts no bidirectional block."""
         return end if self.blocks is None else chunk_end(self.blocks, start, end)
 
-    def chunk_blocks(self, start: int, end: int) -> torch.Tensor | None:
-        """Block ids of prompt tokens [start, end) for `TargetModel.prefill`; None: a causal prompt."""
-        return None if self.blocks is None else self.blocks[start:end]
+    def chunk_inputs(self, start: int, end: int) -> dict:
+        """The decoder's inputs for prompt tokens [start, end) beyond their embeddings, by family: M-RoPE
+        `position_ids` [3, 1, n]; an `attention_mask` where the chunk holds bidirectional blocks (whole
+        ones, `chunk_end`); the chunk's rows of the deepstack features and where its image tokens are.
+        {}: a causal chunk at positions = cache indices, the decoder's own defaults."""
+        inputs = {}
+        if self.rope is not None:
+            inputs["position_ids"] = self.rope.position_ids[..., start:end]
+        if self.blocks is not None:
+            blocks, dtype = self.blocks[start:end], self.embeds.dtype
+            inputs["attention_mask"] = self.masks(lambda window: prefill_mask(blocks, start, dtype, window))
+        chunk_images = self.image_mask[:, start:end]
+        if self.deepstack is not None and chunk_images.any():
+            first = int(self.image_mask[:, :start].sum())  # image rows of the earlier chunks
+            rows = slice(first, first + int(chunk_images.sum()))
+            inputs["visual_pos_masks"] = chunk_images
+            inputs["deepstack_visual_embeds"] = [features[rows] for features in self.deepstack]
+        return inputs
 
     @property
     def rope_delta(self) -> int:
@@ -85,6 +103,7 @@ ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {
     LlavaOnevisionConfig: LlavaOnevisionAdapter,
     Qwen2VLConfig: Qwen2VLAdapter,
     Qwen2_5_VLConfig: Qwen2VLAdapter,
+    Qwen3VLConfig: Qwen3VLAdapter,
     Gemma3Config: Gemma3Adapter,
     Idefics3Config: Idefics3Adapter,
     SmolVLMConfig: SmolVLMAdapter,
@@ -106,6 +125,7 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
         raise ValueError(f"--quantization {quantization} runs on CPU only (torch's weight-only kernels), "
                          f"not on {device}")
     config = AutoConfig.from_pretrained(path)
+    check_supported(config)
     adapter_cls = ADAPTERS.get(type(config), CausalLMAdapter)
     model = adapter_cls.model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
     adapter = adapter_cls(model)
@@ -124,6 +144,33 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
         if isinstance(head, nn.Linear):
             model.set_output_embeddings(PackedLinear(head, keep_weight=True))
     return adapter
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise ValueError, before any weights load, for a model the engine cannot serve exactly.
+
+    Served: the families in `ADAPTERS`, and text-only causal LMs (`AutoModelForCausalLM`) whose layers
+    all attend over the KV cache (full or sliding-window attention). Refused: a multimodal config not in
+    `ADAPTERS` (transformers files it under image-text-to-text or multimodal LMs, or it holds a
+    `vision_config` / `audio_config`): as a causal LM it would load without its images, if at all; a
+    config that is no causal LM; `layer_types` of other kinds (linear / recurrent, chunked attention)."""
+    kind = type(config)
+    if kind in ADAPTERS:
+        return
+    sub_configs = set(getattr(config, "sub_configs", None) or ())
+    if (kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING or kind in MODEL_FOR_MULTIMODAL_LM_MAPPING
+            or sub_configs & {"vision_config", "audio_config"}):
+        families = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
+        raise ValueError(f"{kind.__name__} ({config.model_type}) is a multimodal model family specserve does not "
+                         f"serve; vision-language families served: {families}; text-only causal LMs load "
+                         "through AutoModelForCausalLM")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{kind.__name__} ({config.model_type}) is not a causal language model "
+                         "(AutoModelForCausalLM has no class for it)")
+    others = set(getattr(config, "layer_types", None) or ()) - {FULL, SLIDING}
+    if others:
+        raise ValueError(f"{kind.__name__} has {', '.join(sorted(others))} layers; the KV slot cache serves "
+                         f"{FULL} and {SLIDING} layers only")
 
 
 class TargetModel:
@@ -146,11 +193,16 @@ class TargetModel:
 
     @property
     def max_context(self) -> int:
-        """Longest sequence served exactly. The cache keeps every row (tree compaction gathers rows, which
-        sliding-window layers cannot do), so sliding-window models are served up to their window."""
-        limit = int(getattr(self.config, "max_position_embeddings", 2048))
-        window = getattr(self.config, "sliding_window", None)
-        return min(limit, window) if window else limit
+        """Longest sequence served: the model's `max_position_embeddings`. Sliding-window models too:
+        the cache keeps every row and their sliding layers' masks hide what lies past the window
+        (`layer_masks`), so a context longer than the window is served exactly."""
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @cached_property
+    def layer_masks(self) -> LayerMasks:
+        """How the decoder takes its attention masks: one for every layer, or one per layer type with the
+        sliding-window layers' limited to their window."""
+        return LayerMasks.of(self.config)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one cached token takes over all decoder layers."""
@@ -172,26 +224,26 @@ class TargetModel:
         embeds = self.embed_tokens(ids)
         image_mask = torch.zeros_like(ids, dtype=torch.bool)
         images = image_tensors(prompt.images, self.device, self.dtype)
+        deepstack = None
         if images:
-            features = self.adapter.image_features(images)
+            visual = self.adapter.embed_images(images)
             image_mask = ids == self.adapter.image_token_id
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.features.to(embeds.dtype))
+            deepstack = visual.deepstack
         blocks = self.adapter.bidirectional_blocks(ids) if images else None
-        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, images), blocks)
+        return PromptEmbeds(embeds, image_mask, self.adapter.rope_index(ids, images), blocks, deepstack,
+                            self.layer_masks)
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, cache: SlotCache, slot: int, offset: int,
-                position_ids: torch.Tensor | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
+                inputs: dict | None = None) -> torch.Tensor:
         """Run prompt embeddings [1, n, H] into `slot` after its `offset` cached tokens (a whole prompt,
-        or one chunk of it); returns the last hidden states [1, n, H]. `position_ids`: the chunk's
-        M-RoPE positions (`PromptEmbeds.position_ids`); None: the model's own (the cache indices).
-        `blocks`: the chunk's bidirectional block ids ([n], `PromptEmbeds.chunk_blocks`; the chunk holds
-        whole blocks), which then see each other both ways; None: causal."""
+        or one chunk of it); returns the last hidden states [1, n, H]. `inputs`: the chunk's other
+        decoder inputs (`PromptEmbeds.chunk_inputs`); without them the decoder's own causal mask (one
+        row, no padding) and positions (the cache indices) fit."""
         cache.bind([slot], [offset], embeds.shape[1])
-        # one row, no padding: the model's own causal mask fits a causal chunk
-        mask = None if blocks is None else prefill_mask(blocks, offset, self.dtype)
-        return self.adapter.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                    cache=cache, use_cache=True).last_hidden_state
+        return self.adapter.decoder(inputs_embeds=embeds, cache=cache, use_cache=True,
+                                    **(inputs or {})).last_hidden_state
 
     @torch.inference_mode()
     def verify(self, tree: DraftTree, cache: SlotCache, slots: list[int], prefix_lens: list[int],
@@ -204,7 +256,8 @@ class TargetModel:
         positions = offsets if rope_deltas is None else offsets + torch.tensor(rope_deltas, device=offsets.device)
         out = self.adapter.decoder(
             input_ids=tree.tokens.clamp(min=0),  # padding nodes (-1) run as token 0; the mask isolates them
-            attention_mask=tree.attention_mask(offsets, self.dtype, cache.binding.width),
+            attention_mask=self.layer_masks(
+                lambda window: tree.attention_mask(offsets, self.dtype, cache.binding.width, window)),
             position_ids=tree.position_ids(positions),
             cache=cache,
             use_cache=True,

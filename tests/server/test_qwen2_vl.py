@@ -19,6 +19,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -30,20 +32,24 @@ from specserve.kernels.tree import DraftTree
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.outputs import image_tensors
-from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
+from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, ImageOnlyQwen3VLProcessor, Qwen2VLAdapter
 
 from ..conftest import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 from .test_engine_batch import run_batched
 from .test_engine_sampling import SAMPLES, chi_square_ok
 
-# (config, model, vision tower): 8x8 patches merged 2x2 into the LM's 64 dimensions
+# (config, model, processor, vision tower): 8x8 patches merged 2x2 into the LM's 64 dimensions
 VISION = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
 FAMILIES = {
-    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor,
                  VISION | dict(embed_dim=32, hidden_size=64, mlp_ratio=2)),
-    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2VLProcessor,
                    VISION | dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=32,
                                  fullatt_block_indexes=[1])),
+    # deepstack: the tower's layers 0 and 1, merged, are added to the decoder's first two layers' outputs
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, ImageOnlyQwen3VLProcessor,
+                 VISION | dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, num_position_embeddings=64,
+                               deepstack_visual_indexes=[0, 1])),
 }
 MAX_NEW = 30
 
@@ -53,8 +59,8 @@ def make_tiny_qwen_vl(family: str, path: Path) -> Path:
     grid, 6 image tokens spanning 3 positions."""
     tokenizer = build_tokenizer(path)
     eos = tokenizer.eos_token_id
-    config_cls, model_cls, vision = FAMILIES[family]
-    processor = ImageOnlyQwen2VLProcessor(
+    config_cls, model_cls, processor_cls, vision = FAMILIES[family]
+    processor = processor_cls(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=8,
                                                  merge_size=2, temporal_patch_size=2),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
@@ -62,7 +68,7 @@ def make_tiny_qwen_vl(family: str, path: Path) -> Path:
     config = config_cls(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
             # head_dim 16: 8 rotary frequencies split over the temporal / height / width rows
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
             eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
@@ -121,13 +127,13 @@ def reference_greedy(engine: Engine, prompt, max_new: int = MAX_NEW) -> list[int
 def test_adapter_and_image_prompt(model_dir):
     engine = engine_for(model_dir)
     assert isinstance(engine.target.adapter, Qwen2VLAdapter)
-    assert isinstance(engine.prompts.processor, ImageOnlyQwen2VLProcessor)  # no torchvision here
+    assert isinstance(engine.prompts.processor, FAMILIES[engine.target.model.config.model_type][2])  # no torchvision
     prompt = image_prompt(engine)
     assert prompt.num_images == 1 and prompt.images["image_grid_thw"].tolist() == [[1, 4, 6]]
     assert prompt.token_ids.count(engine.target.adapter.image_token_id) == 6
     embeds = engine.target.embed(prompt)
     assert embeds.rope_delta == -3  # 6 image tokens take max(2, 3) = 3 positions
-    assert embeds.position_ids(0, len(prompt.token_ids)).shape == (3, 1, len(prompt.token_ids))
+    assert embeds.chunk_inputs(0, len(prompt.token_ids))["position_ids"].shape == (3, 1, len(prompt.token_ids))
     assert engine.target.embed(text_prompt(engine)).rope_delta == 0
 
 
@@ -182,7 +188,7 @@ def test_verify_needs_the_rope_delta(model_dir):
     embeds = target.embed(image_prompt(engine))
     length = embeds.embeds.shape[1]
     cache = target.new_cache(1, length + 4)
-    target.prefill(embeds.embeds, cache, 0, 0, embeds.position_ids(0, length))
+    target.prefill(embeds.embeds, cache, 0, 0, embeds.chunk_inputs(0, length))
     tree = DraftTree.from_parents(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, 0, 0]]))
     right = target.verify(tree, cache, [0], [length], [embeds.rope_delta]).logits
     wrong = target.verify(tree, cache, [0], [length]).logits
@@ -277,3 +283,28 @@ def test_sampling_with_an_image_follows_the_target(qwen2_5_vl_dir, own_lm_draft_
     ok, stat = chi_square_ok(torch.tensor(list(counts.values())), torch.tensor(list(pairs.values())))
     assert ok, f"chi-square {stat:.1f}: sampled pairs do not follow the target's distribution"
     assert accepted > 0  # speculation was tested, not only the target's own sampling
+
+
+def test_qwen3_vl_deepstack_reaches_the_decoder(tmp_path):
+    """Qwen3-VL's deepstack features change the prompt's hidden states (so the equality tests above
+    could fail without them), and a prefill cut through the image into chunks gives the same states
+    as one whole prefill (each chunk takes its own rows of the features)."""
+    engine = engine_for(make_tiny_qwen_vl("qwen3_vl", tmp_path))
+    target = engine.target
+    embeds = target.embed(image_prompt(engine))
+    length = embeds.embeds.shape[1]
+    assert len(embeds.deepstack) == 2 and embeds.deepstack[0].shape == (6, 64)
+
+    def prefill(cuts: list[int], deepstack: bool = True) -> torch.Tensor:
+        cache, states = target.new_cache(1, length), []
+        for start, end in zip(cuts, cuts[1:]):
+            inputs = embeds.chunk_inputs(start, end)
+            if not deepstack:
+                inputs = {k: v for k, v in inputs.items() if k not in ("visual_pos_masks", "deepstack_visual_embeds")}
+            states.append(target.prefill(embeds.embeds[:, start:end], cache, 0, start, inputs))
+        return torch.cat(states, dim=1)
+
+    whole = prefill([0, length])
+    image_start = int(embeds.image_mask[0].nonzero()[0])
+    assert torch.allclose(prefill([0, image_start + 2, image_start + 5, length]), whole)
+    assert not torch.allclose(prefill([0, length], deepstack=False), whole)

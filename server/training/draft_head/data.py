@@ -72,6 +72,8 @@ def _generate_batch(engine, prompts: list[PromptInput], max_new_tokens: int) -> 
         mask[row, width - len(prompt.token_ids):] = 1
     extra = image_tensors(batch_images(prompts), engine.target.device, engine.target.dtype)
     model = engine.target.model
+    if extra:  # M-RoPE families compute the prompt's positions from them (`adapter.token_types`)
+        extra |= engine.target.adapter.token_types(ids)
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
         pad_token_id=pad, **extra,

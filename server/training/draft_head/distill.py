@@ -48,8 +48,9 @@ class DraftBatch:
 
 @torch.no_grad()
 def teacher_pass(target, examples: list[Example]) -> TeacherPass:
-    """One batched forward of the target. Right padding needs no attention mask: with causal
-    attention no real token sees a pad after it."""
+    """One batched forward of the target, at the positions it serves the tokens at (`rope_positions`).
+    Right padding needs no attention mask: with causal attention no real token sees a pad after it.
+    Only prompt tokens are image slots: an answer token equal to the placeholder is text, as in serving."""
     lengths = [len(e.token_ids) for e in examples]
     ids = torch.zeros(len(examples), max(lengths), dtype=torch.long, device=target.device)
     for row, example in enumerate(examples):
@@ -59,10 +60,31 @@ def teacher_pass(target, examples: list[Example]) -> TeacherPass:
     images = image_tensors(batch_images(examples), target.device, target.dtype)
     if images:
         features = target.adapter.image_features(images)
-        image_mask = ids == target.adapter.image_token_id
+        starts = torch.tensor([e.answer_start for e in examples], device=ids.device)
+        in_prompt = torch.arange(ids.shape[1], device=ids.device) < starts[:, None]
+        image_mask = (ids == target.adapter.image_token_id) & in_prompt
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-    hidden = target.adapter.decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    positions = rope_positions(target, ids, lengths, examples)
+    hidden = target.adapter.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
     return TeacherPass(ids, lengths, hidden, embeds, image_mask)
+
+
+def rope_positions(target, ids: torch.Tensor, lengths: list[int], examples: list[Example]) -> torch.Tensor | None:
+    """[3, B, T] M-RoPE positions of the right-padded rows `ids` [B, T], as the engine serves them: a
+    prompt with images takes the model's own rope index (of its tokens and images), its answer tokens
+    their index + the prompt's rope delta on all three rows; other rows (and pads) their indices.
+    None where no prompt has a rope index (positions = indices, the decoder's own default)."""
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape).clone()
+    found = False
+    for row, example in enumerate(examples):
+        start = example.answer_start
+        index = target.adapter.rope_index(ids[row : row + 1, :start],
+                                          image_tensors(example.images, target.device, target.dtype))
+        if index is not None:
+            positions[:, row, :start] = index.position_ids[:, 0]
+            positions[:, row, start : lengths[row]] += index.rope_delta
+            found = True
+    return positions if found else None
 
 
 def draft_batch(

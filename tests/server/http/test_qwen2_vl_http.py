@@ -18,7 +18,7 @@ from ..test_qwen2_vl import MAX_NEW, engine_for, image_prompt, make_tiny_qwen_vl
 TEXT = "describe the red circle. a red circle, a blue"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_an_image_over_http_equals_generate(launch, tmp_path, family):
     engine = engine_for(make_tiny_qwen_vl(family, tmp_path), "ngram")
     expected = reference_greedy(engine, image_prompt(engine, text=TEXT))
