@@ -26,12 +26,26 @@ from .dynamic_tree import Candidates
 from .shaper import level_mask, shape_tree
 
 
+def check_draft_vocabulary(model: torch.nn.Module, tokenizer_size: int) -> None:
+    """Refuse a draft LM that cannot read every token of the target's tokenizer (`tokenizer_size` ids):
+    it drafts on the target's token ids, so it must share the target's tokenizer, special tokens
+    included (a VLM's image and tile markers). Its vocabulary may still be padded to another size."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < tokenizer_size:
+        raise ValueError(f"the draft LM has {rows} token embeddings, the target's tokenizer {tokenizer_size} "
+                         "tokens: a draft LM must share the target's tokenizer")
+
+
 class DraftModelProposer(SlotProposer):
     needs_hidden_states = False
 
-    def __init__(self, model: torch.nn.Module, tree: TreeBudget) -> None:
+    def __init__(self, model: torch.nn.Module, tree: TreeBudget, vocab_size: int | None = None) -> None:
+        """`vocab_size`: the target's logit width where the draft LM's may differ (vocabularies padded
+        to different sizes): draft log-probs are cut to it or padded with -inf, so drafts are target
+        ids and a sampled chain's q has the target's width."""
         self.model = model
         self.tree = tree
+        self.vocab_size = vocab_size
         self.dtype = model.get_input_embeddings().weight.dtype  # the activations' (int8 weights keep it)
 
     def kv_bytes_per_token(self) -> int:
@@ -60,7 +74,16 @@ class DraftModelProposer(SlotProposer):
             return replies(None, logits.new_zeros(0, 0), forwards)
         scored = torch.stack(scored)
         log_probs = (scored if scored.dtype == torch.float64 else scored.float()).log_softmax(-1)
-        return replies(None, log_probs, forwards)
+        return replies(None, fit_width(log_probs, self.vocab_size), forwards)
+
+
+def fit_width(log_probs: torch.Tensor, width: int | None) -> torch.Tensor:
+    """[n, V] log-probs cut or padded with -inf to [n, width] (unchanged for None or V == width)."""
+    if width is None or log_probs.shape[-1] == width:
+        return log_probs
+    if log_probs.shape[-1] > width:  # the padded rows are no tokens: renormalise over the real ones
+        return log_probs[:, :width].log_softmax(-1)
+    return torch.nn.functional.pad(log_probs, (0, width - log_probs.shape[-1]), value=float("-inf"))
 
 
 class DraftModelSession(SlotSession):

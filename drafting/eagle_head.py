@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
+
+from ..kernels.tree import FULL
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -83,6 +86,10 @@ class EagleHead(nn.Module):
         if not settings.input_norm:
             self.layers[0].input_layernorm = nn.Identity()
         self.rotary_emb = rotary_cls(config=layer_config)
+        # a family with a rotary table per layer type (Gemma 3: local and global bases) takes the layer's type
+        self.rotary_kwargs = {}
+        if "layer_type" in inspect.signature(rotary_cls.forward).parameters:
+            self.rotary_kwargs["layer_type"] = layer_config.layer_types[0]
         # Optional draft vocabulary [K] (token ids, sorted): drafted tokens come from these rows of the
         # target's LM head only, which cuts the costliest matmul of a tree level on a CPU (EAGLE-3's
         # d2t idea). None = the whole vocabulary. A buffer, so it travels with the checkpoint.
@@ -100,7 +107,7 @@ class EagleHead(nn.Module):
         cache=None,  # a transformers Cache holding the drafter's earlier entries, or None (training)
     ) -> torch.Tensor:
         """Predicted target features [B, n, H]; with a cache, the entries' KV rows are appended."""
-        position_embeddings = self.rotary_emb(inputs, position_ids)
+        position_embeddings = self.rotary_emb(inputs, position_ids, **self.rotary_kwargs)
         return self.layers[0](
             inputs, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=cache is not None, position_embeddings=position_embeddings,
@@ -118,13 +125,19 @@ def family_classes(layer_config: PretrainedConfig) -> tuple[type[nn.Module], typ
 
 
 def layer_config_for(text_config: PretrainedConfig, overrides: dict | None = None) -> PretrainedConfig:
-    """The target's text config cut to one layer, with a checkpoint's layer sizes applied."""
+    """The target's text config cut to one layer, with a checkpoint's layer sizes applied.
+
+    A family with `layer_types` (sliding-window and full layers: Gemma 2/3, Qwen2) gets one full
+    attention layer: the drafter's masks cover all its entries, so the layer must not window them
+    itself (as some attention kernels would for a sliding layer)."""
     overrides = overrides or {}
     hidden = overrides.get("hidden_size", text_config.hidden_size)
     if hidden != text_config.hidden_size:
         raise ValueError(f"the draft head has hidden size {hidden}, the target {text_config.hidden_size}")
     config = copy.deepcopy(text_config)
     config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = [FULL]
     for name in LAYER_FIELDS:
         if name in overrides:
             setattr(config, name, overrides[name])

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -132,6 +133,27 @@ def random_head_dir(tmp_path_factory):
         head = new_head(AutoConfig.from_pretrained(model_dir).get_text_config(), HeadConfig(image_mode=mode))
         head.draft_vocab = None if vocab is None else torch.tensor(vocab)
         save_head(head, folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def draft_lm_dir(tmp_path_factory):
+    """`draft_lm_dir(model_dir, padding=0)`: a folder holding a tiny random Qwen2 text LM with the target's
+    tokenizer and vocabulary size (a family whose tokenizer adds special tokens needs them in the draft
+    LM too), plus `padding` rows that are no tokens (as checkpoints pad their vocabularies)."""
+
+    def make(model_dir: Path, padding: int = 0) -> Path:
+        folder = tmp_path_factory.mktemp("draft-lm")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.save_pretrained(folder)
+        vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size + padding
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            model = AutoModelForCausalLM.from_config(_text_config("qwen2", vocab, tokenizer.eos_token_id))
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(folder)
         return folder
 
     return make

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
 
+from .outputs import PromptInput
+
 
 @dataclass(frozen=True)
 class ImageEmbeds:
@@ -62,6 +64,10 @@ class CausalLMAdapter:
         """Rotary positions of a prompt (`token_ids` [1, L], its `images` as for `image_features`);
         None: position = token index, the decoder's own default."""
         return None
+
+    def check_prompt(self, prompt: PromptInput) -> None:
+        """Raise `RequestError` for a processed prompt this family cannot place its images in; runs
+        when the prompt is prepared, before the request is queued."""
 
     def token_types(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the model's own `forward` / `generate` needs, besides the images, to tell a prompt's

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ...drafting.base import Proposer
-from ...drafting.draft_model import DraftModelProposer
+from ...drafting.draft_model import DraftModelProposer, check_draft_vocabulary
 from ...drafting.eagle import EagleProposer
 from ...drafting.eagle_head import is_eagle_folder, load_head
 from ...drafting.ngram import NgramProposer
@@ -31,11 +31,13 @@ LoadModel = Callable[[str], torch.nn.Module]
 Resolve = Callable[[str], str]
 
 
-def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadModel, resolve: Resolve) -> Proposer:
+def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadModel, resolve: Resolve,
+                  tokenizer_size: int) -> Proposer:
     """Build the proposer that `config.draft` names.
 
     A folder in the EAGLE-1/MSD head layout (recognised by its weight keys, not its name) becomes an
-    EAGLE proposer sharing the target's embeddings and LM head; any other model is a draft LM.
+    EAGLE proposer sharing the target's embeddings and LM head; any other model is a draft LM, which
+    must read every one of the target tokenizer's `tokenizer_size` tokens.
     `suffix` shares past outputs across requests (one store per proposer, i.e. per engine); `self:N`
     drafts with the target's own first N layers, `self:auto` with the N that decodes fastest here."""
     if config.draft_share_prompts and config.draft != "suffix":
@@ -56,7 +58,9 @@ def make_proposer(config: EngineConfig, target: TargetModel, load_model: LoadMod
         head = load_head(path, target.config, target.dtype, target.device)
         proposer = EagleProposer(head, target.embed_tokens, target.lm_head, target.softcap, config.tree)
     else:
-        return DraftModelProposer(load_model(path), config.tree)
+        model = load_model(path)
+        check_draft_vocabulary(model, min(tokenizer_size, target.config.vocab_size))  # the ids the target reads
+        return DraftModelProposer(model, config.tree, target.config.vocab_size)
     # `draft_quantization` shrinks a draft LM; asking for it with another drafter is a mistake
     if config.draft_quantization != "none":
         raise ValueError(f"draft_quantization={config.draft_quantization!r} applies to a draft LM, "

@@ -53,7 +53,7 @@ class Engine:
         self.prompts = PromptBuilder(tokenizer, processor, target.is_multimodal)
         self.proposer = proposer or make_proposer(
             config, target, lambda spec: load_draft_model(spec, config),
-            lambda spec: resolve_model(spec, Path(config.cache_dir) if config.cache_dir else None),
+            lambda spec: resolve_model(spec, Path(config.cache_dir) if config.cache_dir else None), len(tokenizer),
         )
         self.model_name = config.model
         self.max_model_len = min(config.max_model_len or target.max_context, target.max_context)
@@ -126,7 +126,9 @@ class Engine:
         """Template (with `tools`, OpenAI function tools, if given), tokenize and process images. It
         only reads the tokenizer and processor, so it may run on another thread than the one stepping
         (the HTTP server prepares in a pool)."""
-        return self.prompts.chat(messages, tools)
+        prompt = self.prompts.chat(messages, tools)
+        self.target.adapter.check_prompt(prompt)
+        return prompt
 
     def prepare_text(self, prompt: str | list[int]) -> PromptInput:
         return self.prompts.text(prompt)

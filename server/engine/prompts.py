@@ -75,15 +75,30 @@ class PromptBuilder:
         return self._multimodal(messages, images, tools)
 
     def _multimodal(self, messages: list[dict], images: list[Image.Image], tools: list[dict] | None) -> PromptInput:
+        self._check_placeholders(messages)
         templated = [m | {"content": [_template_part(p) for p in _parts(m)]} for m in messages]
         text = self.processor.apply_chat_template(templated, tools=tools, add_generation_prompt=True, tokenize=False)
         for image in images:
             self.check_image_size(*image.size)
         rgb = [image.convert("RGB") for image in images]
-        encoded = self.processor(text=text, images=rgb or None, return_tensors="pt")
+        try:
+            encoded = self.processor(text=text, images=rgb or None, return_tensors="pt")
+        except (ValueError, TypeError) as exc:  # the processor's own rules on its input (counts, sizes)
+            raise RequestError(f"the model's processor refused these messages and images: {exc}",
+                               param="messages") from None
         # the image processor's outputs (pixels and, by family, grids, sizes or tile masks) by name
         images = {key: encoded[key] for key in self.processor.image_processor.model_input_names if key in encoded}
         return PromptInput(encoded["input_ids"][0].tolist(), images if rgb else None, len(rgb))
+
+    def _check_placeholders(self, messages: list[dict]) -> None:
+        """Refuse text that spells the model's image placeholder: the tokenizer would read it as an
+        image token with no image behind it (a processor like Gemma 3's does not count them)."""
+        placeholders = {getattr(self.processor, "image_token", None), getattr(self.tokenizer, "image_token", None)}
+        for text in _strings(messages):  # texts, tool calls' arguments (image parts hold no strings but "image")
+            for placeholder in placeholders - {None, ""}:
+                if placeholder in text:
+                    raise RequestError(f"the messages contain {placeholder!r}, this model's image placeholder; "
+                                       "send images as image parts", param="messages")
 
 
 def processed_size(image_processor, height: int, width: int) -> tuple[int, int]:
@@ -116,6 +131,15 @@ def _parts(message: dict) -> list[dict]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     return list(content or [])
+
+
+def _strings(value) -> list[str]:
+    """Every string inside nested lists and dicts (a message's text, tool calls' arguments)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [s for item in value for s in _strings(item)] if isinstance(value, list) else []
 
 
 def _text_of(message: dict) -> str:

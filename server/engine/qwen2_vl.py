@@ -29,6 +29,8 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
 from .adapters import ImageEmbeds, RopeIndex, VisionLanguageAdapter
+from .errors import RequestError
+from .outputs import PromptInput
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -69,6 +71,20 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
         positions, deltas = self.model.model.get_rope_index(
             token_ids, image_grid_thw=images["image_grid_thw"], **self.token_types(token_ids))
         return RopeIndex(positions, int(deltas))
+
+    def check_prompt(self, prompt: PromptInput) -> None:
+        """Each image must be its own run of image tokens: the rotary index reads runs as images, so two
+        images with nothing between them (a chat template without Qwen's vision start / end markers)
+        cannot be placed."""
+        if not prompt.images:
+            return
+        ids = torch.tensor(prompt.token_ids)
+        is_image = ids == self.image_token_id
+        runs = int(is_image[0]) + int((is_image[1:] & ~is_image[:-1]).sum())
+        if runs != len(prompt.images["image_grid_thw"]):
+            raise RequestError(f"the prompt's {len(prompt.images['image_grid_thw'])} images became {runs} runs "
+                               "of image tokens: this chat template puts images side by side with nothing "
+                               "between them, which this model cannot tell apart", param="messages")
 
     def token_types(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Text 0, image 1 (no videos here): without them `generate` puts images at plain positions."""

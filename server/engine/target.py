@@ -220,7 +220,7 @@ class TargetModel:
     @torch.inference_mode()
     def embed(self, prompt: PromptInput) -> PromptEmbeds:
         """The prompt's input embeddings, the vision tower and projector run on its images (once)."""
-        ids = torch.tensor([prompt.token_ids], device=self.device)
+        ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)  # long even when empty
         embeds = self.embed_tokens(ids)
         image_mask = torch.zeros_like(ids, dtype=torch.bool)
         images = image_tensors(prompt.images, self.device, self.dtype)

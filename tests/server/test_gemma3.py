@@ -14,13 +14,15 @@ from PIL import Image
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from specserve.drafting.budget import TreeBudget
+from specserve.drafting.budget import TreeBudget, TreeMode
+from specserve.drafting.eagle import EagleProposer
+from specserve.drafting.eagle_head import ImageMode
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
 from specserve.server.engine.gemma3 import Gemma3Adapter
 from specserve.server.engine.outputs import image_tensors
 
-from ..conftest import CHAT_TEMPLATE, build_tokenizer
+from ..conftest import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 from .test_engine_batch import run_batched
 
 MAX_NEW = 30
@@ -81,9 +83,10 @@ def model_dir(tmp_path_factory) -> Path:
     return make_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
 
 
-def engine_for(path: Path, draft: str = "none", **config) -> Engine:
+def engine_for(path: Path, draft: str = "none", tree=TreeBudget(depth=4, branching=3, draft_nodes=8),
+               **config) -> Engine:
     return Engine.from_config(EngineConfig(model=str(path), draft=draft, dtype="float64", batch_tree_tokens=0,
-                                           tree=TreeBudget(depth=4, branching=3, draft_nodes=8), **config))
+                                           tree=tree, **config))
 
 
 def picture(size=(48, 40), color=(200, 30, 30)) -> Image.Image:
@@ -217,5 +220,69 @@ def test_greedy_batch_sharing_prefill_chunks(model_dir):
         for i, out in zip(live, engine.step_batch([seqs[i] for i in live])):
             assert not isinstance(out, Exception), out
             tokens[i] += out.token_ids if out is not None else []
+    for i, prompt in enumerate(prompts):
+        assert tokens[i] == reference_greedy(engine, prompt), i
+
+
+def multi_turn_prompt(engine: Engine):
+    """An image in the first user turn, the assistant's answer, then a second user turn of text."""
+    return engine.prepare_chat([
+        {"role": "user", "content": [{"type": "image", "image": picture()},
+                                     {"type": "text", "text": "describe the red circle."}]},
+        {"role": "assistant", "content": "a red circle, a blue square and a green triangle."},
+        {"role": "user", "content": "the quick brown fox. the quick brown"},
+    ])
+
+
+def test_greedy_multi_turn_with_an_image(model_dir):
+    """The image (seen bidirectionally) sits turns before the generation prompt: output == generate."""
+    engine = engine_for(model_dir, "ngram")
+    prompt = multi_turn_prompt(engine)
+    image_at = prompt.token_ids.index(engine.target.adapter.image_token_id)
+    assert prompt.num_images == 1 and image_at < len(prompt.token_ids) // 2
+    out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
+    assert out.token_ids == reference_greedy(engine, prompt)
+
+
+@pytest.mark.parametrize("padding", [0, 60])
+def test_greedy_with_a_draft_lm(model_dir, draft_lm_dir, padding):
+    """A separate text draft LM with Gemma 3's tokenizer (its image delimiters included), its vocabulary
+    exactly the target's or padded with rows that are no tokens, drafts after images: output == generate."""
+    engine = engine_for(model_dir, str(draft_lm_dir(model_dir, padding)))
+    for prompt in (image_prompt(engine), two_image_prompt(engine), text_prompt(engine)):
+        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
+        assert out.token_ids == reference_greedy(engine, prompt)
+        assert out.metrics.proposed_draft_tokens > 0
+
+
+def test_a_padded_draft_lm_samples_a_chain(model_dir, draft_lm_dir):
+    """A chain sampled from a padded draft LM's q (cut to the target's width, so min(1, p/q) compares
+    the same tokens) after an image: seeded runs repeat and draft on the way."""
+    tree = TreeBudget(depth=3, branching=1, draft_nodes=3, mode=TreeMode.CHAIN)
+    engine = engine_for(model_dir, str(draft_lm_dir(model_dir, 60)), tree=tree)
+    prompt, params = image_prompt(engine), SamplingParams(max_tokens=MAX_NEW, temperature=0.7, seed=3)
+    first = engine.generate(prompt, params)
+    assert first.metrics.proposed_draft_tokens > 0
+    assert engine.generate(prompt, params).token_ids == first.token_ids
+
+
+def test_a_draft_lm_without_the_image_tokens_is_refused(model_dir, tmp_path):
+    """A draft LM on the tokenizer without Gemma 3's image delimiters cannot read the prompt: refused at
+    load, not at the first image request."""
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        engine_for(model_dir, str(make_tiny_model("qwen2", tmp_path)))
+
+
+@pytest.mark.parametrize("mode", list(ImageMode))
+def test_greedy_with_a_random_eagle_head(model_dir, random_head_dir, mode):
+    """An EAGLE/MSD head (random weights; one Gemma 3 layer: q/k norms, scaled embeddings) in every image
+    mode drafts after images, alone and in a batch with a text prompt; output == generate."""
+    engine = engine_for(model_dir, str(random_head_dir(model_dir, mode)))
+    assert isinstance(engine.proposer, EagleProposer)
+    assert engine.proposer.head.layers[0].self_attn.sliding_window is None  # its masks hold every entry
+    prompts = [two_image_prompt(engine), text_prompt(engine)]
+    params = SamplingParams(max_tokens=MAX_NEW)
+    tokens, largest, _ = run_batched(engine, [(0, prompts[0], params), (0, prompts[1], params)])
+    assert largest == 2
     for i, prompt in enumerate(prompts):
         assert tokens[i] == reference_greedy(engine, prompt), i

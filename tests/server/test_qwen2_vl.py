@@ -31,6 +31,7 @@ from specserve.kernels.sampling import process_logits
 from specserve.kernels.tree import DraftTree
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
+from specserve.server.engine.errors import RequestError
 from specserve.server.engine.outputs import image_tensors
 from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, ImageOnlyQwen3VLProcessor, Qwen2VLAdapter
 
@@ -308,3 +309,18 @@ def test_qwen3_vl_deepstack_reaches_the_decoder(tmp_path):
     image_start = int(embeds.image_mask[0].nonzero()[0])
     assert torch.allclose(prefill([0, image_start + 2, image_start + 5, length]), whole)
     assert not torch.allclose(prefill([0, length], deepstack=False), whole)
+
+
+def test_images_side_by_side_are_refused_when_prepared(model_dir):
+    """A template that leaves nothing between two images makes one run of image tokens the rotary
+    index would read as one image: refused with a RequestError (a 400) before the request is queued,
+    not a failure in prefill. With text between them both are served."""
+    engine = engine_for(model_dir)
+    image = Image.new("RGB", (48, 40), (200, 30, 30))
+    adjacent = [{"type": "image", "image": image}, {"type": "image", "image": image}, {"type": "text", "text": "hi"}]
+    with pytest.raises(RequestError, match="side by side"):
+        engine.prepare_chat([{"role": "user", "content": adjacent}])
+    apart = [adjacent[0], {"type": "text", "text": "and"}, adjacent[1], adjacent[2]]
+    prompt = engine.prepare_chat([{"role": "user", "content": apart}])
+    assert prompt.num_images == 2
+    assert engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW)).token_ids == reference_greedy(engine, prompt)

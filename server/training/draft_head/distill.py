@@ -24,8 +24,9 @@ from transformers import DynamicCache
 
 from ....drafting.eagle_head import EagleHead
 from ....drafting.eagle_inputs import prompt_entries
-from ...engine.outputs import image_tensors
-from .data import Example, batch_images
+from ...engine.batch_inputs import batch_inputs
+from ...engine.outputs import PromptInput
+from .data import Example
 
 
 @dataclass(frozen=True)
@@ -48,43 +49,23 @@ class DraftBatch:
 
 @torch.no_grad()
 def teacher_pass(target, examples: list[Example]) -> TeacherPass:
-    """One batched forward of the target, at the positions it serves the tokens at (`rope_positions`).
-    Right padding needs no attention mask: with causal attention no real token sees a pad after it.
-    Only prompt tokens are image slots: an answer token equal to the placeholder is text, as in serving."""
+    """One batched forward of the target over right-padded rows, each token as the engine serves it
+    (`engine.batch_inputs`): the prompt as prefilled (its images, M-RoPE positions, bidirectional image
+    blocks, deepstack features), the answer as decoded causally after it. Only prompt tokens are image
+    slots: an answer token equal to the placeholder is text, as in serving."""
     lengths = [len(e.token_ids) for e in examples]
     ids = torch.zeros(len(examples), max(lengths), dtype=torch.long, device=target.device)
     for row, example in enumerate(examples):
         ids[row, : lengths[row]] = torch.tensor(example.token_ids)
+    prompts = [target.embed(PromptInput(e.token_ids[: e.answer_start], e.images)) for e in examples]
     embeds = target.embed_tokens(ids)
     image_mask = torch.zeros_like(ids, dtype=torch.bool)
-    images = image_tensors(batch_images(examples), target.device, target.dtype)
-    if images:
-        features = target.adapter.image_features(images)
-        starts = torch.tensor([e.answer_start for e in examples], device=ids.device)
-        in_prompt = torch.arange(ids.shape[1], device=ids.device) < starts[:, None]
-        image_mask = (ids == target.adapter.image_token_id) & in_prompt
-        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-    positions = rope_positions(target, ids, lengths, examples)
-    hidden = target.adapter.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+    for row, (example, prompt) in enumerate(zip(examples, prompts)):
+        embeds[row, : example.answer_start] = prompt.embeds[0]  # visual embeddings at its image slots
+        image_mask[row, : example.answer_start] = prompt.image_mask[0]
+    inputs = batch_inputs(prompts, lengths)
+    hidden = target.adapter.decoder(inputs_embeds=embeds, use_cache=False, **inputs).last_hidden_state
     return TeacherPass(ids, lengths, hidden, embeds, image_mask)
-
-
-def rope_positions(target, ids: torch.Tensor, lengths: list[int], examples: list[Example]) -> torch.Tensor | None:
-    """[3, B, T] M-RoPE positions of the right-padded rows `ids` [B, T], as the engine serves them: a
-    prompt with images takes the model's own rope index (of its tokens and images), its answer tokens
-    their index + the prompt's rope delta on all three rows; other rows (and pads) their indices.
-    None where no prompt has a rope index (positions = indices, the decoder's own default)."""
-    positions = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape).clone()
-    found = False
-    for row, example in enumerate(examples):
-        start = example.answer_start
-        index = target.adapter.rope_index(ids[row : row + 1, :start],
-                                          image_tensors(example.images, target.device, target.dtype))
-        if index is not None:
-            positions[:, row, :start] = index.position_ids[:, 0]
-            positions[:, row, start : lengths[row]] += index.rope_delta
-            found = True
-    return positions if found else None
 
 
 def draft_batch(
