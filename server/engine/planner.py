@@ -34,6 +34,15 @@ keep up with the text). Nothing is known before the first drafting turn, so it d
 is skipped, D decays (and the rows' acceptance rates drift back to their prior), so a measurement
 taken in a slow moment does not stop drafting for good: once the decayed estimate says drafting may
 pay, it drafts once more and measures again.
+
+That rule is a model, and under load its inputs drift from the truth: a batch of B rows costs more
+than a calibration forward of as many tokens (B caches to read, a busy machine), and a per-token
+acceptance rate underrates drafts that are either copied whole or not at all (n-gram). So the
+planner also keeps what whole turns actually yielded, tokens emitted per second of drafting +
+verify, for drafting and for plain turns of each batch size (`observe_turn`). Once both are known
+for a size, they decide instead of the model; while plain turns win, their estimate shrinks by
+`plain_forgetting` per turn, so drafting is tried again (sooner the closer the two were) and
+re-measured, as the rows' text changes what it yields.
 """
 
 from __future__ import annotations
@@ -52,6 +61,11 @@ class BatchPlanner(Protocol):
 
     def observe_drafting(self, rows: int, seconds: float) -> None:
         """Drafting for `rows` rows took `seconds`."""
+        ...
+
+    def observe_turn(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """A turn of `rows` rows, with drafting or without, emitted `tokens` in `seconds` (drafting,
+        verify and emit)."""
         ...
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
@@ -125,24 +139,38 @@ class GoodputPlanner:
     costs: StepCosts
     smoothing: float = 0.5  # weight of a new drafting-time measurement
     forgetting: float = 0.9  # drafting-time estimates shrink by this per skipped turn
+    turn_smoothing: float = 0.3  # weight of a new turn's tokens per second
+    plain_forgetting: float = 0.97  # plain turns' measured yield shrinks by this per skipped turn
     draft_seconds: dict[int, float] = field(default_factory=dict)  # rows -> measured drafting seconds
+    yields: dict[tuple[int, bool], float] = field(default_factory=dict)  # (rows, drafted) -> tokens/s
     shape: list[int] | None = None  # node depths of the widest tree last drafted
 
     def drafting(self, rates: list[float], pinned: list[bool]) -> list[bool]:
         rows = len(rates)
         if self.shape is None or rows not in self.draft_seconds:
             return [True] * rows  # nothing measured yet: draft, and measure
-        gains = [expected_gains(self.shape, rate) for rate in rates]
-        best = max(self._goodput(gains, width, self.draft_seconds[rows]) for width in range(1, len(self.shape) + 1))
-        if best >= rows / self.costs(rows):
+        drafted, plain = self.yields.get((rows, True)), self.yields.get((rows, False))
+        if drafted is not None and plain is not None:
+            pays = drafted >= plain  # what turns of this size yielded, either way
+        else:
+            gains = [expected_gains(self.shape, rate) for rate in rates]
+            widths = range(1, len(self.shape) + 1)
+            pays = max(self._goodput(gains, w, self.draft_seconds[rows]) for w in widths) >= rows / self.costs(rows)
+        if pays:
             return [True] * rows
         for n in self.draft_seconds:
             self.draft_seconds[n] *= self.forgetting
+        if plain is not None:
+            self.yields[rows, False] = plain * self.plain_forgetting
         return list(pinned)
 
     def observe_drafting(self, rows: int, seconds: float) -> None:
         known = self.draft_seconds.get(rows)
         self.draft_seconds[rows] = seconds if known is None else known + self.smoothing * (seconds - known)
+
+    def observe_turn(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        rate, known = tokens / max(seconds, 1e-9), self.yields.get((rows, drafted))
+        self.yields[rows, drafted] = rate if known is None else known + self.turn_smoothing * (rate - known)
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         sizes = [tree.num_nodes for tree in trees]
@@ -170,6 +198,9 @@ class SharePlanner:
         return [True] * len(rates)
 
     def observe_drafting(self, rows: int, seconds: float) -> None:
+        pass
+
+    def observe_turn(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
         pass
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:

@@ -111,6 +111,10 @@ def speculative_step(
             outs = _verify_and_emit([seqs[row] for row in rows], [shaped[row] for row in rows], target, proposer,
                                     cache, stopwatch)
             results.update(zip(rows, outs))
+            # what the turn yielded, with the planner's choice (pinned rows draft either way)
+            emitted = sum(len(out.token_ids) for out in outs if not isinstance(out, Exception))
+            if emitted:
+                planner.observe_turn(len(seqs), all(pays), emitted, time.perf_counter() - start)
     return [results[row] for row in range(len(seqs))]
 
 

@@ -116,6 +116,9 @@ class AlternatingPlanner:
     def observe_drafting(self, rows, seconds):
         pass
 
+    def observe_turn(self, rows, drafted, tokens, seconds):
+        pass
+
     def plan(self, trees, rates, pinned):
         return [tree.num_nodes for tree in trees]
 

@@ -106,3 +106,30 @@ def test_a_skipped_drafter_is_tried_again_once_its_cost_estimate_has_decayed():
 
 def test_a_fixed_share_always_drafts():
     assert SharePlanner(4).drafting([0.0, 0.0], [False, False]) == [True, True]
+
+
+def test_measured_turns_overrule_the_model_once_both_kinds_are_known():
+    """The model says a poor acceptance rate cannot pay for costly drafting; turns that drafted
+    nonetheless yielded more than plain ones, so the measurement decides: draft."""
+    planner = GoodputPlanner(FLAT)
+    rates, free = [0.1, 0.1], [False, False]
+    planner.plan([chain(6), chain(6)], rates, free)
+    planner.observe_drafting(2, 0.100)
+    planner.observe_turn(2, True, 8, 0.110)  # 73 tokens/s drafting
+    assert planner.drafting(rates, free) == [False, False]  # plain yield unknown: the model decides
+    planner.observe_turn(2, False, 2, 0.010)  # 200 tokens/s plain
+    assert planner.drafting(rates, free) == [False, False]  # 73 < 200: plain, whose estimate -> 194
+    planner.observe_turn(2, True, 40, 0.110)  # 364 tokens/s: drafting's estimate 73 + 0.3 (364 - 73) = 160
+    decisions = [planner.drafting(rates, free)[0] for _ in range(10)]
+    # plain's 194 shrinks by 0.97 per skipped turn: 194 * 0.97^7 = 157 <= 160, so drafting is tried at turn 7
+    assert decisions.index(True) == 7 and not any(decisions[:7])
+
+
+def test_measured_turns_keep_a_paying_drafter_drafting():
+    planner = GoodputPlanner(FLAT)
+    rates, free = [0.1], [False]
+    planner.plan([chain(6)], rates, free)
+    planner.observe_drafting(1, 0.100)
+    planner.observe_turn(1, False, 1, 0.010)  # 100 tokens/s plain
+    planner.observe_turn(1, True, 14, 0.110)  # 127 tokens/s drafting, against the model's verdict
+    assert all(planner.drafting(rates, free)[0] for _ in range(20))
