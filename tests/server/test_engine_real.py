@@ -34,7 +34,7 @@ def references(base_engine) -> list[list[int]]:
     return refs
 
 
-@pytest.mark.parametrize("draft", ["none", "ngram"])
+@pytest.mark.parametrize("draft", ["none", "ngram", "suffix", "self:4"])
 def test_smollm2_greedy_matches_generate(base_engine, references, draft):
     config = EngineConfig(base_engine.config.model, draft=draft, tree=TreeBudget(depth=5, branching=4, draft_nodes=16),
                           batch_tree_tokens=0)  # proposals verified whole: the acceptance checked is n-gram's
@@ -46,5 +46,5 @@ def test_smollm2_greedy_matches_generate(base_engine, references, draft):
         assert out.token_ids == expected, text
         assert out.text == engine.tokenizer.decode(expected, skip_special_tokens=True)
         accepted += out.metrics.accepted_draft_tokens
-    if draft == "ngram":
+    if draft in ("ngram", "suffix"):
         assert accepted > 0  # the repeat prompt must let prompt lookup land some drafts

@@ -11,12 +11,14 @@ import functools
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -38,6 +40,7 @@ REPLICA = "x-specserve-replica"
 RAY_DAEMONS = {"raylet", "gcs_server"}
 SHUTDOWN_S = 1.0  # the replicas' --shutdown-timeout
 MIRRORED = ("num_drafts", "num_accepted_tokens")  # checked end to end on Ray's metrics port
+CONTEXT = 8192  # so that a stream with ignore_eos outlasts a kill or a drain however fast the machine
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,18 @@ def alive_actors() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dirs):
+def long_llava(tiny_model_dirs, tmp_path_factory) -> Path:
+    """The tiny LLaVA with a CONTEXT-token context (its random weights do not mind the positions)."""
+    dest = tmp_path_factory.mktemp("ray") / "llava"
+    shutil.copytree(tiny_model_dirs["llava"], dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = CONTEXT
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def cluster(long_llava):
     """Ray with 2 replicas (1 CPU and 1 torch thread each) on this machine, its metrics exported on a
     known port. The last test shuts it down and checks that nothing is left."""
     started = time.time()
@@ -73,7 +87,7 @@ def cluster(tiny_model_dirs):
              _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = EngineConfig(model=str(tiny_model_dirs["llava"]), draft="ngram", max_model_len=512)
+    config = EngineConfig(model=str(long_llava), draft="ngram", max_model_len=CONTEXT)
     options = ReplicaOptions(replicas=2, shutdown_timeout_s=SHUTDOWN_S)
     app = build_application(config, ServerSettings(ui=False), threads=1, options=options)
     serve.run(app, name="specserve", route_prefix="/")
@@ -193,17 +207,27 @@ def test_a_killed_replica_fails_its_streams_and_ray_replaces_it(cluster):
     victim_pid = next(a["Pid"] for a in alive_actors() if a["Name"].endswith(victim_tag))
     elsewhere = next(c for c in (f"other-{k}" for k in range(50)) if stream_chat(url, "hi", c, 2)[0] != victim_tag)
 
+    streaming = [threading.Event() for _ in range(8)]
+
     def long_stream(i: int) -> str:
+        """The victim's streams run up to the context whatever the model says (ignore_eos), so they still
+        run at the kill; the survivor's are short."""
         try:
-            stream_chat(url, f"long answer {i}", "victim" if i % 2 else elsewhere, max_tokens=200)
+            for _ in client(url).chat.completions.create(
+                    model=model_id(url), messages=[{"role": "user", "content": f"long answer {i}"}],
+                    max_tokens=CONTEXT - 100 if i % 2 else 200, stream=True, extra_body={"ignore_eos": True},
+                    extra_headers={"X-Conversation-Id": "victim" if i % 2 else elsewhere}):
+                streaming[i].set()
             return "ok"
         except (openai.APIError, httpx.HTTPError) as exc:
             return type(exc).__name__
+        finally:
+            streaming[i].set()
 
     started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(long_stream, i) for i in range(8)]
-        time.sleep(1.5)  # the streams are running
+        assert all(event.wait(60) for event in streaming), "the streams did not start"
         os.kill(victim_pid, signal.SIGKILL)
         outcomes = [f.result(timeout=90) for f in futures]
     assert time.monotonic() - started < 90, "a request hung after its replica died"
@@ -234,8 +258,8 @@ def test_shutdown_ends_a_running_stream_cleanly_and_leaves_no_ray_process(cluste
             if p.info["name"] in RAY_DAEMONS and p.info["create_time"] >= cluster.started - 1]
     assert ours, "the fixture's Ray daemons were not found"
     # longer than the deadline: one token per step (no drafting) up to the context
-    body = {"model": model_id(cluster.url), "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
-            "stream": True, "ignore_eos": True, "speculative": False}
+    body = {"model": model_id(cluster.url), "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": CONTEXT - 100, "stream": True, "ignore_eos": True, "speculative": False}
     events: list[tuple[float, str]] = []
     first = threading.Event()
     stream = threading.Thread(target=stream_events, args=(cluster.url, body, events, first))
