@@ -15,7 +15,6 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Pro
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from specserve.drafting.budget import TreeBudget, TreeMode
-from specserve.drafting.eagle import EagleProposer
 from specserve.drafting.eagle_head import ImageMode
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
@@ -24,8 +23,8 @@ from specserve.server.engine.outputs import image_tensors
 
 from ..conftest import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 from .test_engine_batch import run_batched
+from .vlm_checks import MAX_NEW, check_draft_lm, check_eagle_batch, check_multi_turn
 
-MAX_NEW = 30
 IMAGE_TOKENS = 4  # per image: 4x4 patches average-pooled 2x2
 WINDOW = 256  # sliding window of the even layers: longer than every sequence here
 
@@ -224,24 +223,9 @@ def test_greedy_batch_sharing_prefill_chunks(model_dir):
         assert tokens[i] == reference_greedy(engine, prompt), i
 
 
-def multi_turn_prompt(engine: Engine):
-    """An image in the first user turn, the assistant's answer, then a second user turn of text."""
-    return engine.prepare_chat([
-        {"role": "user", "content": [{"type": "image", "image": picture()},
-                                     {"type": "text", "text": "describe the red circle."}]},
-        {"role": "assistant", "content": "a red circle, a blue square and a green triangle."},
-        {"role": "user", "content": "the quick brown fox. the quick brown"},
-    ])
-
-
 def test_greedy_multi_turn_with_an_image(model_dir):
     """The image (seen bidirectionally) sits turns before the generation prompt: output == generate."""
-    engine = engine_for(model_dir, "ngram")
-    prompt = multi_turn_prompt(engine)
-    image_at = prompt.token_ids.index(engine.target.adapter.image_token_id)
-    assert prompt.num_images == 1 and image_at < len(prompt.token_ids) // 2
-    out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-    assert out.token_ids == reference_greedy(engine, prompt)
+    check_multi_turn(engine_for(model_dir, "ngram"), picture(), reference_greedy)
 
 
 @pytest.mark.parametrize("padding", [0, 60])
@@ -249,10 +233,7 @@ def test_greedy_with_a_draft_lm(model_dir, draft_lm_dir, padding):
     """A separate text draft LM with Gemma 3's tokenizer (its image delimiters included), its vocabulary
     exactly the target's or padded with rows that are no tokens, drafts after images: output == generate."""
     engine = engine_for(model_dir, str(draft_lm_dir(model_dir, padding)))
-    for prompt in (image_prompt(engine), two_image_prompt(engine), text_prompt(engine)):
-        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-        assert out.token_ids == reference_greedy(engine, prompt)
-        assert out.metrics.proposed_draft_tokens > 0
+    check_draft_lm(engine, [image_prompt(engine), two_image_prompt(engine), text_prompt(engine)], reference_greedy)
 
 
 def test_a_padded_draft_lm_samples_a_chain(model_dir, draft_lm_dir):
@@ -278,11 +259,6 @@ def test_greedy_with_a_random_eagle_head(model_dir, random_head_dir, mode):
     """An EAGLE/MSD head (random weights; one Gemma 3 layer: q/k norms, scaled embeddings) in every image
     mode drafts after images, alone and in a batch with a text prompt; output == generate."""
     engine = engine_for(model_dir, str(random_head_dir(model_dir, mode)))
-    assert isinstance(engine.proposer, EagleProposer)
     assert engine.proposer.head.layers[0].self_attn.sliding_window is None  # its masks hold every entry
     prompts = [two_image_prompt(engine), text_prompt(engine)]
-    params = SamplingParams(max_tokens=MAX_NEW)
-    tokens, largest, _ = run_batched(engine, [(0, prompts[0], params), (0, prompts[1], params)])
-    assert largest == 2
-    for i, prompt in enumerate(prompts):
-        assert tokens[i] == reference_greedy(engine, prompt), i
+    check_eagle_batch(engine, prompts, reference_greedy)

@@ -22,7 +22,6 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from specserve.drafting.budget import TreeBudget
-from specserve.drafting.eagle import EagleProposer
 from specserve.drafting.eagle_head import ImageMode
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
@@ -33,6 +32,7 @@ from specserve.server.engine.prompts import MAX_PROCESSED_PIXELS, processed_size
 
 from ..conftest import CHAT_TEMPLATE, build_tokenizer
 from .test_engine_batch import run_batched
+from .vlm_checks import MAX_NEW, check_draft_lm, check_eagle_batch, check_multi_turn
 
 # (config, model, PIL image processor, processor, adapter)
 FAMILIES = {
@@ -46,7 +46,6 @@ MARKERS = (["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
            + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
 TILE = 32  # pixels; 8x8 patches pixel-shuffled 2x2: 4 image tokens a tile
 TOKENS_PER_TILE = 4
-MAX_NEW = 30
 
 
 def make_tiny_idefics3(family: str, path: Path) -> Path:
@@ -200,34 +199,16 @@ def test_image_size_limits(model_dir):
         image_prompt(engine, ((40, 2000),))
 
 
-def multi_turn_prompt(engine: Engine):
-    """An image in the first user turn, the assistant's answer, then a second user turn of text."""
-    return engine.prepare_chat([
-        {"role": "user", "content": [{"type": "image", "image": picture()},
-                                     {"type": "text", "text": "describe the red circle."}]},
-        {"role": "assistant", "content": "a red circle, a blue square and a green triangle."},
-        {"role": "user", "content": "the quick brown fox. the quick brown"},
-    ])
-
-
 def test_greedy_multi_turn_with_an_image(model_dir):
     """The image's tiles sit turns before the generation prompt: output == generate."""
-    engine = engine_for(model_dir, "ngram")
-    prompt = multi_turn_prompt(engine)
-    image_at = prompt.token_ids.index(engine.target.adapter.image_token_id)
-    assert prompt.num_images == 1 and image_at < len(prompt.token_ids) // 2
-    out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-    assert out.token_ids == reference_greedy(engine, prompt)
+    check_multi_turn(engine_for(model_dir, "ngram"), picture(), reference_greedy)
 
 
 def test_greedy_with_a_draft_lm(model_dir, draft_lm_dir):
     """A separate text draft LM with the target's tokenizer (the tile markers included) drafts after
     tiled images: output == generate."""
     engine = engine_for(model_dir, str(draft_lm_dir(model_dir)))
-    for prompt in (image_prompt(engine), text_prompt(engine)):
-        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-        assert out.token_ids == reference_greedy(engine, prompt)
-        assert out.metrics.proposed_draft_tokens > 0
+    check_draft_lm(engine, [image_prompt(engine), text_prompt(engine)], reference_greedy)
 
 
 @pytest.mark.parametrize("mode", list(ImageMode))
@@ -235,10 +216,5 @@ def test_greedy_with_a_random_eagle_head(model_dir, random_head_dir, mode):
     """An EAGLE/MSD head (random weights) in every image mode drafts after a tiled image, alone and in
     a batch with a text prompt; output == generate."""
     engine = engine_for(model_dir, str(random_head_dir(model_dir, mode)))
-    assert isinstance(engine.proposer, EagleProposer)
     prompts = [image_prompt(engine), text_prompt(engine)]
-    params = SamplingParams(max_tokens=MAX_NEW)
-    tokens, largest, _ = run_batched(engine, [(0, prompts[0], params), (0, prompts[1], params)])
-    assert largest == 2
-    for i, prompt in enumerate(prompts):
-        assert tokens[i] == reference_greedy(engine, prompt), i
+    check_eagle_batch(engine, prompts, reference_greedy)

@@ -28,7 +28,6 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 from specserve.drafting.budget import TreeBudget
-from specserve.drafting.eagle import EagleProposer
 from specserve.drafting.eagle_head import ImageMode
 from specserve.server.engine import Engine
 from specserve.server.engine.config import EngineConfig, SamplingParams
@@ -43,6 +42,7 @@ from specserve.server.engine.prompts import PromptBuilder, processed_size
 
 from ..conftest import CHAT_TEMPLATE, build_tokenizer
 from .test_engine_batch import run_batched
+from .vlm_checks import MAX_NEW, check_draft_lm, check_eagle_batch, check_multi_turn
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # (height, width) canvases of 32x32 tiles
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -51,7 +51,6 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 FAMILIES = ["llava_next", "llava_onevision"]
 ADAPTER_CLASSES = {"llava_next": LlavaNextAdapter, "llava_onevision": LlavaOnevisionAdapter}
-MAX_NEW = 30
 
 
 def tiny_processor(family: str, tokenizer, pinpoints=PINPOINTS):
@@ -213,33 +212,15 @@ def test_image_size_bounds(tmp_path, family):
         huge.check_image_size(48, 40)
 
 
-def multi_turn_prompt(engine: Engine):
-    """An image in the first user turn, the assistant's answer, then a second user turn of text."""
-    return engine.prepare_chat([
-        {"role": "user", "content": [{"type": "image", "image": picture()},
-                                     {"type": "text", "text": "describe the red circle."}]},
-        {"role": "assistant", "content": "a red circle, a blue square and a green triangle."},
-        {"role": "user", "content": "the quick brown fox. the quick brown"},
-    ])
-
-
 def test_greedy_multi_turn_with_an_image(model_dir):
     """The image sits turns before the generation prompt: output == generate."""
-    engine = engine_for(model_dir, "ngram")
-    prompt = multi_turn_prompt(engine)
-    image_at = prompt.token_ids.index(engine.target.adapter.image_token_id)
-    assert prompt.num_images == 1 and image_at < len(prompt.token_ids) // 2
-    out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-    assert out.token_ids == reference_greedy(engine, prompt)
+    check_multi_turn(engine_for(model_dir, "ngram"), picture(), reference_greedy)
 
 
 def test_greedy_with_a_draft_lm(model_dir, draft_lm_dir):
     """A separate text draft LM (the target's tokenizer) drafts after images: output == generate."""
     engine = engine_for(model_dir, str(draft_lm_dir(model_dir)))
-    for prompt in (image_prompt(engine), text_prompt(engine)):
-        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-        assert out.token_ids == reference_greedy(engine, prompt)
-        assert out.metrics.proposed_draft_tokens > 0
+    check_draft_lm(engine, [image_prompt(engine), text_prompt(engine)], reference_greedy)
 
 
 @pytest.mark.parametrize("mode", list(ImageMode))
@@ -247,10 +228,5 @@ def test_greedy_with_a_random_eagle_head(model_dir, random_head_dir, mode):
     """An EAGLE/MSD head (random weights) in every image mode drafts after an anyres image, alone and
     in a batch with a text prompt; output == generate."""
     engine = engine_for(model_dir, str(random_head_dir(model_dir, mode)))
-    assert isinstance(engine.proposer, EagleProposer)
     prompts = [image_prompt(engine), text_prompt(engine)]
-    params = SamplingParams(max_tokens=MAX_NEW)
-    tokens, largest, _ = run_batched(engine, [(0, prompts[0], params), (0, prompts[1], params)])
-    assert largest == 2
-    for i, prompt in enumerate(prompts):
-        assert tokens[i] == reference_greedy(engine, prompt), i
+    check_eagle_batch(engine, prompts, reference_greedy)

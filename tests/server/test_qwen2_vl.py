@@ -25,7 +25,6 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from specserve.drafting.budget import TreeBudget, TreeMode
-from specserve.drafting.eagle import EagleProposer
 from specserve.drafting.eagle_head import ImageMode
 from specserve.kernels.sampling import process_logits
 from specserve.kernels.tree import DraftTree
@@ -38,6 +37,7 @@ from specserve.server.engine.qwen2_vl import ImageOnlyQwen2VLProcessor, ImageOnl
 from ..conftest import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 from .test_engine_batch import run_batched
 from .test_engine_sampling import SAMPLES, chi_square_ok
+from .vlm_checks import MAX_NEW, check_draft_lm, check_eagle_batch
 
 # (config, model, processor, vision tower): 8x8 patches merged 2x2 into the LM's 64 dimensions
 VISION = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
@@ -52,7 +52,6 @@ FAMILIES = {
                  VISION | dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, num_position_embeddings=64,
                                deepstack_visual_indexes=[0, 1])),
 }
-MAX_NEW = 30
 
 
 def make_tiny_qwen_vl(family: str, path: Path) -> Path:
@@ -206,10 +205,7 @@ def test_greedy_with_a_draft_lm(model_dir, text_draft_dir):
     """A separate text draft LM drafts for an M-RoPE target (its own 1-row positions: what it proposes
     is verified at the target's positions), an image prompt and a text prompt."""
     engine = engine_for(model_dir, str(text_draft_dir))
-    for prompt in (image_prompt(engine), text_prompt(engine)):
-        out = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
-        assert out.token_ids == reference_greedy(engine, prompt)
-        assert out.metrics.proposed_draft_tokens > 0
+    check_draft_lm(engine, [image_prompt(engine), text_prompt(engine)], reference_greedy)
 
 
 @pytest.mark.parametrize("mode", list(ImageMode))
@@ -217,13 +213,8 @@ def test_greedy_with_a_random_eagle_head(model_dir, random_head_dir, mode):
     """An EAGLE/MSD head (random weights) in every image mode drafts for an M-RoPE target with an
     image, alone and in a batch with a text prompt; output == generate."""
     engine = engine_for(model_dir, str(random_head_dir(model_dir, mode)))
-    assert isinstance(engine.proposer, EagleProposer)
     prompts = [image_prompt(engine), text_prompt(engine)]
-    params = SamplingParams(max_tokens=MAX_NEW)
-    tokens, largest, _ = run_batched(engine, [(0, prompts[0], params), (0, prompts[1], params)])
-    assert largest == 2
-    for i, prompt in enumerate(prompts):
-        assert tokens[i] == reference_greedy(engine, prompt), i
+    check_eagle_batch(engine, prompts, reference_greedy)
 
 
 
