@@ -84,8 +84,9 @@ class Proposer(Protocol):
     ) -> list[DraftProposal | Exception]:
         """Every session's proposal below its root, or the exception its own drafting raised (that
         session fails, the others go on). Raises if what the sessions share (a batched forward) fails.
-        A session with `grow` False proposes its root alone (it only keeps up with the text: the
-        engine found that drafting cannot pay this turn); None = every session drafts."""
+        A session with `grow` False proposes its root alone (the engine found that drafting cannot pay
+        this turn; a model drafter then defers its catch-up to its next drafting turn); None = every
+        session drafts."""
         ...
 
     def kv_bytes_per_token(self) -> int:

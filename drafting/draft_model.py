@@ -1,8 +1,9 @@
 """Drafting with a separate small LM that shares the target's tokenizer.
 
 The session keeps the draft model's KV rows (its slot of the proposer's `SlotCache`) in step with the
-target's: opening runs the prompt; each proposal first feeds the tokens accepted last time and the
-new root (the catch-up), then drafts. Tree rows lie past the session's committed length, so the next
+target's: opening runs the prompt; each proposal first feeds the tokens accepted since its last
+forward and the new root (the catch-up), then drafts. A turn without drafting runs nothing: its
+tokens wait for the next drafting turn's catch-up. Tree rows lie past the session's committed length, so the next
 catch-up simply overwrites them.
 
 Dynamic mode grows an EAGLE-2 tree (`dynamic_tree.build_dynamic_tree`); each level's frontier is run
@@ -100,19 +101,22 @@ class DraftModelSession(SlotSession):
         self.prefill(torch.tensor(context.token_ids, device=self.device))
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
-        # tokens[0] is the root, which the last proposal already put in the draft cache
+        # tokens[0] is the root, which the last proposal put in the draft cache or in `pending`
         self.pending.extend(tokens[1:])
 
     def close(self) -> None:
         self.node_slots = {}
 
     def drafting(self, root_token: int, grow: bool = True) -> Drafting:
-        """Catch up, then draft a tree or sample a chain (unless not `grow`); returns the proposal."""
+        """Catch up, then draft a tree or sample a chain; returns the proposal. Without `grow` the
+        catch-up waits too (the root joins the pending tokens): a turn without drafting runs no draft
+        forward, and the next drafting turn takes in every skipped token in one forward."""
         tokens, self.pending = self.pending + [root_token], []
-        ids = torch.tensor(tokens, device=self.device)
-        root_logps = (yield from self.append(ids, scored=[len(tokens) - 1] if grow else [])).log_probs
         if not grow:
+            self.pending = tokens
             return root_only(root_token, self.device)
+        ids = torch.tensor(tokens, device=self.device)
+        root_logps = (yield from self.append(ids, scored=[len(tokens) - 1])).log_probs
         self.node_slots = {}
         if self.tree.mode is TreeMode.CHAIN and not self.params.greedy:
             return (yield from self._sample_chain(root_token, root_logps))

@@ -10,8 +10,9 @@ for the alignment and the image modes):
   the root's predicted feature, whose LM-head logits give the root's children. Each deeper tree level
   runs its frontier in one forward with a tree mask, pairing each node's token with its parent's
   *predicted* feature (the target has not seen drafted nodes). The tree rows lie past the session's
-  committed length, so the next catch-up simply overwrites them. With `grow` False only the
-  catch-up runs (the turn verifies the root alone);
+  committed length, so the next catch-up simply overwrites them. With `grow` False nothing runs
+  (the turn verifies the root alone): the root joins the waiting entries, and the next drafting
+  turn's catch-up takes in all of them in one forward;
 - commit(root + accepted, h at them): h[i] pairs with the token after tokens[i], i.e. with the
   next accepted token or, for the last one, the bonus token, which arrives as the next root. The
   root's own entry already used true features, so it stays; the drafted entries it replaces were
@@ -136,30 +137,33 @@ class EagleSession(SlotSession):
             self.prefill(entries.inputs)
 
     def commit(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
-        # tokens[0] is the root, whose entry the last proposal already cached with true features
-        self.pending_tokens = list(tokens[1:])
-        self.pending_hidden = hidden
+        # tokens[0] is the root, whose entry the last proposal cached (or left waiting) with true features
+        self.pending_tokens.extend(tokens[1:])
+        self.pending_hidden = torch.cat([self.pending_hidden, hidden])
 
     def close(self) -> None:
         self.features, self.node_slots = {}, {}
 
     def drafting(self, root_token: int, grow: bool = True) -> Drafting:
-        """Catch up, then grow the tree level by level (unless not `grow`); returns the proposal."""
-        root_logps = yield from self._catch_up(root_token, scored=grow)
+        """Catch up, then grow the tree level by level; returns the proposal. Without `grow` the
+        catch-up waits too (the root's entry joins the waiting ones): no head forward this turn."""
         if not grow:
+            self.pending_tokens.append(root_token)
             return root_only(root_token, self.device)
+        root_logps = yield from self._catch_up(root_token)
         self.node_slots = {}
         # drafts are one-hot (no draft distribution): tree acceptance samples losslessly in every mode
         tree = yield from shape_tree(root_token, lambda c, n, level: self._expand(c, n, level, root_logps),
                                      self.tree, self.device)
         return DraftProposal(tree)
 
-    def _catch_up(self, root_token: int, scored: bool = True) -> Drafting:
+    def _catch_up(self, root_token: int) -> Drafting:
         """The waiting entries and the root's through the head; returns the root's children log-probs
-        [1, V] if `scored` (the root's predicted feature is kept as node 0's)."""
+        [1, V] (the root's predicted feature is kept as node 0's)."""
         tokens = torch.tensor(self.pending_tokens + [root_token], device=self.device)
         inputs = self.head.fuse(self.embed_tokens(tokens), self.pending_hidden)
-        reply = yield from self.append(inputs, scored=[len(inputs) - 1] if scored else [])
+        self.pending_tokens, self.pending_hidden = [], self.pending_hidden[:0]
+        reply = yield from self.append(inputs, scored=[len(inputs) - 1])
         self.features = {0: reply.outputs[-1]}
         return reply.log_probs
 

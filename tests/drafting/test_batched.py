@@ -57,27 +57,36 @@ def counting_runs(proposer) -> list[int]:
     return rows
 
 
+def recording_proposals(engine: Engine) -> list[list]:
+    """Record the proposals of every `propose_batch` call the engine makes (one list per call)."""
+    calls, propose_batch = [], engine.proposer.propose_batch
+
+    def recording(*args):
+        proposals = propose_batch(*args)
+        calls.append(proposals)
+        return proposals
+
+    engine.proposer.propose_batch = recording
+    return calls
+
+
 @pytest.mark.parametrize("drafter", ["draft-lm", "msd-head"])
 def test_a_batch_drafts_each_sessions_own_tree_in_fewer_forwards(tiny_model_dirs, random_head_dir, drafter):
     together, alone = (drafter_engine(tiny_model_dirs, random_head_dir, drafter) for _ in range(2))
     batch, singles = started(together), started(alone)
-    for turn in range(3):  # three proposals each, with commits between them (catch-ups of accepted drafts)
+    batched_proposals, single_proposals = recording_proposals(together), recording_proposals(alone)
+    for turn in range(3):  # three steps each, with commits between them (catch-ups of accepted drafts)
         batched_rows, single_rows = counting_runs(together.proposer), counting_runs(alone.proposer)
-        proposals = together.proposer.propose_batch([s.draft for s in batch], [s.root_token for s in batch])
-        per_session = []
+        assert all(not isinstance(out, Exception) for out in together.step_batch(batch))
         for seq in singles:
             before = len(single_rows)
-            per_session.append(seq.draft.propose(seq.root_token))
+            assert not isinstance(alone.step_batch([seq])[0], Exception)
             assert len(single_rows) - before >= 2  # a catch-up and at least one tree level
-        for mine, own in zip(proposals, per_session):
-            assert mine.tree.tokens.tolist() == own.tree.tokens.tolist()
-            assert mine.tree.parents.tolist() == own.tree.parents.tolist()
+        for mine, own in zip(batched_proposals[-1], single_proposals[-len(singles):]):
+            assert mine.tree.tokens.tolist() == own[0].tree.tokens.tolist()
+            assert mine.tree.parents.tolist() == own[0].tree.parents.tolist()
         # one forward per round, each carrying every session still drafting: the longest session's count
         assert len(batched_rows) < len(single_rows) and batched_rows[0] == len(batch)
-        # advance both engines by one real step so the next proposals start from new commits
-        for engine, seqs in ((together, batch), (alone, singles)):
-            outs = engine.step_batch(seqs)
-            assert all(not isinstance(out, Exception) for out in outs), outs
     assert [s.output_ids for s in batch] == [s.output_ids for s in singles]
 
 
@@ -104,14 +113,15 @@ def test_a_fault_in_one_sessions_drafting_fails_only_that_sequence(tiny_model_di
 
 
 class AlternatingPlanner:
-    """Every other turn, no row drafts (as when the goodput planner finds that drafting cannot pay)."""
+    """Rows draft every `period`-th turn only (as when the goodput planner finds that drafting cannot
+    pay in the others)."""
 
-    def __init__(self) -> None:
-        self.turns = 0
+    def __init__(self, period: int) -> None:
+        self.period, self.turns = period, 0
 
     def drafting(self, rates, pinned):
         self.turns += 1
-        return [self.turns % 2 == 0 or pin for pin in pinned]
+        return [self.turns % self.period == 0 or pin for pin in pinned]
 
     def observe_drafting(self, rows, seconds):
         pass
@@ -124,23 +134,32 @@ class AlternatingPlanner:
 
 
 @pytest.mark.parametrize("drafter", ["draft-lm", "msd-head"])
-def test_drafters_keep_up_through_turns_without_drafting(tiny_model_dirs, random_head_dir, drafter):
-    """On a turn without drafting a model drafter still takes in the committed text (its catch-up
-    runs, its tree does not), so the turns that do draft stay exact."""
+def test_drafters_catch_up_after_turns_without_drafting(tiny_model_dirs, random_head_dir, drafter):
+    """A turn without drafting runs no drafter forward: the committed text waits, and the next turn
+    that drafts takes in every skipped token (two turns' worth here) before its tree, so it stays exact."""
     engine = drafter_engine(tiny_model_dirs, random_head_dir, drafter)
-    engine.planner = AlternatingPlanner()
+    engine.planner = AlternatingPlanner(period=3)
     seqs = started(engine, max_tokens=30)
-    sizes, propose_batch = [], engine.proposer.propose_batch
+    sizes, forwards, propose_batch = [], [], engine.proposer.propose_batch
+    runs = counting_runs(engine.proposer)
 
     def recording(*args):
+        before = len(runs)
         proposals = propose_batch(*args)
         sizes.append([p.tree.num_nodes for p in proposals])
+        forwards.append(len(runs) - before)
         return proposals
 
     engine.proposer.propose_batch = recording
     while not all(s.finished for s in seqs):
         assert all(not isinstance(out, Exception) for out in engine.step_batch([s for s in seqs if not s.finished]))
-    assert all(n == 1 for n in sizes[0]) and all(n > 1 for n in sizes[1])  # the first turn skips, the next drafts
+    drafting_turns = [turn for turn in range(len(sizes)) if (turn + 1) % 3 == 0]
+    assert drafting_turns and len(sizes) > drafting_turns[-1] + 1
+    for turn, (turn_sizes, turn_forwards) in enumerate(zip(sizes, forwards)):
+        if turn in drafting_turns:
+            assert any(n > 1 for n in turn_sizes) and turn_forwards > 0
+        else:  # the root alone, and not one drafter forward
+            assert all(n == 1 for n in turn_sizes) and turn_forwards == 0
     for seq in seqs:  # the drafter holds (or has pending) an entry for every token the target cached
         held = seq.draft.length + len(seq.draft.pending if drafter == "draft-lm" else seq.draft.pending_tokens)
         assert held == seq.prefix_len - (drafter == "msd-head")  # a head has no entry for position 0
