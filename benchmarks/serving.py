@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from llamacpp import f32_gguf, server_command, store_gguf
+from llamacpp import FLOAT_TYPES, float_gguf, server_command, store_gguf
 from PIL import Image
 from plots import Panel, save_bar_chart
 from prometheus_client.parser import text_string_to_metric_families
@@ -153,13 +153,15 @@ def vllm_servers(args) -> list[Server]:
 
 def llamacpp_servers(args) -> list[Server]:
     """llama.cpp's server (`--llamacpp-python`: the python of a venv with `llama-cpp-python[server]`) on the
-    model's GGUF file dequantized to F32 and on the file as it is, plain and with prompt lookup."""
+    model's GGUF file in the benchmark's float dtype (F32 or BF16: the weights specserve serves) and on the
+    file as it is, plain and with prompt lookup."""
     source = store_gguf(args.gguf or args.model)
     file_type = source.stem.rsplit(".", 1)[-1] if "." in source.stem else "gguf"  # "Q4_1" in "Model.Q4_1.gguf"
-    f32 = f32_gguf(source, default_cache_dir() / "benchmarks" / f"{source.stem}.F32.gguf")
+    float_type = FLOAT_TYPES[args.dtype][0].name  # "F32", "BF16"
+    copy = float_gguf(source, default_cache_dir() / "benchmarks" / f"{source.stem}.{float_type}.gguf", args.dtype)
     threads = args.threads or torch.get_num_threads()
     servers = []
-    for label, path in (("llama.cpp f32", f32), (f"llama.cpp {file_type}", source)):
+    for label, path in ((f"llama.cpp {float_type.lower()}", copy), (f"llama.cpp {file_type}", source)):
         for suffix, prompt_lookup in (("", False), ("+lookup", True)):
             port = free_port()
             command = server_command(args.llamacpp_python, path, HOST, port, threads, args.max_model_len or 2048,

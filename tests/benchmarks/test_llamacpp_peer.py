@@ -1,5 +1,5 @@
-"""The llama.cpp peer of the serving benchmark (`benchmarks/llamacpp.py`): the float32 copy of a GGUF file
-holds the dequantized weights and the same metadata; the server command carries the benchmark's settings."""
+"""The llama.cpp peer of the serving benchmark (`benchmarks/llamacpp.py`): the F32 and BF16 copies of a GGUF
+file hold the dequantized weights (rounded to bfloat16 as torch rounds them) and the same metadata; the server command carries the benchmark's settings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import gguf
 import httpx
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from specserve.server.bench import client
@@ -42,22 +43,30 @@ def tiny_gguf(path: Path) -> dict[str, np.ndarray]:
     return values
 
 
-def test_the_f32_copy_holds_the_dequantized_weights_and_the_metadata(benchmark_script, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_float_copy_holds_the_dequantized_weights_and_the_metadata(benchmark_script, tmp_path, dtype):
     llamacpp = benchmark_script("llamacpp")
     source = tmp_path / "tiny.Q4_1.gguf"
     values = tiny_gguf(source)
-    copy = llamacpp.f32_gguf(source, tmp_path / "tiny.F32.gguf")
+    copy = llamacpp.float_gguf(source, tmp_path / "tiny.copy.gguf", dtype)
     original, converted = gguf.GGUFReader(source), gguf.GGUFReader(copy)
+    tensor_type, file_type = llamacpp.FLOAT_TYPES[dtype]
     for tensor in converted.tensors:
-        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
-        np.testing.assert_array_equal(tensor.data, values[tensor.name])
+        expected = torch.from_numpy(values[tensor.name])
+        if tensor.name == "norm":  # 1-D: F32 in every copy
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        else:  # what specserve serves: the dequantized float32 weights, cast to the dtype by torch
+            assert tensor.tensor_type == tensor_type
+            expected = expected.to(getattr(torch, dtype)).float()
+        read = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
+        assert torch.equal(torch.from_numpy(np.ascontiguousarray(read)), expected)
     assert {t.name for t in converted.tensors} == set(values)
     assert [list(t.shape) for t in converted.tensors] == [list(t.shape) for t in original.tensors]
 
     def metadata(reader) -> dict:
         return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
-    expected = metadata(original) | {"general.file_type": int(gguf.LlamaFileType.ALL_F32)}
+    expected = metadata(original) | {"general.file_type": int(file_type)}
     assert metadata(converted) == expected
     assert expected["tokenizer.ggml.tokens"] == ["<s>", "a", "b"]  # arrays survive, not only scalars
 
@@ -67,7 +76,7 @@ def test_an_existing_copy_is_not_rewritten(benchmark_script, tmp_path):
     source, dest = tmp_path / "tiny.gguf", tmp_path / "tiny.F32.gguf"
     tiny_gguf(source)
     dest.write_bytes(b"kept")
-    assert llamacpp.f32_gguf(source, dest) == dest and dest.read_bytes() == b"kept"
+    assert llamacpp.float_gguf(source, dest) == dest and dest.read_bytes() == b"kept"
 
 
 def test_a_model_without_a_gguf_source_is_refused(benchmark_script, tiny_model_dirs):
@@ -88,18 +97,22 @@ def test_prompt_lookup_is_an_option_of_the_same_command(benchmark_script):
     assert plain[plain.index("--interrupt_requests") + 1] == "False"  # concurrent clients queue, none is cut off
 
 
-def test_the_sweep_gets_both_files_plain_and_with_prompt_lookup(benchmark_script, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("dtype", "float_type"), [("float32", "F32"), ("bfloat16", "BF16")])
+def test_the_sweep_gets_both_files_plain_and_with_prompt_lookup(benchmark_script, tmp_path, monkeypatch, dtype,
+                                                                float_type):
     serving = benchmark_script("serving")
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "tiny.Q4_1.gguf"
     tiny_gguf(source)
     args = serving.argparse.Namespace(gguf=str(source), model="tiny", threads=1, max_model_len=None,
-                                      llamacpp_python="py")
+                                      llamacpp_python="py", dtype=dtype)
     servers = serving.llamacpp_servers(args)
-    assert [s.label for s in servers] == ["llama.cpp f32", "llama.cpp f32+lookup", "llama.cpp Q4_1",
-                                          "llama.cpp Q4_1+lookup"]
-    f32 = tmp_path / "cache" / "benchmarks" / "tiny.Q4_1.F32.gguf"
-    assert [s.command[s.command.index("--model") + 1] for s in servers] == [str(f32)] * 2 + [str(source)] * 2
+    label = f"llama.cpp {float_type.lower()}"
+    assert [s.label for s in servers] == [label, f"{label}+lookup", "llama.cpp Q4_1", "llama.cpp Q4_1+lookup"]
+    copy = tmp_path / "cache" / "benchmarks" / f"tiny.Q4_1.{float_type}.gguf"
+    assert gguf.GGUFReader(copy).get_field("general.file_type").contents() == int(
+        serving.FLOAT_TYPES[dtype][1])
+    assert [s.command[s.command.index("--model") + 1] for s in servers] == [str(copy)] * 2 + [str(source)] * 2
     assert all(s.draft is None and s.ready_path == "/v1/models" for s in servers)
     assert len({s.env["PORT"] for s in servers}) == 4
 
