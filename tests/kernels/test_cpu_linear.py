@@ -27,14 +27,29 @@ def test_packed_linear_matches_linear(shape, bias):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
+PACKED_DTYPES = [torch.float32] + [torch.bfloat16] * can_prepack(torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
     # the engine relies on it: a token verified in a tree of 8 gets the bits it gets decoded alone
     torch.manual_seed(0)
-    packed = PackedLinear(nn.Linear(576, 192))
-    x = torch.randn(16, 576)
+    packed = PackedLinear(nn.Linear(576, 192).to(dtype))
+    x = torch.randn(16, 576, dtype=dtype)
     with torch.inference_mode():
         alone = packed(x[:1])
         assert all(torch.equal(packed(x[:rows])[:1], alone) for rows in range(2, 17))
+
+
+@pytest.mark.skipif(torch.bfloat16 not in PACKED_DTYPES, reason="this CPU has no native bfloat16 for oneDNN")
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_packed_bfloat16_gives_torchs_own_bits(rows):
+    # packing bfloat16 changes the speed, not the model: the same products as torch's bfloat16 linear
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536).to(torch.bfloat16)
+    x = torch.randn(rows, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(PackedLinear(linear)(x), linear(x))
 
 
 def test_prepack_linears_replaces_every_linear_and_keeps_the_rest():
@@ -55,9 +70,12 @@ def test_keep_weight_shares_the_original_weight():
     assert PackedLinear(linear, keep_weight=True).weight is linear.weight
 
 
-def test_only_cpu_float32_is_packed():
+def test_only_cpu_float32_and_native_bfloat16_are_packed():
     assert not can_prepack(torch.float64, torch.device("cpu"))
+    assert not can_prepack(torch.float16, torch.device("cpu"))
     assert not can_prepack(torch.float32, torch.device("cuda"))
+    assert not can_prepack(torch.bfloat16, torch.device("cuda"))
+    assert can_prepack(torch.bfloat16, torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_load_model_packs_the_decoder_and_lm_head_only_when_asked(tiny_model_dirs):
