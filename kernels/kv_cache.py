@@ -53,6 +53,7 @@ class Binding:
 
     rows: Tensor  # [B] long slot indices
     offsets: Tensor  # [B] long tokens already cached per row
+    positions: Tensor  # [B, new tokens] long: where each row's new tokens go
     row_list: list[int]  # the same two, on the host
     offset_list: list[int]
     width: int  # max(offsets) + new tokens: the key length attention sees
@@ -82,12 +83,14 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         bound = self.cache.binding
-        new = key_states.shape[2]
-        # one slice copy per row: an advanced-index write into the whole slot tensor would move far
-        # more memory than the new rows themselves
-        for b, (row, offset) in enumerate(zip(bound.row_list, bound.offset_list)):
-            self.keys[row, :, offset : offset + new].copy_(key_states[b])
-            self.values[row, :, offset : offset + new].copy_(value_states[b])
+        if len(bound.row_list) == 1:  # one row (a prefill chunk, a lone sequence): a slice copy
+            row, offset, new = bound.row_list[0], bound.offset_list[0], key_states.shape[2]
+            self.keys[row, :, offset : offset + new].copy_(key_states[0])
+            self.values[row, :, offset : offset + new].copy_(value_states[0])
+        else:  # a batch: one indexed write per tensor ([B, N, H, D] at rows x positions), the new rows only
+            index = (bound.rows[:, None], slice(None), bound.positions)
+            self.keys[index] = key_states.transpose(1, 2)
+            self.values[index] = value_states.transpose(1, 2)
         return self.rows(self.keys), self.rows(self.values)
 
     def rows(self, tensor: Tensor) -> Tensor:
@@ -111,7 +114,8 @@ class SlotCache(Cache):
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int, device: torch.device) -> None:
         self.num_slots, self.capacity, self.device = num_slots, capacity, device
-        self.binding = Binding(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [0], [0], 0, 0)
+        zero = torch.zeros(1, dtype=torch.long)
+        self.binding = Binding(zero, zero, zero[:, None], [0], [0], 0, 0)
         self.new_tokens = 0
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
@@ -123,7 +127,8 @@ class SlotCache(Cache):
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         offsets_t = torch.tensor(offsets, dtype=torch.long, device=self.device)
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.binding = Binding(rows_t, offsets_t, list(rows), list(offsets), max(offsets) + new_tokens,
+        positions = offsets_t[:, None] + torch.arange(new_tokens, device=self.device)
+        self.binding = Binding(rows_t, offsets_t, positions, list(rows), list(offsets), max(offsets) + new_tokens,
                                rows[0] if contiguous else None)
         self.new_tokens = new_tokens
         return offsets_t

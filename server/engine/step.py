@@ -142,9 +142,12 @@ def _verify_and_emit(
     results = accept(seqs, proposals, tree, logits)
     # 6. one host sync for the whole batch
     paths, emitted = _to_host(results)
-    # 7. compact: each row's accepted KV rows move right after its prefix, the rest is dropped
-    width = max(r.accepted_nodes.shape[1] for r in results)
-    cache.compact(torch.stack([_pad(r.accepted_nodes[0], width) for r in results]))
+    # 7. compact: each row's accepted KV rows move right after its prefix, the rest is dropped. A path
+    # of nodes 0, 1, 2, ... already lies there (plain decoding, a chain accepted from its start): when
+    # every row's does, nothing moves
+    if any(path != list(range(len(path))) for path in paths):
+        width = max(r.accepted_nodes.shape[1] for r in results)
+        cache.compact(torch.stack([_pad(r.accepted_nodes[0], width) for r in results]))
     outputs: list[StepOutput | Exception] = []
     for row, seq in enumerate(seqs):
         seq.prefix_len += len(paths[row])

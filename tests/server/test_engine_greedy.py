@@ -163,6 +163,58 @@ def test_greedy_draft_model_identical_to_target_accepts_everything(tiny_model_di
     assert out.metrics.mean_accepted_length == pytest.approx(5.0)
 
 
+class SecondChildOracle(SequentialProposer):
+    """Knows the greedy answer: proposes a wrong token as the root's first child and the right one as
+    its second, so every step accepts the path [0, 2], whose KV row must move next to the prefix."""
+
+    def __init__(self, answer: list[int], vocab: int) -> None:
+        self.answer, self.vocab = answer, vocab
+        self.emitted, self.trees = 0, 0
+        self.device = torch.device("cpu")
+
+    def open(self, context: DraftContext) -> SecondChildOracle:
+        self.emitted = 1  # the prefill's token
+        return self
+
+    def propose(self, root_token: int) -> DraftProposal:
+        if self.emitted >= len(self.answer):
+            return DraftProposal(DraftTree.from_parents(torch.tensor([[root_token]]), torch.tensor([[-1]])))
+        right = self.answer[self.emitted]
+        self.trees += 1
+        tokens = torch.tensor([[root_token, (right + 1) % self.vocab, right]])
+        return DraftProposal(DraftTree.from_parents(tokens, torch.tensor([[-1, 0, 0]])))
+
+    def commit(self, tokens, hidden) -> None:
+        self.emitted += len(tokens)  # root + accepted drafts: as many as the step emitted
+
+    def close(self) -> None:
+        pass
+
+
+def counting_compactions(engine: Engine) -> list:
+    calls, compact = [], engine.cache.compact
+    engine.cache.compact = lambda nodes: calls.append(nodes.tolist()) or compact(nodes)
+    return calls
+
+
+def test_kv_rows_move_only_for_a_path_off_the_first_chain(tiny_model_dirs):
+    """Compaction is skipped when every accepted path already lies after its prefix (nodes 0, 1, ...:
+    plain decoding, a chain accepted from its start), and runs, exactly, when one does not."""
+    path = tiny_model_dirs["qwen2"]
+    plain = engine_for(path)
+    prompt = plain.prepare_text(PROMPTS[2])
+    params = SamplingParams(max_tokens=30)
+    expected = reference_greedy(plain, prompt, 30)
+    calls = counting_compactions(plain)
+    assert plain.generate(prompt, params).token_ids == expected and calls == []
+    oracle = SecondChildOracle(expected, plain.target.config.vocab_size)
+    engine = engine_for(path, proposer=oracle)
+    calls = counting_compactions(engine)
+    out = engine.generate(prompt, params)
+    assert out.token_ids == expected
+    assert oracle.trees > 5 and calls == [[[0, 2]]] * oracle.trees
+
+
 def test_greedy_with_wrong_token_drafter(tiny_model_dirs):
     path = tiny_model_dirs["qwen2"]
     vocab = engine_for(path).target.config.vocab_size
