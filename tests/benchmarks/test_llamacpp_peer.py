@@ -1,5 +1,6 @@
-"""The llama.cpp peer of the serving benchmark (`benchmarks/llamacpp.py`): the F32 and BF16 copies of a GGUF
-file hold the dequantized weights (rounded to bfloat16 as torch rounds them) and the same metadata; the server command carries the benchmark's settings."""
+"""The llama.cpp peer of the serving benchmark (`benchmarks/llamacpp.py`): the F32 and BF16 copies of
+a GGUF file hold the dequantized weights (rounded to bfloat16 as torch rounds them) and the same
+metadata; the server command carries the benchmark's settings."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from specserve.server.engine.config import EngineConfig  # noqa: E402
 from specserve.server.http.settings import ServerSettings  # noqa: E402
 from specserve.server.ray.cli import undeploy  # noqa: E402
 from specserve.server.ray.deployment import ReplicaOptions, build_application  # noqa: E402
+from specserve.server.ray.routing import rendezvous_order  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPLICA = "x-specserve-replica"
@@ -151,14 +152,38 @@ def test_bad_input_is_an_openai_400_through_the_proxy(cluster):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_conversation_stays_on_one_replica(cluster):
+def replica_ids(url: str) -> list[str]:
+    """Both replicas' ids as their responses name them (requests without a conversation id go to
+    two random replicas, the shorter queue first, so both answer within a few tries)."""
+    seen: set[str] = set()
+    for _ in range(50):
+        seen.add(httpx.get(f"{url}/health").headers[REPLICA])
+        if len(seen) == 2:
+            return sorted(seen)
+    raise AssertionError(f"/health reached only {seen}")
+
+
+def conversations_homed_on_each(url: str, per_replica: int) -> dict[str, list[str]]:
+    """{replica: conversation ids whose rendezvous home is that replica}, chosen with the router's
+    own hash over the ids Ray drew this run, so that both replicas get conversations (six names
+    picked at random would all land on one replica once in 32 runs)."""
+    ids = replica_ids(url)
+    homed: dict[str, list[str]] = {replica: [] for replica in ids}
+    for i in range(1000):
+        home = homed[rendezvous_order(f"conversation-{i}", ids)[0]]
+        if len(home) < per_replica:
+            home.append(f"conversation-{i}")
+        if all(len(names) == per_replica for names in homed.values()):
+            return homed
+    raise AssertionError(f"1000 conversation ids did not give each replica {per_replica}: {homed}")
+
+
+def test_a_conversation_stays_on_its_home_replica(cluster):
     url = cluster.url
-    homes = {}
-    for conversation in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"):
-        replicas = {stream_chat(url, f"turn {turn}", conversation, max_tokens=4)[0] for turn in range(4)}
-        assert len(replicas) == 1, f"conversation {conversation} was served by {replicas}"
-        homes[conversation] = replicas.pop()
-    assert len(set(homes.values())) == 2, "six conversations should not all hash to one replica"
+    for home, conversations in conversations_homed_on_each(url, per_replica=3).items():
+        for conversation in conversations:
+            replicas = {stream_chat(url, f"turn {turn}", conversation, max_tokens=4)[0] for turn in range(4)}
+            assert replicas == {home}, f"conversation {conversation} (home {home}) was served by {replicas}"
 
 
 def replica_counters(url: str) -> dict[str, dict[str, float]]:
@@ -191,8 +216,9 @@ def ray_counters(metrics_url: str) -> dict[str, dict[str, float]]:
 
 def test_rays_metrics_port_exports_each_replicas_spec_counters(cluster):
     url = cluster.url
+    conversations = [name for names in conversations_homed_on_each(url, per_replica=4).values() for name in names]
     with ThreadPoolExecutor(4) as pool:  # repetitive prompts, so n-gram drafts get accepted on both replicas
-        list(pool.map(lambda i: stream_chat(url, "one two three " * 6, f"metrics-{i}", max_tokens=32), range(8)))
+        list(pool.map(lambda name: stream_chat(url, "one two three " * 6, name, max_tokens=32), conversations))
     own = replica_counters(url)  # nothing runs from here on, so the counters stand still
     assert all(values["num_drafts"] > 0 for values in own.values()), own
     deadline = time.monotonic() + 60  # each replica copies every second; Ray exports every few seconds
