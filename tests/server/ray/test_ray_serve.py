@@ -152,27 +152,18 @@ def test_bad_input_is_an_openai_400_through_the_proxy(cluster):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def replica_ids(url: str) -> list[str]:
-    """Both replicas' ids as their responses name them (requests without a conversation id go to
-    two random replicas, the shorter queue first, so both answer within a few tries)."""
-    seen: set[str] = set()
-    for _ in range(50):
-        seen.add(httpx.get(f"{url}/health").headers[REPLICA])
-        if len(seen) == 2:
-            return sorted(seen)
-    raise AssertionError(f"/health reached only {seen}")
-
-
 def conversations_homed_on_each(url: str, per_replica: int) -> dict[str, list[str]]:
     """{replica: conversation ids whose rendezvous home is that replica}, chosen with the router's
     own hash over the ids Ray drew this run, so that both replicas get conversations (six names
-    picked at random would all land on one replica once in 32 runs)."""
-    ids = replica_ids(url)
+    picked at random would all land on one replica once in 32 runs). The ids are the replicas that
+    answer `replica_counters`."""
+    ids = sorted(replica_counters(url))
     homed: dict[str, list[str]] = {replica: [] for replica in ids}
     for i in range(1000):
-        home = homed[rendezvous_order(f"conversation-{i}", ids)[0]]
+        name = f"conversation-{i}"
+        home = homed[rendezvous_order(name, ids)[0]]
         if len(home) < per_replica:
-            home.append(f"conversation-{i}")
+            home.append(name)
         if all(len(names) == per_replica for names in homed.values()):
             return homed
     raise AssertionError(f"1000 conversation ids did not give each replica {per_replica}: {homed}")
