@@ -17,6 +17,10 @@ asks a vision-language model (tiny-vlm) held-out description prompts on easy-vqa
 The suffix drafter's store of past outputs is emptied before every repeat, so a repeat never drafts
 from its own previous answers to the same prompts (only from the earlier prompts of the same repeat).
 A self-drafting row names the layers it drafts with (`self:auto`: the calibration's choice, logged).
+The HF rows run on the engine's own model, with its linear weights packed as the engine packs them
+(`kernels.cpu_linear`), so "equal to AR" compares the same model; `--hf-torch-kernels` adds
+`hf-ar-torch-kernels`: HF `generate` on a second copy with torch's own linear layers, what HF gives a
+user (bfloat16 on a CPU without native bfloat16: torch's matmul, not fbgemm's).
 Writes `<name>.md`, `.json` and `.png` into `--out`.
 """
 
@@ -42,6 +46,7 @@ from specserve.server.bench.prompts import PROMPT_SETS
 from specserve.server.engine import Engine, load_draft_model
 from specserve.server.engine.config import DRAFT_QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.drafters import SELF_PREFIX
+from specserve.server.engine.loading import load_adapter
 from specserve.server.engine.metrics import SpecMetrics
 from specserve.server.engine.outputs import PromptInput, image_tensors
 from specserve.server.engine.target import TargetModel
@@ -108,6 +113,9 @@ def build(args) -> tuple[dict, dict[str, MethodResult], Engine, list[SuffixPropo
             int8 = replace(base.config, draft_quantization="int8")
             assistants[INT8] = load_draft_model(args.draft_model, int8)
     methods = hf_methods(base.target, assistants, tree)
+    if args.hf_torch_kernels:
+        unpacked = TargetModel(load_adapter(args.model, args.cache_dir, args.dtype, "cpu", prepack=False)[1])
+        methods["hf-ar-torch-kernels"] = hf_methods(unpacked, {}, tree)["hf-ar"]
     results = {name: MethodResult(name) for name in methods}
     engines = {f"specserve-{Path(draft).name}": (draft, None) for draft in args.drafts}
     if INT8 in assistants:  # the same int8 model as HF's assistant, shared
@@ -251,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tree shape of the model drafters (n-gram and suffix propose their trie; "
                              "chain: one path)")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--hf-torch-kernels", action="store_true",
+                        help="also run HF generate on a copy of the model with torch's own linear layers")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--name", default=None, help="results file stem")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")

@@ -8,10 +8,11 @@
 For each dtype and shape BxN (B sequences, each verifying a chain of N nodes after `--prefix` cached
 tokens) the engine's own verify call (`TargetModel.verify`: decoder and LM head over every node, on
 the slot KV cache) runs `--steps` times under the torch profiler, with the linear weights as loaded
-(`--prepack off`) and reordered for oneDNN (`on`, the engine's default where it applies: CPU
-float32), and with transformers' `sdpa` attention or the engine's `grouped` one (keys and values
-read once per query-head group, `kernels.grouped_attention`), and with the weights in float or
-weight-only int8 / int4 (`--quantization`, `kernels.weight_only`). The wall time per step splits into:
+(`--prepack off`) and packed (`on`, the engine's default: reordered for oneDNN in float32 and native
+bfloat16, fbgemm's half-precision GEMM for bfloat16 on a CPU without it; `kernels.cpu_linear`), and
+with transformers' `sdpa` attention or the engine's `grouped` one (keys and values read once per
+query-head group, `kernels.grouped_attention`), and with the weights in float or weight-only int8 /
+int4 (`--quantization`, `kernels.weight_only`). The wall time per step splits into:
 
 - matmul: the self time of aten's matrix products (every linear layer and the LM head);
 - attention: the scaled-dot-product attention ops;
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from specserve.kernels.cpu_linear import PackedLinear
+from specserve.kernels.cpu_linear import HalfLinear, PackedLinear
 from specserve.kernels.tree import chain_tree
 from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine.config import QUANTIZATIONS
@@ -50,7 +51,8 @@ from specserve.server.engine.target import TargetModel
 
 RESULTS = Path(__file__).parent / "results"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
-              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
+              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+              "aten::fbgemm_linear_fp16_weight_fp32_activation"}
 PARTS = ["matmul", "attention", "other ops", "outside ops"]
 
 
@@ -71,7 +73,7 @@ def weight_bytes(target: TargetModel) -> int:
             return layer.codes.nbytes + layer.scales.nbytes
         return layer.in_features * layer.out_features * target.dtype.itemsize
 
-    kinds = (torch.nn.Linear, PackedLinear, WeightOnlyLinear)
+    kinds = (torch.nn.Linear, PackedLinear, HalfLinear, WeightOnlyLinear)
     return sum(size(m) for m in [*(m for m in target.adapter.decoder.modules() if isinstance(m, kinds)),
                                  target.lm_head])
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--prepack", nargs="+", choices=["off", "on"], default=["off", "on"],
-                        help="linear weights as loaded, and/or reordered for oneDNN (CPU float32 only)")
+                        help="linear weights as loaded, and/or packed as the engine packs them (kernels.cpu_linear)")
     parser.add_argument("--attention", nargs="+", choices=["sdpa", "grouped"], default=["sdpa", "grouped"],
                         help="transformers' sdpa attention and/or the engine's grouped-query one")
     parser.add_argument("--quantization", nargs="+", choices=QUANTIZATIONS, default=["none"],

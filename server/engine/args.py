@@ -62,7 +62,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "it is short (default: %(default)s)")
     parser.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.prepack_weights,
-                        help="CPU float32: reorder the target's linear weights once at load for oneDNN, "
+                        help="CPU: pack the target's linear weights once at load (oneDNN for float32 and "
+                             "native bfloat16, fbgemm's half-precision GEMM for bfloat16/float16 elsewhere), "
                              "faster for the few-row products of verification and batched decoding "
                              "(default: on)")
     parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,

@@ -46,8 +46,9 @@ class EngineConfig:
     # delays the running sequences' next tokens by one chunk's forward at a time; None = whole prompts
     prefill_chunk_tokens: int | None = 256
     draft_share_prompts: bool = False  # suffix drafter: share prompt tokens too, not only generated ones
-    # CPU float32: the target's linear weights reordered once at load for oneDNN (kernels.cpu_linear),
-    # faster for the few-row products of verification and batched decoding; ignored elsewhere
+    # CPU: the target's linear weights packed once at load (kernels.cpu_linear: oneDNN for float32 and
+    # native bfloat16, fbgemm's half-precision GEMM for bfloat16 / float16 elsewhere), faster for the
+    # few-row products of verification and batched decoding; ignored on other devices
     prepack_weights: bool = True
     # "int8" / "int4": the target's linear weights stored weight-only quantized (CPU; kernels.weight_only);
     # lossless with respect to the quantized model

@@ -33,7 +33,7 @@ from transformers import (
 
 from ...kernels import grouped_attention
 from ...kernels.blocks import chunk_end, prefill_mask
-from ...kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
+from ...kernels.cpu_linear import HalfLinear, packed_linear_class, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import FULL, SLIDING, DraftTree, LayerMasks
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
@@ -116,8 +116,10 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
 
     `quantization` ("int8", "int4"; CPU): the decoder's linear layers hold weight-only int8 / int4
     weights (`kernels.weight_only`), the LM head int8 (as llama.cpp's 4-bit files keep their output
-    layer at 8 bits). `prepack`: where oneDNN's packed linear exists (CPU float32), the linear layers
-    left in float32 use it (`kernels.cpu_linear`). The vision tower, run once per image, keeps torch's own.
+    layer at 8 bits). `prepack` (CPU): the linear layers left in the model's dtype use a packed linear
+    where one exists for it (`kernels.cpu_linear`: oneDNN for float32 and native bfloat16, fbgemm's
+    half-precision GEMM for bfloat16 / float16 elsewhere). The vision tower, run once per image, keeps
+    torch's own.
     `attention="grouped"`: a grouped-query model that would run transformers' `sdpa` attention runs
     `kernels.grouped_attention` instead (the same SDPA kernel, keys and values read once per group);
     `"sdpa"` keeps transformers' own."""
@@ -138,11 +140,12 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
         if can_quantize(head, 8):  # a tied head keeps its float weight (the embeddings'): an EAGLE head reads it
             tied = head.weight is model.get_input_embeddings().weight
             model.set_output_embeddings(WeightOnlyLinear(head, 8, keep_weight=tied))
-    if prepack and can_prepack(model.dtype, model.device):
-        prepack_linears(adapter.decoder)
+    packed = packed_linear_class(model.dtype, model.device) if prepack else None
+    if packed is not None:
+        prepack_linears(adapter.decoder, packed)
         head = model.get_output_embeddings()
-        if isinstance(head, nn.Linear):
-            model.set_output_embeddings(PackedLinear(head, keep_weight=True))
+        if isinstance(head, nn.Linear) and (packed is not HalfLinear or HalfLinear.fits(head)):
+            model.set_output_embeddings(packed(head, keep_weight=True))
     return adapter
 
 

@@ -81,3 +81,16 @@ def test_every_repeat_starts_with_an_empty_suffix_store(offline):
     store.publish([1, 2, 3])
     offline.measure({}, {}, [None], max_new=1, repeats=1, stores=[store])
     assert store.shared.num_tokens == 0
+
+
+def test_hf_torch_kernels_row_runs_hf_on_an_unpacked_copy(offline, tiny_model_dirs, tmp_path):
+    # the other HF rows run on the engine's packed linear layers; this one on torch's own (float32:
+    # oneDNN against MKL, the same model, so the output still equals AR's here)
+    raw = offline.main(["--model", str(tiny_model_dirs["llama"]), "--prompts", "code-prose", "--num-prompts", "1",
+                        "--drafts", "none", "--repeats", "1", "--max-new-tokens", "8", "--dtype", "float32",
+                        "--threads", "1", "--hf-torch-kernels", "--out", str(tmp_path), "--name", "run"])
+    assert list(raw) == ["hf-ar", "hf-prompt-lookup", "hf-ar-torch-kernels", "specserve-none"]
+    assert len(raw["hf-ar-torch-kernels"]["throughputs"]) == 1 and raw["hf-ar-torch-kernels"]["throughputs"][0] > 0
+    row = next(line for line in (tmp_path / "run.md").read_text().splitlines()
+               if line.startswith("| hf-ar-torch-kernels |"))
+    assert row.endswith("| 1/1 |")

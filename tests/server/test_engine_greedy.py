@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoModelForCausalLM
 
 from specserve.drafting.base import DraftContext, DraftProposal, SequentialProposer
 from specserve.drafting.budget import TreeBudget, TreeMode
 from specserve.drafting.eagle_head import ImageMode
+from specserve.kernels.cpu_linear import HalfLinear, can_pack_half
 from specserve.kernels.tree import DraftTree
 from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine import Engine
@@ -254,3 +256,30 @@ def test_greedy_without_drafting_per_request_is_the_same_output(tiny_model_dirs)
         metrics = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True, speculative=False)).metrics
         assert metrics.proposed_draft_tokens == metrics.accepted_draft_tokens == 0 and metrics.verify_steps == 39
     assert accepted > 0  # the drafting runs did accept drafts (the repeating prompts)
+
+
+@pytest.mark.skipif(not can_pack_half(torch.float16, torch.device("cpu")), reason="no fbgemm half-precision GEMM")
+@pytest.mark.parametrize("draft", ["ngram", "self:1"])
+def test_greedy_half_packed_target_matches_its_own_decoding(tiny_model_dirs, tmp_path, draft):
+    """A float16 model runs its linear layers on fbgemm's half-precision GEMM (`HalfLinear`, as bfloat16
+    does on a CPU without native bfloat16); a row gets the same bits alone and in a tree, so drafting
+    gives the output of plain decoding of that model, token for token."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    with torch.no_grad():  # weights float16 holds exactly (a random init has some below its normal range)
+        for param in model.parameters():
+            param.copy_(param.half().float() * (param.abs() > 1e-4))
+    model.save_pretrained(tmp_path)
+    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        if (tiny_model_dirs["llama"] / name).exists():
+            (tmp_path / name).write_bytes((tiny_model_dirs["llama"] / name).read_bytes())
+    engine = Engine.from_config(EngineConfig(model=str(tmp_path), draft=draft, dtype="float16", batch_tree_tokens=0))
+    linears = [m for m in engine.target.model.modules() if isinstance(m, (HalfLinear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, HalfLinear) for m in linears)  # decoder layers and LM head
+    accepted = 0
+    for text in PROMPTS:
+        prompt = engine.prepare_text(text)
+        on = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+        off = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True, speculative=False))
+        assert on.token_ids == off.token_ids, text
+        accepted += on.metrics.accepted_draft_tokens
+    assert accepted > 0
