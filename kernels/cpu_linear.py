@@ -82,6 +82,11 @@ class PackedLinear(nn.Module):
         if keep_weight:
             self.weight = linear.weight
 
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """oneDNN packs any weight of a dtype `can_prepack` allows."""
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -109,17 +114,16 @@ class HalfLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        count = rows.shape[0]
-        padded = padded_row_counts()
-        if count < len(padded):
-            out = self._product(rows, count, padded[count])
+        step = len(padded_row_counts()) - 1  # the largest invariant row count
+        if rows.shape[0] <= step:
+            out = self._product(rows)
         else:  # a long product (a long prefill chunk) runs in pieces of the largest invariant count
-            step = len(padded) - 1
-            out = torch.cat([self._product(rows[start : start + step], min(step, count - start),
-                                           padded[min(step, count - start)]) for start in range(0, count, step)])
+            out = torch.cat([self._product(rows[start : start + step]) for start in range(0, rows.shape[0], step)])
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def _product(self, rows: Tensor, count: int, padded: int) -> Tensor:
+    def _product(self, rows: Tensor) -> Tensor:
+        count = rows.shape[0]
+        padded = padded_row_counts()[count]
         if padded == count:
             return torch.fbgemm_linear_fp16_weight_fp32_activation(rows.float(), self.packed, self.bias)
         padded_rows = rows.new_zeros(padded, self.in_features, dtype=torch.float32)
@@ -152,11 +156,11 @@ def padded_row_counts() -> list[int]:
 
 def prepack_linears(module: nn.Module, kind: type[PackedLinear] | type[HalfLinear] = PackedLinear) -> int:
     """Replace every `nn.Linear` inside `module` by a `kind` packed linear (the originals' weights are
-    dropped; a layer `HalfLinear` cannot hold exactly stays as it is); returns how many were replaced."""
+    dropped; a layer `kind` cannot hold, `kind.fits`, stays as it is); returns how many were replaced."""
     replaced = 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            if kind is HalfLinear and not HalfLinear.fits(child):
+            if not kind.fits(child):
                 continue
             setattr(module, name, kind(child))
             replaced += 1

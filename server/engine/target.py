@@ -33,7 +33,7 @@ from transformers import (
 
 from ...kernels import grouped_attention
 from ...kernels.blocks import chunk_end, prefill_mask
-from ...kernels.cpu_linear import HalfLinear, packed_linear_class, prepack_linears
+from ...kernels.cpu_linear import packed_linear_class, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
 from ...kernels.tree import FULL, SLIDING, DraftTree, LayerMasks
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
@@ -144,7 +144,7 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
     if packed is not None:
         prepack_linears(adapter.decoder, packed)
         head = model.get_output_embeddings()
-        if isinstance(head, nn.Linear) and (packed is not HalfLinear or HalfLinear.fits(head)):
+        if isinstance(head, nn.Linear) and packed.fits(head):
             model.set_output_embeddings(packed(head, keep_weight=True))
     return adapter
 
