@@ -123,8 +123,9 @@ def build(args) -> tuple[dict, dict[str, MethodResult], Engine, list[SuffixPropo
             args.draft_model, DraftModelProposer(assistants[INT8], tree))
     stores = []
     for name, (draft, proposer) in engines.items():
+        # no prefix caching: every method prefills every prompt (HF's generate keeps nothing between calls)
         config = EngineConfig(args.model, draft=draft, dtype=args.dtype, tree=tree, cache_dir=args.cache_dir,
-                              profile=True)
+                              profile=True, prefix_caching=False)
         engine = Engine(config, base.target, base.tokenizer, base.prompts.processor, proposer)
         results[name] = MethodResult(name)
         methods[name] = engine_method(engine, results[name])

@@ -130,6 +130,8 @@ def specserve_server(args, draft: str, quantization: str) -> Server:
         command += ["--max-num-seqs", str(args.max_num_seqs)]
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
+    if args.no_prefix_caching:
+        command += ["--no-prefix-caching"]
     label = draft if quantization == "none" else f"{draft} {quantization}"
     return Server(label, draft, command, {"PORT": str(port)}, quantization=quantization)
 
@@ -147,6 +149,8 @@ def vllm_servers(args) -> list[Server]:
         command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
                    "--served-model-name", args.model, "--dtype", args.dtype, "--host", HOST, "--port", str(port),
                    "--max-model-len", str(args.max_model_len or 2048), "--uvicorn-log-level", "warning", *extra]
+        if args.no_prefix_caching:
+            command += ["--no-enable-prefix-caching"]
         servers.append(Server(label, None, command, {**env, "PORT": str(port)}))
     return servers
 
@@ -285,7 +289,8 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
     timings, requests = None, [user(text) for text in texts]
     if server.draft is not None:
         engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype,
-                                                 quantization=server.quantization))
+                                                 quantization=server.quantization,
+                                                 prefix_caching=not args.no_prefix_caching))
         requests = with_images(texts) if engine.is_multimodal else requests
         params = SamplingParams(args.max_tokens, ignore_eos=True)
         time_request(engine, engine_content(requests[0]), params)  # warm-up: first calls pay for allocations
@@ -332,6 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "lookup, on the GGUF file as float32 and as quantized, to the sweep")
     parser.add_argument("--gguf", default=None,
                         help="GGUF file llama.cpp serves (default: the store's file behind --model)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="specserve and vLLM without prefix caching (both reuse a prompt's cached KV rows "
+                             "by default; llama-cpp-python's server reuses its one context's common prefix "
+                             "either way)")
     parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)

@@ -60,6 +60,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory_gib,
                         help="GiB for the KV cache, allocated at start; fewer slots than --max-num-seqs if "
                              "it is short (default: %(default)s)")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.prefix_caching,
+                        help="a new text prompt reuses the KV rows a finished sequence left in a free slot "
+                             "for their longest shared prefix and prefills only the rest (default: on)")
     parser.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.prepack_weights,
                         help="CPU: pack the target's linear weights once at load (oneDNN for float32 and "
@@ -91,6 +95,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         draft_quantization=args.draft_quantization, draft_share_prompts=args.draft_share_prompts,
         max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
         batch_tree_tokens=args.batch_tree_tokens, prefill_chunk_tokens=args.prefill_chunk or None,
+        prefix_caching=args.prefix_caching,
         prepack_weights=args.prepack_weights, quantization=args.quantization, chat_template=args.chat_template,
         grammar_draft_tokens=args.grammar_draft_tokens,
     )

@@ -1,7 +1,9 @@
 """The engine: chunked prefill, then batched speculative steps (`step.py`).
 
-`start` makes a `Sequence` in a free KV slot; `step_batch` advances a batch of them by one turn (the
-next prompt chunk of new ones, one verify forward for all the others) and returns what each emitted.
+`start` makes a `Sequence` in a free KV slot (prefix caching: a slot that still holds the start of
+its prompt, left there by a finished sequence, which then prefills only the rest); `step_batch`
+advances a batch of them by one turn (the next prompt chunk of new ones, one verify forward for all
+the others) and returns what each emitted.
 `generate` and `stream` drive one sequence through `step`; the scheduler (`scheduler.py`) drives
 many on one worker thread, batching every active sequence each turn.
 """
@@ -64,6 +66,8 @@ class Engine:
         self.planner = self._planner(config)
         self.free_slots = list(range(self.cache.num_slots))  # lowest first: batches stay contiguous
         self.active: dict[int, Sequence] = {}  # slot -> its sequence
+        # prefix caching: free slot -> the tokens whose KV rows its last sequence left there
+        self.slot_tokens: dict[int, list[int]] = {}
         # share of the KV rows in use, updated by the engine's own thread; others (a metrics scrape)
         # only read this float, never the sequences
         self.kv_cache_usage = 0.0
@@ -164,12 +168,30 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device=self.target.device)
             generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        slot, cached = self._take_slot(prompt)
         seq = Sequence(
             prompt, params, IncrementalDetokenizer(self.tokenizer, prompt.token_ids),
-            self.eos_token_ids, generator, slot=self.free_slots.pop(0), grammar=grammar,
+            self.eos_token_ids, generator, slot=slot, grammar=grammar, prefix_len=cached, cached_tokens=cached,
         )
         self.active[seq.slot] = seq
         return seq
+
+    def _take_slot(self, prompt: PromptInput) -> tuple[int, int]:
+        """A free KV slot for `prompt` and how many of the prompt's first tokens it already holds. With
+        prefix caching: the free slot whose last sequence shares the longest prefix with the prompt,
+        never all of it (the last prompt token's logits give the first output token). Otherwise, or
+        without a shared prefix, the lowest free slot. Only text prompts take part, and not with a
+        drafter that reads the target's hidden states of the whole prompt (an EAGLE/MSD head)."""
+        slot, cached = self.free_slots[0], 0
+        if self.config.prefix_caching and not prompt.num_images and not self.proposer.needs_hidden_states:
+            ids, limit = prompt.token_ids, len(prompt.token_ids) - 1
+            for candidate in self.free_slots:
+                shared = shared_prefix(self.slot_tokens.get(candidate, []), ids, limit)
+                if shared > cached:
+                    slot, cached = candidate, shared
+        self.free_slots.remove(slot)
+        self.slot_tokens.pop(slot, None)
+        return slot, cached
 
     def step(self, seq: Sequence) -> StepOutput:
         """Advance `seq` until it emits: its whole prefill (chunk by chunk), or one speculative step."""
@@ -213,6 +235,10 @@ class Engine:
             seq.draft.close()
         seq.draft = None
         if seq.slot >= 0:
+            if self.config.prefix_caching and not seq.prompt.num_images:
+                # the slot's first prefix_len rows hold the prompt and then the output (all but the
+                # root, which never entered); a sequence released mid-prefill holds part of its prompt
+                self.slot_tokens[seq.slot] = (list(seq.prompt.token_ids) + seq.output_ids)[: seq.prefix_len]
             del self.active[seq.slot]
             bisect.insort(self.free_slots, seq.slot)
             seq.slot = -1
@@ -241,3 +267,11 @@ class Engine:
         return GenerationOutput(
             seq.text, seq.output_ids, seq.finish_reason, seq.prompt_len, seq.metrics, logprobs
         )
+
+
+def shared_prefix(cached: list[int], ids: list[int], limit: int) -> int:
+    """How many leading tokens `cached` and `ids` share, at most `limit`."""
+    for i, (a, b) in enumerate(zip(cached, ids[:limit])):
+        if a != b:
+            return i
+    return min(len(cached), len(ids), limit)

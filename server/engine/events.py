@@ -29,6 +29,8 @@ class SequenceRecord:
     prompt_tokens: int
     output_tokens: int
     finish_reason: str  # "stop", "length", "abort" (cancelled) or "error"
+    # prompt tokens found in the KV cache at start (prefix caching); None: it never got a KV slot
+    cached_prompt_tokens: int | None = None
 
 
 class SchedulerObserver(Protocol):
@@ -46,6 +48,7 @@ class Event:
     error: BaseException | None = None
     finished: bool = False
     num_output_tokens: int = 0  # set on the finishing event
+    num_cached_tokens: int = 0  # prompt tokens reused from the KV cache (prefix caching), likewise
     metrics: SpecMetrics | None = None  # set on the finishing event
 
 

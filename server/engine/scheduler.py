@@ -273,9 +273,9 @@ class Scheduler:
         with self._cond:
             self._active.remove(entry)
         metrics = copy.deepcopy(entry.seq.metrics)
-        num_tokens = len(entry.seq.output_ids)
+        num_tokens, cached = len(entry.seq.output_ids), entry.seq.cached_tokens
         self._finish(entry, out.finish_reason or "stop")  # frees KV before the client hears "done"
-        entry.group.deliver(Event(entry.index, now, payload, None, True, num_tokens, metrics))
+        entry.group.deliver(Event(entry.index, now, payload, None, True, num_tokens, cached, metrics))
 
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
         entry.group.mark_cancelled()  # the request has failed: its other choices stop too
@@ -306,7 +306,7 @@ class Scheduler:
             self._notify(self._observer.on_finish, SequenceRecord(
                 entry.group.arrival, entry.first_token_time, time.monotonic(),
                 len(entry.prompt.token_ids), len(entry.seq.output_ids) if entry.seq is not None else 0,
-                reason,
+                reason, entry.seq.cached_tokens if entry.seq is not None else None,
             ))
 
     def _shutdown(self) -> None:

@@ -75,6 +75,7 @@ class ChoiceResult:
     logprobs: list[TokenInfo] | None = None
     finish_reason: str = "stop"
     num_tokens: int = 0
+    cached_tokens: int = 0
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
 
     def add(self, event: Event) -> None:
@@ -86,6 +87,7 @@ class ChoiceResult:
         if event.finished:
             self.finish_reason = result.finish_reason or "stop"
             self.num_tokens = event.num_output_tokens
+            self.cached_tokens = event.num_cached_tokens
             self.metrics = event.metrics or SpecMetrics()
 
 
@@ -163,7 +165,8 @@ async def stream_events(
     metrics = merged_metrics([e.metrics for e in finished])
     on_done(completion_tokens, metrics)
     if include_usage:
-        yield sse_event(renderer.usage_chunk(usage(prompt_tokens, completion_tokens), metrics))
+        cached = max(e.num_cached_tokens for e in finished)
+        yield sse_event(renderer.usage_chunk(usage(prompt_tokens, completion_tokens, cached), metrics))
     yield DONE
 
 
@@ -189,10 +192,12 @@ async def _events_after(
         yield chunk
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    """OpenAI's usage counts (a prompt shared by n choices counts once, as OpenAI counts it)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage counts (a prompt shared by n choices counts once, as OpenAI counts it; its
+    cached tokens are the most any choice found in the KV cache)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def submit(state: ServerState, prompts: list, params: list, arrival: float) -> RequestGroup:
@@ -234,6 +239,6 @@ async def respond(
         scheduler.cancel(group)
         raise
     metrics = merged_metrics([r.metrics for r in results])
-    counts = usage(prompt_tokens, sum(r.num_tokens for r in results))
+    counts = usage(prompt_tokens, sum(r.num_tokens for r in results), max(r.cached_tokens for r in results))
     record.generated(prompt_tokens, counts["completion_tokens"], first_time - arrival, metrics)
     return JSONResponse(renderer.response(results, counts, metrics))

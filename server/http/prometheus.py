@@ -22,6 +22,9 @@ Requests, observed when a sequence (one choice of a request) ends:
 - `vllm:request_success_total{finished_reason}`: sequences that ended with "stop" or "length";
   `specserve:request_aborted_total{reason}` counts "abort" (client gone) and "error" ones;
 - `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`: tokens in and out;
+- `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`: prompt tokens of sequences that
+  got a KV slot, and of those the ones found there (prefix caching), so d(hits) / d(queries) is the
+  prefix cache hit rate (counted when a sequence that got a KV slot ends, any way it ends);
 - the histograms below observe finished ("stop"/"length") sequences only:
 - `vllm:time_to_first_token_seconds` = first token time - arrival (arrival = the HTTP request's
   receipt, so queueing and image decoding are included);
@@ -145,6 +148,10 @@ class PrometheusMetrics:
             "specserve:request_aborted", "Sequences cancelled or failed.", ["model_name", "reason"],
             registry=reg)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=reg)
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the KV cache.", label, registry=reg)
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the KV cache.", label, registry=reg)
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Tokens generated.", label, registry=reg)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", label,
@@ -172,6 +179,9 @@ class PrometheusMetrics:
 
     def on_finish(self, record: SequenceRecord) -> None:
         name = self._model_name()
+        if record.cached_prompt_tokens is not None:  # it got a KV slot: its prompt was looked up
+            self.prefix_queries.labels(name).inc(record.prompt_tokens)
+            self.prefix_hits.labels(name).inc(record.cached_prompt_tokens)
         if record.finish_reason not in ("stop", "length"):
             # Cancelled and failed sequences are counted, but kept out of the latency histograms.
             self.aborted.labels(name, record.finish_reason).inc()

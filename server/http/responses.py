@@ -17,10 +17,15 @@ def _omit_none() -> Any:
     return Field(default=None, exclude_if=lambda v: v is None)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV rows were reused, not prefilled (prefix caching)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class TopLogprob(BaseModel):

@@ -73,6 +73,26 @@ def test_greedy_http_equals_engine_generate(client, server, reference, text, ope
     assert spec["accepted_draft_tokens"] == expected.metrics.accepted_draft_tokens
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(client, server, reference, openai_schema):
+    text = "prefix caching: the same words twice"
+    expected = greedy_reference(reference, text, 10)
+    first, again = (client.chat.completions.create(model=server.state.model_name, messages=user(text),
+                                                   max_tokens=10, temperature=0) for _ in range(2))
+    openai_schema("CreateChatCompletionResponse", again.model_dump(mode="json", exclude_unset=True))
+    assert first.choices[0].message.content == again.choices[0].message.content == expected.text
+    # the first shares at most the chat template's opening with earlier requests; the second finds
+    # all of its prompt but the last token in the slot the first left
+    assert first.usage.prompt_tokens_details.cached_tokens < expected.prompt_tokens - 1
+    assert again.usage.prompt_tokens_details.cached_tokens == expected.prompt_tokens - 1
+    stream = client.chat.completions.create(model=server.state.model_name, messages=user(text), max_tokens=10,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == expected.prompt_tokens - 1
+    with server.http() as http:
+        scrape = http.get("/metrics").text
+    hits = [line for line in scrape.splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) >= 2 * (expected.prompt_tokens - 1)
+
+
 def test_stream_agrees_with_non_stream_and_matches_schema(server, openai_schema, sse_payloads):
     body = {"model": server.state.model_name, "messages": user(PROMPTS[0]), "max_tokens": 20,
             "temperature": 0, **NO_EOS}

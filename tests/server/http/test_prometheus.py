@@ -68,6 +68,16 @@ def test_finished_sequences_feed_latency_histograms_and_counts():
     assert value(scrape, "vllm:generation_tokens_total") == 5
 
 
+def test_prefix_cache_counters_count_sequences_that_got_a_slot():
+    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
+    metrics.on_finish(SequenceRecord(10.0, 10.5, 12.5, 40, 5, "length", cached_prompt_tokens=39))
+    metrics.on_finish(SequenceRecord(10.0, None, 10.2, 30, 0, "abort", cached_prompt_tokens=0))  # cancelled in prefill
+    metrics.on_finish(SequenceRecord(10.0, None, 10.2, 50, 0, "abort"))  # cancelled while waiting: no lookup
+    scrape = samples(metrics)
+    assert value(scrape, "vllm:prefix_cache_queries_total") == 70
+    assert value(scrape, "vllm:prefix_cache_hits_total") == 39
+
+
 def test_queue_gauges_are_read_at_scrape_time():
     counts = {"running": 0, "waiting": 0, "kv": 0.0}
     metrics = PrometheusMetrics(lambda: "m", lambda: counts["running"], lambda: counts["waiting"],

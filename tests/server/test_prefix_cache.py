@@ -1,0 +1,107 @@
+"""Prefix caching: a new text prompt takes the free KV slot whose last sequence shares the longest
+prefix with it and prefills only the rest; the output is still what the target alone produces."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from specserve.drafting.eagle_head import ImageMode
+from specserve.server.engine.config import SamplingParams
+from tests.server.test_engine_batch import PROMPTS, engine_for, reference_greedy, run_batched
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def started(engine, prompt) -> int:
+    """The prompt tokens a sequence of `prompt` would find in the KV cache (its slot is given back)."""
+    seq = engine.start(prompt, GREEDY)
+    engine.release(seq)
+    return seq.cached_tokens
+
+
+@pytest.mark.parametrize("draft", ["none", "ngram", "self:1"])
+def test_a_repeated_prompt_and_the_next_turn_reuse_the_slot_and_stay_exact(tiny_model_dirs, draft):
+    engine = engine_for(tiny_model_dirs["llama"], draft)
+    prompt = engine.prepare_text(PROMPTS[2])
+    first = engine.generate(prompt, GREEDY)
+    again = engine.start(prompt, GREEDY)
+    assert again.cached_tokens == len(prompt.token_ids) - 1  # never the last token: it gives the first logits
+    assert again.slot == 0 and engine.free_slots[0] == 1
+    tokens = []
+    while not again.finished:
+        tokens += engine.step(again).token_ids
+    engine.release(again)
+    assert tokens == first.token_ids == reference_greedy(engine, prompt, 12)
+
+    # the next turn of the conversation: the earlier prompt and answer, then more
+    turn = engine.prepare_text(prompt.token_ids + first.token_ids + engine.prepare_text(" and then").token_ids)
+    out = engine.generate(turn, GREEDY)
+    # the slot held the prompt and every output token but the last (which never entered the cache)
+    assert out.metrics is not None and engine.slot_tokens[0][: len(prompt.token_ids)] == prompt.token_ids
+    seq = engine.start(turn, GREEDY)
+    assert seq.cached_tokens == len(turn.token_ids) - 1
+    engine.release(seq)
+    assert out.token_ids == reference_greedy(engine, turn, 12)
+
+
+def test_a_new_prompt_takes_the_free_slot_sharing_the_longest_prefix(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"], "ngram", max_num_seqs=3)
+    short, long, other = (engine.prepare_text(t) for t in ("a red circle", PROMPTS[3], "zzz qqq"))
+    run_batched(engine, [(0, p, GREEDY) for p in (short, long, other)])  # one slot each, all free again
+    holding = {len(tokens): slot for slot, tokens in engine.slot_tokens.items()}
+    assert sorted(holding) == sorted(len(p.token_ids) + 11 for p in (short, long, other))
+    # `short` is a prefix of `long`: a prompt that continues `long` shares most with long's slot
+    probe = engine.prepare_text(long.token_ids + short.token_ids)
+    seq = engine.start(probe, GREEDY)
+    assert seq.slot == holding[len(long.token_ids) + 11] and seq.cached_tokens >= len(long.token_ids)
+    assert seq.slot not in engine.slot_tokens  # the slot is being overwritten: no longer offered
+    engine.release(seq)
+    # nothing shared: the lowest free slot, as without prefix caching
+    lowest, unseen = engine.free_slots[0], engine.target.config.vocab_size - 1
+    seq = engine.start(engine.prepare_text([unseen, unseen]), GREEDY)
+    assert (seq.slot, seq.cached_tokens) == (lowest, 0)
+    engine.release(seq)
+
+
+def test_a_slot_left_mid_prefill_offers_the_part_of_the_prompt_it_holds(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"], "ngram", prefill_chunk_tokens=4)
+    prompt = engine.prepare_text(PROMPTS[1])
+    seq = engine.start(prompt, GREEDY)
+    assert engine.step_batch([seq]) == [None]  # one chunk of 4 tokens, then the client leaves
+    engine.release(seq)
+    again = engine.start(prompt, GREEDY)
+    assert again.cached_tokens == 4
+    tokens = []
+    while not again.finished:
+        tokens += engine.step(again).token_ids
+    assert tokens == reference_greedy(engine, prompt, 12)
+
+
+def test_reused_slots_in_a_batch_with_new_ones_stay_exact(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"], "ngram", max_num_seqs=4)
+    prompts = [engine.prepare_text(text) for text in PROMPTS[:4]]
+    run_batched(engine, [(0, p, GREEDY) for p in prompts[:2]])  # leaves two slots holding prompts 0, 1
+    tokens, _, seqs = run_batched(engine, [(turn, p, GREEDY) for turn, p in enumerate(prompts)])
+    assert [seqs[i].cached_tokens > 0 for i in range(4)] == [True, True, False, False]
+    for i, prompt in enumerate(prompts):
+        assert tokens[i] == reference_greedy(engine, prompt, 12), i
+
+
+def test_no_reuse_when_turned_off_for_images_or_for_a_hidden_state_drafter(tiny_model_dirs, random_head_dir):
+    off = engine_for(tiny_model_dirs["llama"], "ngram", prefix_caching=False)
+    prompt = off.prepare_text(PROMPTS[2])
+    off.generate(prompt, GREEDY)
+    assert started(off, prompt) == 0 and off.slot_tokens == {}
+
+    llava = tiny_model_dirs["llava"]
+    head = engine_for(llava, str(random_head_dir(llava, ImageMode.DECOUPLED)))
+    head.generate(head.prepare_text(PROMPTS[2]), GREEDY)
+    assert started(head, head.prepare_text(PROMPTS[2])) == 0  # the head needs every prompt hidden state
+
+    vlm = engine_for(llava, "ngram")
+    with_image = vlm.prepare_chat([{"role": "user", "content": [
+        {"type": "image", "image": Image.new("RGB", (48, 40), (200, 30, 30))},
+        {"type": "text", "text": "describe the red circle"}]}])
+    vlm.generate(with_image, GREEDY)
+    assert started(vlm, with_image) == 0 and vlm.slot_tokens == {}
