@@ -133,6 +133,14 @@ class SlotCache(Cache):
         self.new_tokens = new_tokens
         return offsets_t
 
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` cached tokens of slot `source` into slot `target` (prefix caching)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for tensor in (layer.keys, layer.values):
+                    tensor[target, :, :length].copy_(tensor[source, :, :length])
+
     def compact(self, accepted_nodes: Tensor) -> None:
         """After a verify forward of the bound rows: move each row's accepted path (root first, -1
         padded, [B, K]) right after its prefix. The caller then counts the new lengths."""

@@ -1,7 +1,7 @@
 """The engine: chunked prefill, then batched speculative steps (`step.py`).
 
-`start` makes a `Sequence` in a free KV slot (prefix caching: a slot that still holds the start of
-its prompt, left there by a finished sequence, which then prefills only the rest); `step_batch`
+`start` makes a `Sequence` in a free KV slot (prefix caching: with the rows of the longest prefix of
+its prompt that any slot holds, so it prefills only the rest); `step_batch`
 advances a batch of them by one turn (the next prompt chunk of new ones, one verify forward for all
 the others) and returns what each emitted.
 `generate` and `stream` drive one sequence through `step`; the scheduler (`scheduler.py`) drives
@@ -177,21 +177,32 @@ class Engine:
         return seq
 
     def _take_slot(self, prompt: PromptInput) -> tuple[int, int]:
-        """A free KV slot for `prompt` and how many of the prompt's first tokens it already holds. With
-        prefix caching: the free slot whose last sequence shares the longest prefix with the prompt,
-        never all of it (the last prompt token's logits give the first output token). Otherwise, or
-        without a shared prefix, the lowest free slot. Only text prompts take part, and not with a
-        drafter that reads the target's hidden states of the whole prompt (an EAGLE/MSD head)."""
-        slot, cached = self.free_slots[0], 0
+        """The lowest free KV slot (running batches stay a contiguous range of slots, which the cache
+        reads without a copy) and how many of the prompt's first tokens it holds. With prefix caching
+        those are the longest prefix the prompt shares with any slot, free or running, never the whole
+        prompt (the last prompt token's logits give the first output token); rows found in another
+        slot are copied over, and stay there for the next prompt. Only text prompts take part, and
+        not with a drafter that reads the target's hidden states of the whole prompt (an EAGLE/MSD head)."""
+        slot, cached = self.free_slots.pop(0), 0
         if self.config.prefix_caching and not prompt.num_images and not self.proposer.needs_hidden_states:
             ids, limit = prompt.token_ids, len(prompt.token_ids) - 1
-            for candidate in self.free_slots:
-                shared = shared_prefix(self.slot_tokens.get(candidate, []), ids, limit)
+            source, cached = slot, shared_prefix(self.slot_tokens.get(slot, []), ids, limit)
+            for other, tokens in self._cached_prefixes():
+                shared = shared_prefix(tokens, ids, limit)
                 if shared > cached:
-                    slot, cached = candidate, shared
-        self.free_slots.remove(slot)
+                    source, cached = other, shared
+            if source != slot:
+                self.cache.copy_prefix(source, slot, cached)
         self.slot_tokens.pop(slot, None)
         return slot, cached
+
+    def _cached_prefixes(self) -> Iterator[tuple[int, list[int]]]:
+        """Every other slot with the tokens whose KV rows it holds: free slots as their last sequence
+        left them, running text sequences' prompt and output so far."""
+        yield from self.slot_tokens.items()
+        for slot, seq in self.active.items():
+            if not seq.prompt.num_images:
+                yield slot, (seq.prompt.token_ids + seq.output_ids)[: seq.prefix_len]
 
     def step(self, seq: Sequence) -> StepOutput:
         """Advance `seq` until it emits: its whole prefill (chunk by chunk), or one speculative step."""

@@ -93,7 +93,7 @@ def speculative_step(
     results: dict[int, StepOutput | Exception] = {
         row: out for row, out in enumerate(drafted) if isinstance(out, Exception)}
     proposals = {row: out for row, out in enumerate(drafted) if not isinstance(out, Exception)}
-    rows = sorted(proposals)
+    rows = sorted(proposals, key=lambda row: seqs[row].slot)  # slots in order: the cache reads a range as a view
     if rows:
         batch = [seqs[row] for row in rows]
         # 2. plan: how much of each tree this batch's forward should carry

@@ -40,3 +40,20 @@ def test_ragged_rows_verify_compact_and_continue_like_a_fresh_forward(attention_
             text = torch.cat([prefixes[row], kept[row], following[row]])[None]
             fresh = model(text).logits[0, -1]
             torch.testing.assert_close(logits[row, -1], fresh, rtol=0, atol=exact_to(model))
+
+
+def test_a_copied_prefix_continues_like_the_slot_it_came_from(attention_llama, exact_to):
+    model = attention_llama
+    prefix = torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(2))
+    cache = SlotCache(model.config.num_hidden_layers, num_slots=2, capacity=32, device=torch.device("cpu"))
+    forward(model, cache, chain_tree(prefix[None]), [0], [0])
+    forward(model, cache, chain_tree(torch.tensor([[9, 9, 9]])), [1], [0])  # slot 1 holds other tokens
+    cache.copy_prefix(0, 1, 5)  # the first 5 of slot 0's 7 rows
+    layer = cache.layers[0]
+    assert torch.equal(layer.keys[1, :, :5], layer.keys[0, :, :5])
+    assert not torch.equal(layer.keys[1, :, 5:7], layer.keys[0, :, 5:7])  # the rest is untouched
+    following = torch.tensor([[3, 4]])
+    copied = forward(model, cache, chain_tree(following), [1], [5])
+    with torch.no_grad():
+        fresh = model(torch.cat([prefix[:5], following[0]])[None]).logits[:, 5:]
+    torch.testing.assert_close(copied, fresh, rtol=0, atol=exact_to(model))

@@ -27,7 +27,7 @@ def test_a_repeated_prompt_and_the_next_turn_reuse_the_slot_and_stay_exact(tiny_
     first = engine.generate(prompt, GREEDY)
     again = engine.start(prompt, GREEDY)
     assert again.cached_tokens == len(prompt.token_ids) - 1  # never the last token: it gives the first logits
-    assert again.slot == 0 and engine.free_slots[0] == 1
+    assert again.slot == 0
     tokens = []
     while not again.finished:
         tokens += engine.step(again).token_ids
@@ -45,22 +45,34 @@ def test_a_repeated_prompt_and_the_next_turn_reuse_the_slot_and_stay_exact(tiny_
     assert out.token_ids == reference_greedy(engine, turn, 12)
 
 
-def test_a_new_prompt_takes_the_free_slot_sharing_the_longest_prefix(tiny_model_dirs):
-    engine = engine_for(tiny_model_dirs["llama"], "ngram", max_num_seqs=3)
+def test_the_longest_shared_prefix_is_copied_from_any_slot_into_the_lowest_free_one(tiny_model_dirs):
+    engine = engine_for(tiny_model_dirs["llama"], "ngram", max_num_seqs=4)
     short, long, other = (engine.prepare_text(t) for t in ("a red circle", PROMPTS[3], "zzz qqq"))
-    run_batched(engine, [(0, p, GREEDY) for p in (short, long, other)])  # one slot each, all free again
-    holding = {len(tokens): slot for slot, tokens in engine.slot_tokens.items()}
-    assert sorted(holding) == sorted(len(p.token_ids) + 11 for p in (short, long, other))
-    # `short` is a prefix of `long`: a prompt that continues `long` shares most with long's slot
+    run_batched(engine, [(0, p, GREEDY) for p in (short, long, other)])  # slots 0, 1, 2, all free again
+    held = [len(engine.slot_tokens[slot]) for slot in range(3)]
+    assert held == [len(p.token_ids) + 11 for p in (short, long, other)]
+    # `short` is a prefix of `long`: a prompt that continues `long` shares most with slot 1, whose
+    # rows are copied into slot 0, the lowest free one; slot 1 keeps them for the next prompt
     probe = engine.prepare_text(long.token_ids + short.token_ids)
     seq = engine.start(probe, GREEDY)
-    assert seq.slot == holding[len(long.token_ids) + 11] and seq.cached_tokens >= len(long.token_ids)
-    assert seq.slot not in engine.slot_tokens  # the slot is being overwritten: no longer offered
+    assert seq.slot == 0 and seq.cached_tokens >= len(long.token_ids)
+    assert 0 not in engine.slot_tokens and len(engine.slot_tokens[1]) == len(long.token_ids) + 11
+    # a running sequence's rows are shared too: the same prompt again copies from slot 0 into slot 1
+    twin = engine.start(probe, GREEDY)
+    assert (twin.slot, twin.cached_tokens) == (1, seq.cached_tokens)
+    outs = {0: [], 1: []}
+    while not (seq.finished and twin.finished):
+        live = [s for s in (seq, twin) if not s.finished]
+        for s, out in zip(live, engine.step_batch(live)):
+            if out is not None:
+                outs[s.slot] += out.token_ids
+    assert outs[0] == outs[1] == reference_greedy(engine, probe, 12)
     engine.release(seq)
-    # nothing shared: the lowest free slot, as without prefix caching
-    lowest, unseen = engine.free_slots[0], engine.target.config.vocab_size - 1
+    engine.release(twin)
+    # nothing shared: the lowest free slot, nothing cached
+    unseen = engine.target.config.vocab_size - 1
     seq = engine.start(engine.prepare_text([unseen, unseen]), GREEDY)
-    assert (seq.slot, seq.cached_tokens) == (lowest, 0)
+    assert (seq.slot, seq.cached_tokens) == (0, 0)
     engine.release(seq)
 
 
