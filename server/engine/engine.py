@@ -1,9 +1,9 @@
 """The engine: chunked prefill, then batched speculative steps (`step.py`).
 
 `start` makes a `Sequence` in a free KV slot (prefix caching: with the rows of the longest prefix of
-its prompt that any slot holds, so it prefills only the rest); `step_batch`
-advances a batch of them by one turn (the next prompt chunk of new ones, one verify forward for all
-the others) and returns what each emitted.
+its prompt that any slot holds, so it prefills only the rest); `step_batch` advances a batch of them
+by one turn (the next prompt chunk of new ones, one verify forward for all the others) and returns
+what each emitted.
 `generate` and `stream` drive one sequence through `step`; the scheduler (`scheduler.py`) drives
 many on one worker thread, batching every active sequence each turn.
 """

@@ -25,6 +25,7 @@ class FakeSeq:
     max_tokens: int
     output_ids: list = field(default_factory=list)
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
+    cached_tokens: int = 0
 
 
 class ScriptedEngine:
