@@ -111,6 +111,7 @@ class Server:
     env: dict[str, str]
     ready_path: str = "/health"  # answers 200 once the model is loaded
     quantization: str = "none"  # specserve's --quantization
+    prefix_caching: bool = True  # specserve's --prefix-caching
 
 
 def free_port() -> int:
@@ -119,7 +120,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def specserve_server(args, draft: str, quantization: str) -> Server:
+def specserve_server(args, draft: str, quantization: str, prefix_caching: str) -> Server:
     port = free_port()
     command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
                "serve", "--model", args.model, "--draft", draft, "--dtype", args.dtype, "--host", HOST,
@@ -130,10 +131,12 @@ def specserve_server(args, draft: str, quantization: str) -> Server:
         command += ["--max-num-seqs", str(args.max_num_seqs)]
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
-    if args.no_prefix_caching:
+    if prefix_caching == "off":
         command += ["--no-prefix-caching"]
-    label = draft if quantization == "none" else f"{draft} {quantization}"
-    return Server(label, draft, command, {"PORT": str(port)}, quantization=quantization)
+    label = " ".join([draft, *([quantization] if quantization != "none" else []),
+                      *(["no-prefix-cache"] if prefix_caching == "off" else [])])
+    return Server(label, draft, command, {"PORT": str(port)}, quantization=quantization,
+                  prefix_caching=prefix_caching == "on")
 
 
 def vllm_servers(args) -> list[Server]:
@@ -149,7 +152,7 @@ def vllm_servers(args) -> list[Server]:
         command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
                    "--served-model-name", args.model, "--dtype", args.dtype, "--host", HOST, "--port", str(port),
                    "--max-model-len", str(args.max_model_len or 2048), "--uvicorn-log-level", "warning", *extra]
-        if args.no_prefix_caching:
+        if "on" not in args.prefix_caching:
             command += ["--no-enable-prefix-caching"]
         servers.append(Server(label, None, command, {**env, "PORT": str(port)}))
     return servers
@@ -290,7 +293,7 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
     if server.draft is not None:
         engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype,
                                                  quantization=server.quantization,
-                                                 prefix_caching=not args.no_prefix_caching))
+                                                 prefix_caching=server.prefix_caching))
         requests = with_images(texts) if engine.is_multimodal else requests
         params = SamplingParams(args.max_tokens, ignore_eos=True)
         time_request(engine, engine_content(requests[0]), params)  # warm-up: first calls pay for allocations
@@ -337,17 +340,18 @@ def main(argv: list[str] | None = None) -> dict:
                              "lookup, on the GGUF file as float32 and as quantized, to the sweep")
     parser.add_argument("--gguf", default=None,
                         help="GGUF file llama.cpp serves (default: the store's file behind --model)")
-    parser.add_argument("--no-prefix-caching", action="store_true",
-                        help="specserve and vLLM without prefix caching (both reuse a prompt's cached KV rows "
-                             "by default; llama-cpp-python's server reuses its one context's common prefix "
-                             "either way)")
+    parser.add_argument("--prefix-caching", nargs="+", default=["on"], choices=["on", "off"],
+                        help="specserve with and/or without prefix caching, one server per drafter and choice; "
+                             "vLLM keeps its automatic prefix caching unless only 'off' is given "
+                             "(llama-cpp-python's server reuses its one context's common prefix either way)")
     parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     args.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # counts peers' unreported tokens
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    servers = [specserve_server(args, draft, q) for q in args.quantization for draft in args.drafts]
+    servers = [specserve_server(args, draft, q, cache) for cache in args.prefix_caching for q in args.quantization
+               for draft in args.drafts]
     servers += vllm_servers(args) if args.vllm_python else []
     servers += llamacpp_servers(args) if args.llamacpp_python else []
     runs = {server.label: run_server(args, server, PROMPT_SETS[args.prompts]) for server in servers}

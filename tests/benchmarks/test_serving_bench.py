@@ -5,6 +5,7 @@ model. No timing thresholds: the checks are counts and orderings that hold on an
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 
 import pytest
 from PIL import Image
@@ -70,3 +71,17 @@ def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_pat
         assert level["spec_decode"]["drafts"] == sum(r["verify_steps"] for r in level["raw"])
         assert level["spec_decode"]["mean_accepted_length"] >= 1 and level["output_throughput"] > 0
         assert level["worker_tpot_mean_s"] > 0 and level["overhead_wall"] is not None
+
+
+@pytest.mark.parametrize("choices", [["on"], ["off"], ["on", "off"]])
+def test_prefix_caching_choices_make_one_server_each_and_reach_vllm_only_when_all_off(serving, tiny_model_dirs,
+                                                                                       choices):
+    args = Namespace(model=str(tiny_model_dirs["llama"]), dtype="float32", threads=1, max_num_seqs=None,
+                     max_model_len=None, prefix_caching=choices, vllm_python="python")
+    servers = [serving.specserve_server(args, "ngram", "none", choice) for choice in choices]
+    labels = {"on": "ngram", "off": "ngram no-prefix-cache"}
+    assert [s.label for s in servers] == [labels[c] for c in choices]
+    assert [("--no-prefix-caching" in s.command, s.prefix_caching) for s in servers] == \
+        [(c == "off", c == "on") for c in choices]
+    vllm_off = ["--no-enable-prefix-caching" in s.command for s in serving.vllm_servers(args)]
+    assert vllm_off == [choices == ["off"]] * 2
