@@ -1,16 +1,17 @@
 """Serving benchmark: a sweep of `specserve bench` runs (`specserve.server.bench`) over servers started
-here on loopback, side by side in one run: `specserve serve` once per drafter (and per `--quantization`);
-with `--vllm-python`, vLLM's CPU build (plain and with its n-gram speculator) on the same model, dtype
-and threads; with `--llamacpp-python`, llama.cpp's server (plain and with its prompt-lookup drafter) on
-the model's GGUF file, both as float32 (matched precision) and as the file's own quantization (see
-`llamacpp.py`).
+here on loopback, side by side in one run: `specserve serve` once per drafter (and per `--quantization`
+and `--prefix-caching` choice); with `--vllm-python`, vLLM's CPU build (plain and with its n-gram
+speculator) on the same model, dtype and threads; with `--llamacpp-python`, llama.cpp's server (plain
+and with its prompt-lookup drafter) on the model's GGUF file, both as float32 (matched precision) and
+as the file's own quantization (see `llamacpp.py`).
 
     python benchmarks/serving.py --model smollm2-135m --drafts none ngram --concurrency 1 4 8 --threads 1
 
 Each concurrency level sends `--requests-per-client` x clients streamed chat requests with at most
 `clients` in flight (greedy, every request runs to `--max-tokens`; every other one carries a PNG if
-the model takes images). Latencies as `specserve bench` defines them (`server/bench/client.py`); mean
-accepted length and acceptance from each server's `/metrics` (specserve's and vLLM's counters).
+the model takes images; the prompts are cycled, so with more requests than prompts some repeat, and
+prefix caching finds them). Latencies as `specserve bench` defines them (`server/bench/client.py`);
+mean accepted length and acceptance from each server's `/metrics` (specserve's and vLLM's counters).
 
 Overhead (specserve only): first the same requests run in this process through `Engine.step` (same
 model, drafter, dtype, threads); replaying their output through a fresh detokenizer times
