@@ -36,7 +36,7 @@ from ..http.serve import engine_factory
 from ..http.settings import ServerSettings
 from ..http.state import ServerState
 from ..http.transport import SHUTDOWN_FLUSH_S
-from .metrics import SpecDecodeMirror
+from .metrics import CounterMirror
 from .routing import ConversationRouter
 
 LOAD_POLL_S = 0.1  # how often a starting replica checks whether its model has loaded
@@ -155,7 +155,7 @@ class SpecserveReplica:
         if failures:
             raise ReplicaLoadError(f"the model failed to load: {failures[0]}")
         self._scheduler.check_ready()  # NotReady if the worker crashed right after loading
-        self._tasks = [asyncio.create_task(SpecDecodeMirror(state.metrics.registry).run()),
+        self._tasks = [asyncio.create_task(CounterMirror(state.metrics.registry).run()),
                        asyncio.create_task(self._drain_when_ray_stops(state, stopping))]
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_tag)
         return app

@@ -1,13 +1,15 @@
-"""The replica's speculative-decoding counters, mirrored into Ray's metrics.
+"""The replica's speculative-decoding and prefix-cache counters, mirrored into Ray's metrics.
 
 Behind Ray's proxy `GET /metrics` reaches one replica at a time, so each replica also copies its
-`vllm:spec_decode_*` counters into Ray Serve counters (Ray adds the `deployment`, `replica` and
-`application` tags); Ray's metrics agent exports them from every node, as
+`vllm:spec_decode_*` and `vllm:prefix_cache_*` counters into Ray Serve counters (Ray adds the
+`deployment`, `replica` and `application` tags); Ray's metrics agent exports them from every node, as
 
 - `ray_specserve_spec_decode_num_drafts_total`          (from `vllm:spec_decode_num_drafts`)
 - `ray_specserve_spec_decode_num_draft_tokens_total`    (`vllm:spec_decode_num_draft_tokens`)
 - `ray_specserve_spec_decode_num_accepted_tokens_total` (`vllm:spec_decode_num_accepted_tokens`)
 - `ray_specserve_spec_decode_num_accepted_tokens_per_pos_total{position}`
+- `ray_specserve_prefix_cache_queries_total`             (`vllm:prefix_cache_queries`)
+- `ray_specserve_prefix_cache_hits_total`                (`vllm:prefix_cache_hits`)
 
 Cluster-wide mean accepted length (incl. bonus) over a window = 1 + sum(increase(accepted)) /
 sum(increase(num_drafts)), summed over replicas; per replica, group by the `replica` tag.
@@ -23,36 +25,39 @@ from prometheus_client import CollectorRegistry
 from ray.serve.metrics import Counter
 
 MIRROR_INTERVAL_S = 1.0
-SOURCE_PREFIX, TARGET_PREFIX = "vllm:spec_decode_", "specserve_spec_decode_"
-MIRRORED = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")
+# the app's counter -> the Ray counter that mirrors it
+MIRRORED = {
+    f"vllm:{name}": f"specserve_{name}"
+    for name in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+                 "spec_decode_num_accepted_tokens_per_pos", "prefix_cache_queries", "prefix_cache_hits")
+}
 
 
-class SpecDecodeMirror:
-    """Copies the growth of one app's spec-decode counters into Ray counters of the same meaning."""
+class CounterMirror:
+    """Copies the growth of one app's `MIRRORED` counters into Ray counters of the same meaning."""
 
     def __init__(self, registry: CollectorRegistry, counter: Callable[..., Any] = Counter) -> None:
         """`counter(name, description=, tag_keys=)` makes the target counters (Ray Serve's)."""
         self._registry = registry
         self._seen: dict[tuple, float] = {}  # (metric, labels) -> value already copied
         self._counters = {
-            name: counter(TARGET_PREFIX + name, description=f"{SOURCE_PREFIX}{name} of each replica",
+            name: counter(target, description=f"{name} of each replica",
                           tag_keys=("model_name", "position") if name.endswith("_per_pos") else ("model_name",))
-            for name in MIRRORED
+            for name, target in MIRRORED.items()
         }
 
     def sync(self) -> None:
         """Add what each counter gained since the last call."""
         for family in self._registry.collect():
-            name = family.name.removeprefix(SOURCE_PREFIX)
-            if name not in self._counters:
+            if family.name not in self._counters:
                 continue
             for sample in family.samples:
                 if not sample.name.endswith("_total"):
                     continue  # prometheus_client also exposes `_created` timestamps
-                key = (name, tuple(sorted(sample.labels.items())))
+                key = (family.name, tuple(sorted(sample.labels.items())))
                 gained = sample.value - self._seen.get(key, 0.0)
                 if gained > 0:
-                    self._counters[name].inc(gained, tags=dict(sample.labels))
+                    self._counters[family.name].inc(gained, tags=dict(sample.labels))
                     self._seen[key] = sample.value
 
     async def run(self) -> None:

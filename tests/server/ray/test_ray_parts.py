@@ -21,7 +21,7 @@ from specserve.server.http.transport import SHUTDOWN_FLUSH_S  # noqa: E402
 from specserve.server.ray import deployment as deploy_module  # noqa: E402
 from specserve.server.ray.cli import deploy_app  # noqa: E402
 from specserve.server.ray.deployment import ReplicaLoadError, ReplicaOptions, load_failure  # noqa: E402
-from specserve.server.ray.metrics import SpecDecodeMirror  # noqa: E402
+from specserve.server.ray.metrics import CounterMirror  # noqa: E402
 from specserve.server.ray.routing import ConversationRouter, conversation_id, rendezvous_order  # noqa: E402
 
 
@@ -159,11 +159,13 @@ def test_the_mirror_copies_only_what_each_counter_gained():
     drafts = Counter("vllm:spec_decode_num_drafts", "", ["model_name"], registry=registry)
     per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos", "", ["model_name", "position"],
                       registry=registry)
+    hits = Counter("vllm:prefix_cache_hits", "", ["model_name"], registry=registry)
     Counter("vllm:generation_tokens", "", ["model_name"], registry=registry).labels("m").inc(99)
     made = {}
-    mirror = SpecDecodeMirror(registry, counter=lambda name, **kw: made.setdefault(name, FakeCounter(name, **kw)))
+    mirror = CounterMirror(registry, counter=lambda name, **kw: made.setdefault(name, FakeCounter(name, **kw)))
     drafts.labels("m").inc(5)
     per_pos.labels("m", "0").inc(3)
+    hits.labels("m").inc(40)
     mirror.sync()
     drafts.labels("m").inc(2)
     mirror.sync()
@@ -171,6 +173,7 @@ def test_the_mirror_copies_only_what_each_counter_gained():
     assert made["specserve_spec_decode_num_drafts"].added == [(5, {"model_name": "m"}), (2, {"model_name": "m"})]
     assert made["specserve_spec_decode_num_accepted_tokens_per_pos"].added == [
         (3, {"model_name": "m", "position": "0"})]
+    assert made["specserve_prefix_cache_hits"].added == [(40, {"model_name": "m"})]
     assert not any("generation" in name for name in made)
 
 
