@@ -62,8 +62,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "it is short (default: %(default)s)")
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.prefix_caching,
-                        help="a new text prompt reuses the KV rows a finished sequence left in a free slot "
-                             "for their longest shared prefix and prefills only the rest (default: on)")
+                        help="a new text prompt reuses the KV rows of the longest prefix it shares with a "
+                             "finished or running sequence and prefills only the rest (default: on)")
     parser.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.prepack_weights,
                         help="CPU: pack the target's linear weights once at load (oneDNN for float32 and "

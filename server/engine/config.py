@@ -45,8 +45,8 @@ class EngineConfig:
     # prompt tokens prefilled per engine turn over all new sequences (chunked prefill): a long prompt
     # delays the running sequences' next tokens by one chunk's forward at a time; None = whole prompts
     prefill_chunk_tokens: int | None = 256
-    # a new text prompt takes the free KV slot whose last sequence shares the longest prefix with it
-    # and prefills only the rest (a repeated system prompt, the next turn of a conversation)
+    # a new text prompt gets the KV rows of the longest prefix it shares with any slot, free or running,
+    # copied into its own slot, and prefills only the rest (a repeated system prompt, the next turn)
     prefix_caching: bool = True
     draft_share_prompts: bool = False  # suffix drafter: share prompt tokens too, not only generated ones
     # CPU: the target's linear weights packed once at load (kernels.cpu_linear: oneDNN for float32 and

@@ -184,16 +184,16 @@ class Engine:
         slot are copied over, and stay there for the next prompt. Only text prompts take part, and
         not with a drafter that reads the target's hidden states of the whole prompt (an EAGLE/MSD head)."""
         slot, cached = self.free_slots.pop(0), 0
+        held = self.slot_tokens.pop(slot, [])  # the new sequence overwrites them: no longer offered
         if self.config.prefix_caching and not prompt.num_images and not self.proposer.needs_hidden_states:
             ids, limit = prompt.token_ids, len(prompt.token_ids) - 1
-            source, cached = slot, shared_prefix(self.slot_tokens.get(slot, []), ids, limit)
+            source, cached = slot, shared_prefix(held, ids, limit)
             for other, tokens in self._cached_prefixes():
                 shared = shared_prefix(tokens, ids, limit)
                 if shared > cached:
                     source, cached = other, shared
             if source != slot:
                 self.cache.copy_prefix(source, slot, cached)
-        self.slot_tokens.pop(slot, None)
         return slot, cached
 
     def _cached_prefixes(self) -> Iterator[tuple[int, list[int]]]:
@@ -202,7 +202,7 @@ class Engine:
         yield from self.slot_tokens.items()
         for slot, seq in self.active.items():
             if not seq.prompt.num_images:
-                yield slot, (seq.prompt.token_ids + seq.output_ids)[: seq.prefix_len]
+                yield slot, seq.cached_ids
 
     def step(self, seq: Sequence) -> StepOutput:
         """Advance `seq` until it emits: its whole prefill (chunk by chunk), or one speculative step."""
@@ -247,9 +247,7 @@ class Engine:
         seq.draft = None
         if seq.slot >= 0:
             if self.config.prefix_caching and not seq.prompt.num_images:
-                # the slot's first prefix_len rows hold the prompt and then the output (all but the
-                # root, which never entered); a sequence released mid-prefill holds part of its prompt
-                self.slot_tokens[seq.slot] = (list(seq.prompt.token_ids) + seq.output_ids)[: seq.prefix_len]
+                self.slot_tokens[seq.slot] = seq.cached_ids
             del self.active[seq.slot]
             bisect.insort(self.free_slots, seq.slot)
             seq.slot = -1

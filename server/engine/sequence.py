@@ -53,6 +53,12 @@ class Sequence:
         return len(self.prompt.token_ids)
 
     @property
+    def cached_ids(self) -> list[int]:
+        """The tokens whose KV rows the slot holds: the prompt, then the output but the root (which
+        has not entered the cache); mid-prefill, the part of the prompt prefilled so far."""
+        return (self.prompt.token_ids + self.output_ids)[: self.prefix_len]
+
+    @property
     def prefilled(self) -> bool:
         return self.root_token >= 0
 
