@@ -1,9 +1,10 @@
 """The engine: chunked prefill, then batched speculative steps (`step.py`).
 
-`start` makes a `Sequence` in a free KV slot (prefix caching: with the rows of the longest prefix of
-its prompt that any slot holds, so it prefills only the rest); `step_batch` advances a batch of them
-by one turn (the next prompt chunk of new ones, one verify forward for all the others) and returns
-what each emitted.
+`start` makes a `Sequence` in a free KV slot; `step_batch` advances a batch of them by one turn (the
+next prompt chunk of new ones, one verify forward for all the others) and returns what each emitted.
+Prefix caching: before its first chunk a sequence takes the rows of the longest prefix of its prompt
+that any slot holds (one that finished, or one still running, even one prefilled earlier in the same
+turn), so it prefills only the rest.
 `generate` and `stream` drive one sequence through `step`; the scheduler (`scheduler.py`) drives
 many on one worker thread, batching every active sequence each turn.
 """
@@ -68,6 +69,9 @@ class Engine:
         self.active: dict[int, Sequence] = {}  # slot -> its sequence
         # prefix caching: free slot -> the tokens whose KV rows its last sequence left there
         self.slot_tokens: dict[int, list[int]] = {}
+        # the same for the slots of sequences started but not yet given their first prompt chunk, which
+        # look for their prefix only then (`_reuse_prefix`)
+        self.unclaimed: dict[int, list[int]] = {}
         # share of the KV rows in use, updated by the engine's own thread; others (a metrics scrape)
         # only read this float, never the sequences
         self.kv_cache_usage = 0.0
@@ -148,7 +152,9 @@ class Engine:
         self.grammars.grammar(fmt)
 
     def start(self, prompt: PromptInput, params: SamplingParams) -> Sequence:
-        """A new sequence; raises `RequestError` if it cannot fit the context. Prefill is its first step."""
+        """A new sequence in the lowest free KV slot (running batches stay a contiguous range of slots,
+        which the cache reads without a copy); raises `RequestError` if it cannot fit the context.
+        Prefill is its first step."""
         if len(prompt.token_ids) == 0:
             raise RequestError("the prompt is empty", param="prompt")
         if len(prompt.token_ids) + params.max_tokens > self.max_model_len:
@@ -168,38 +174,42 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device=self.target.device)
             generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        slot, cached = self._take_slot(prompt)
-        seq = Sequence(
-            prompt, params, IncrementalDetokenizer(self.tokenizer, prompt.token_ids),
-            self.eos_token_ids, generator, slot=slot, grammar=grammar, prefix_len=cached, cached_tokens=cached,
-        )
+        slot = self.free_slots.pop(0)
+        held = self.slot_tokens.pop(slot, [])  # the new sequence will overwrite them: no longer free to take
+        if self._reuses_prefixes(prompt):
+            self.unclaimed[slot] = held  # still offered until the sequence's first chunk
+        seq = Sequence(prompt, params, IncrementalDetokenizer(self.tokenizer, prompt.token_ids),
+                       self.eos_token_ids, generator, slot=slot, grammar=grammar)
         self.active[seq.slot] = seq
         return seq
 
-    def _take_slot(self, prompt: PromptInput) -> tuple[int, int]:
-        """The lowest free KV slot (running batches stay a contiguous range of slots, which the cache
-        reads without a copy) and how many of the prompt's first tokens it holds. With prefix caching
-        those are the longest prefix the prompt shares with any slot, free or running, never the whole
-        prompt (the last prompt token's logits give the first output token); rows found in another
-        slot are copied over, and stay there for the next prompt. Only text prompts take part, and
-        not with a drafter that reads the target's hidden states of the whole prompt (an EAGLE/MSD head)."""
-        slot, cached = self.free_slots.pop(0), 0
-        held = self.slot_tokens.pop(slot, [])  # the new sequence overwrites them: no longer offered
-        if self.config.prefix_caching and not prompt.num_images and not self.proposer.needs_hidden_states:
-            ids, limit = prompt.token_ids, len(prompt.token_ids) - 1
-            source, cached = slot, shared_prefix(held, ids, limit)
-            for other, tokens in self._cached_prefixes():
-                shared = shared_prefix(tokens, ids, limit)
-                if shared > cached:
-                    source, cached = other, shared
-            if source != slot:
-                self.cache.copy_prefix(source, slot, cached)
-        return slot, cached
+    def _reuses_prefixes(self, prompt: PromptInput) -> bool:
+        """Prefix caching takes text prompts only, and not with a drafter that reads the target's hidden
+        states of the whole prompt (an EAGLE/MSD head)."""
+        return self.config.prefix_caching and not prompt.num_images and not self.proposer.needs_hidden_states
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Before `seq`'s first chunk: give it the longest prefix its prompt shares with any slot, never
+        the whole prompt (the last prompt token's logits give the first output token). Looking only now
+        rather than at `start` finds what sequences admitted together prefilled before it (a burst of
+        requests with one system prompt prefills it once). Rows found in another slot are copied over,
+        and stay there for the next prompt."""
+        held = self.unclaimed.pop(seq.slot)
+        ids, limit = seq.prompt.token_ids, seq.prompt_len - 1
+        source, cached = seq.slot, shared_prefix(held, ids, limit)
+        for other, tokens in self._cached_prefixes():
+            shared = shared_prefix(tokens, ids, limit)
+            if shared > cached:
+                source, cached = other, shared
+        if source != seq.slot:
+            self.cache.copy_prefix(source, seq.slot, cached)
+        seq.prefix_len = seq.cached_tokens = cached
 
     def _cached_prefixes(self) -> Iterator[tuple[int, list[int]]]:
-        """Every other slot with the tokens whose KV rows it holds: free slots as their last sequence
-        left them, running text sequences' prompt and output so far."""
+        """Every slot with the tokens whose KV rows it holds: free slots and those of sequences not yet
+        prefilling as their last sequence left them, running text sequences' prompt and output so far."""
         yield from self.slot_tokens.items()
+        yield from self.unclaimed.items()
         for slot, seq in self.active.items():
             if not seq.prompt.num_images:
                 yield slot, seq.cached_ids
@@ -227,6 +237,11 @@ class Engine:
         budget = self.config.prefill_chunk_tokens or max(seq.prompt_len for seq in seqs)
         for seq in seqs:
             if not seq.prefilled:
+                if budget > 0 and seq.slot in self.unclaimed:
+                    failed = per_sequence(lambda: self._reuse_prefix(seq))  # None: done
+                    if failed is not None:
+                        outputs[id(seq)] = failed
+                        continue
                 start = seq.prefix_len
                 outputs[id(seq)] = per_sequence(
                     lambda: prefill(seq, self.target, self.proposer, self.cache, budget)) if budget > 0 else None
@@ -246,8 +261,9 @@ class Engine:
             seq.draft.close()
         seq.draft = None
         if seq.slot >= 0:
+            held = self.unclaimed.pop(seq.slot, None)  # left before its first chunk: the rows are untouched
             if self.config.prefix_caching and not seq.prompt.num_images:
-                self.slot_tokens[seq.slot] = seq.cached_ids
+                self.slot_tokens[seq.slot] = seq.cached_ids if held is None else held
             del self.active[seq.slot]
             bisect.insort(self.free_slots, seq.slot)
             seq.slot = -1

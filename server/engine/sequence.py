@@ -38,7 +38,7 @@ class Sequence:
     prefill: PendingPrefill | None = None  # between the first and the last chunk of the prompt
     root_token: int = -1  # last emitted token, not yet in the cache
     prefix_len: int = 0  # tokens in the target cache
-    cached_tokens: int = 0  # prompt tokens found in the KV slot at start (prefix caching), not prefilled
+    cached_tokens: int = 0  # prompt tokens found in the KV cache before the first chunk (prefix caching)
     rope_delta: int = 0  # position - cache index of every token after the prompt (M-RoPE after images)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # output text so far (stop strings excluded)
