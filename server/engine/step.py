@@ -225,8 +225,11 @@ def accept(
     results: list[AcceptResult | None] = [None] * len(seqs)
     greedy = [row for row, seq in enumerate(seqs) if seq.params.greedy]
     if greedy:
-        index = torch.tensor(greedy, device=logits.device)
-        batch = greedy_accept(_rows(tree, index), logits.index_select(0, index))
+        if len(greedy) == len(seqs):  # the whole batch: nothing to gather
+            batch = greedy_accept(tree, logits)
+        else:
+            index = torch.tensor(greedy, device=logits.device)
+            batch = greedy_accept(_rows(tree, index), logits.index_select(0, index))
         for i, row in enumerate(greedy):
             results[row] = AcceptResult(batch.accepted_nodes[i : i + 1], batch.num_accepted[i : i + 1],
                                         batch.emitted_tokens[i : i + 1])
