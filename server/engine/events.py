@@ -29,7 +29,8 @@ class SequenceRecord:
     prompt_tokens: int
     output_tokens: int
     finish_reason: str  # "stop", "length", "abort" (cancelled) or "error"
-    # prompt tokens found in the KV cache at start (prefix caching); None: it never got a KV slot
+    # prompt tokens found in the KV cache (prefix caching); None: its prompt was never looked up (it got
+    # no KV slot, or left before its first prefill chunk, where the lookup happens)
     cached_prompt_tokens: int | None = None
 
 

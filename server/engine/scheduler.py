@@ -306,7 +306,7 @@ class Scheduler:
             self._notify(self._observer.on_finish, SequenceRecord(
                 entry.group.arrival, entry.first_token_time, time.monotonic(),
                 len(entry.prompt.token_ids), len(entry.seq.output_ids) if entry.seq is not None else 0,
-                reason, entry.seq.cached_tokens if entry.seq is not None else None,
+                reason, entry.seq.cached_tokens if entry.seq is not None and entry.seq.prefix_len else None,
             ))
 
     def _shutdown(self) -> None:

@@ -22,9 +22,10 @@ Requests, observed when a sequence (one choice of a request) ends:
 - `vllm:request_success_total{finished_reason}`: sequences that ended with "stop" or "length";
   `specserve:request_aborted_total{reason}` counts "abort" (client gone) and "error" ones;
 - `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`: tokens in and out;
-- `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`: prompt tokens of sequences that
-  got a KV slot, and of those the ones found there (prefix caching), so d(hits) / d(queries) is the
-  prefix cache hit rate (counted when a sequence that got a KV slot ends, any way it ends);
+- `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`: prompt tokens of sequences whose
+  prompt was looked up in the KV cache (just before its first prefill chunk), and of those the ones
+  found there (prefix caching), so d(hits) / d(queries) is the prefix cache hit rate (counted when
+  such a sequence ends, any way it ends);
 - the histograms below observe finished ("stop"/"length") sequences only:
 - `vllm:time_to_first_token_seconds` = first token time - arrival (arrival = the HTTP request's
   receipt, so queueing and image decoding are included);
@@ -179,7 +180,7 @@ class PrometheusMetrics:
 
     def on_finish(self, record: SequenceRecord) -> None:
         name = self._model_name()
-        if record.cached_prompt_tokens is not None:  # it got a KV slot: its prompt was looked up
+        if record.cached_prompt_tokens is not None:  # its prompt was looked up
             self.prefix_queries.labels(name).inc(record.prompt_tokens)
             self.prefix_hits.labels(name).inc(record.cached_prompt_tokens)
         if record.finish_reason not in ("stop", "length"):

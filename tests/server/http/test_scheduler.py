@@ -26,6 +26,7 @@ class FakeSeq:
     output_ids: list = field(default_factory=list)
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
     cached_tokens: int = 0
+    prefix_len: int = 0  # tokens in the KV cache: > 0 once a step ran
 
 
 class ScriptedEngine:
@@ -49,6 +50,7 @@ class ScriptedEngine:
         if seq.name == self.fail_step:
             raise RuntimeError("engine bug")
         self.steps.append(seq.name)
+        seq.prefix_len += 1
         if seq.output_ids:  # every step after prefill verifies a draft of 2, accepting 1
             seq.metrics.observe(2, 1)
         seq.output_ids.append(len(seq.output_ids))
@@ -210,6 +212,23 @@ def test_engine_failure_fails_only_its_request():
     assert "B" in engine.released
 
 
+def test_a_sequence_that_fails_before_its_first_chunk_reports_no_prefix_lookup():
+    # prefix caching looks a prompt up just before its first prefill chunk: one that never got there
+    # must not count as a query (with 0 hits) in the hit rate
+    recorder = Recorder()
+    scheduler = make(ScriptedEngine(fail_step="B"), observer=recorder)
+
+    async def main():
+        await drain(one(scheduler, "B", 3))
+        await drain(one(scheduler, "A", 2))
+
+    asyncio.run(main())
+    scheduler.stop()
+    records = {r.finish_reason: r for r in recorder.records}
+    assert records["error"].cached_prompt_tokens is None
+    assert records["length"].cached_prompt_tokens == 0
+
+
 def test_start_rejection_is_an_error_event_and_siblings_are_dropped():
     engine = ScriptedEngine()
     scheduler = make(engine)
@@ -291,6 +310,7 @@ def test_observer_gets_step_deltas_and_finish_records():
     assert total.verify_steps == 3 and total.accepted_per_position == [3]
     (record,) = recorder.records
     assert record.finish_reason == "length" and record.output_tokens == 4
+    assert record.cached_prompt_tokens == 0  # looked up, nothing found
     assert record.arrival <= record.first_token_time <= record.finish_time
 
 
