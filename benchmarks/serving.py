@@ -13,12 +13,18 @@ the model takes images; the prompts are cycled, so with more requests than promp
 prefix caching finds them). Latencies as `specserve bench` defines them (`server/bench/client.py`);
 mean accepted length and acceptance from each server's `/metrics` (specserve's and vLLM's counters).
 
-Overhead (specserve only): first the same requests run in this process through `Engine.step` (same
-model, drafter, dtype, threads); replaying their output through a fresh detokenizer times
-detokenization alone. Engine time per token = (decode time - detokenization) / (tokens - 1). Per-token
+Overhead (specserve only): before any server starts, the same requests run in this process through
+`Engine.step` (same model, drafter, dtype, threads); replaying their output through a fresh
+detokenizer times detokenization alone. Engine time per token = (decode time - detokenization) / (tokens - 1). Per-token
 overhead (1 client) = client TPOT / engine time per token - 1: HTTP, SSE, event loop, scheduler,
 detokenization. Wall overhead = wall time / engine time of the same requests - 1. `/metrics` TPOT is
 worker-side.
+
+`--rounds R` runs the whole sweep R times, every other round with the servers in reverse order (A B C,
+C B A, ...), each server restarted per round: on a machine whose speed drifts over minutes the drift
+then weighs on every server alike. A level's numbers pool its rounds (latency percentiles over every
+request, output tok/s = output tokens / wall time, both summed over rounds); the table also lists each
+round's output tok/s, so the drift is visible.
 
 Writes serving-<model>.{md,json,png} into `--out`; the plot sets output tokens/s and TTFT p50 / p99 of
 the servers side by side per concurrency level.
@@ -100,6 +106,34 @@ def time_request(engine: Engine, content: object, params: SamplingParams) -> Eng
         detokenizer.add(token)
     detok = time.perf_counter() - replay
     return EngineTiming(prefilled - start, decoded - prefilled, detok, len(seq.output_ids))
+
+
+@dataclass
+class Level:
+    """One concurrency level against one server, as measured (one round, or rounds pooled)."""
+
+    results: list[client.RequestResult]
+    wall: float
+    spec: dict | None  # what the level added to the speculative counters (None: the server has none)
+    tpot: np.ndarray  # what it added to [sum, count] of the worker-side TPOT histogram
+
+
+def pooled(levels: list[Level]) -> Level:
+    """Rounds of one level as one: every request, wall times and counters summed."""
+    specs = [level.spec for level in levels]
+    spec = None
+    if all(specs):
+        positions = max(len(s["per_position"]) for s in specs)
+        spec = {key: sum(s[key] for s in specs) for key in specs[0] if key != "per_position"} | {
+            "per_position": [sum(s["per_position"][i] for s in specs if i < len(s["per_position"]))
+                             for i in range(positions)]}
+    return Level([r for level in levels for r in level.results], sum(level.wall for level in levels), spec,
+                 sum((level.tpot for level in levels), np.zeros(2)))
+
+
+def run_order(servers: list, rounds: int) -> list:
+    """Every server once per round, every other round in reverse order."""
+    return [server for r in range(rounds) for server in (servers if r % 2 == 0 else servers[::-1])]
 
 
 @dataclass(frozen=True)
@@ -249,12 +283,13 @@ def report(args, runs: dict) -> str:
         f"# Serving: {args.model}, {args.dtype}, streamed chat over loopback HTTP", "",
         f"Command: `python benchmarks/serving.py {' '.join(args.argv)}`  ",
         f"{args.requests_per_client} requests per client, {args.max_tokens} tokens each, greedy, `{args.prompts}` "
-        f"prompts, server threads {args.threads or 'default'}. ms, p50 / p90 / p99 (p99 ~ max here); ITL per chunk "
-        "(<= 1 per engine step); accepted length incl. bonus, from each server's /metrics; definitions in the "
-        "script's docstring.", "",
-        "| server | clients | requests | errors | TTFT | TTFT p99/p50 | TPOT | ITL | e2e | output tok/s | mean "
-        "accepted length | engine ms/token | worker TPOT | client TPOT | overhead per token | wall overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"prompts, server threads {args.threads or 'default'}, {args.rounds} round(s) pooled (every other one in "
+        "reverse server order; 'per round': each round's output tok/s). ms, p50 / p90 / p99 (p99 ~ max here); "
+        "ITL per chunk (<= 1 per engine step); accepted length incl. bonus, from each server's /metrics; "
+        "definitions in the script's docstring.", "",
+        "| server | clients | requests | errors | TTFT | TTFT p99/p50 | TPOT | ITL | e2e | output tok/s | per round "
+        "| mean accepted length | engine ms/token | worker TPOT | client TPOT | overhead per token | wall overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, run in runs.items():
         for c, s in run["levels"].items():
@@ -263,6 +298,7 @@ def report(args, runs: dict) -> str:
                 f"| {label} | {c} | {s['completed'] + s['failed']} | {s['failed']} | {_ms(s['ttft_ms'])} | "
                 f"{_fmt(s['ttft_p99_over_p50'], '.2f')} | {_ms(s['tpot_ms'], '.1f')} | {_ms(s['itl_ms'], '.1f')} | "
                 f"{_ms(s['e2el_ms'])} | {s['output_throughput']:.1f} | "
+                f"{' / '.join(format(t, '.1f') for t in s['round_throughput'])} | "
                 f"{_fmt(spec.get('mean_accepted_length'), '.2f')} | {_fmt(s['engine_tpot_s'], '.1f', 1000)} | "
                 f"{_fmt(s['worker_tpot_mean_s'], '.1f', 1000)} | {_fmt(s['client_tpot_mean_s'], '.1f', 1000)} | "
                 f"{_fmt(s['overhead_per_token'] if c == 1 else None, '+.1%')} | "  # per token: 1 client only
@@ -288,8 +324,8 @@ def plot(path: Path, args, runs: dict) -> None:
     ])
 
 
-def run_server(args, server: Server, texts: list[str]) -> dict:
-    """For a specserve drafter the engine's own timings first; then the server and the sweep against it."""
+def engine_reference(args, server: Server, texts: list[str]) -> tuple[list[EngineTiming] | None, list[BenchRequest]]:
+    """The workload a server gets, and for a specserve drafter the engine's own timings of it."""
     timings, requests = None, [user(text) for text in texts]
     if server.draft is not None:
         engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype,
@@ -299,7 +335,12 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
         params = SamplingParams(args.max_tokens, ignore_eos=True)
         time_request(engine, engine_content(requests[0]), params)  # warm-up: first calls pay for allocations
         timings = [time_request(engine, engine_content(request), params) for request in requests]
-        del engine  # frees its memory before the server loads its own copy
+        del engine  # frees its memory before a server loads its own copy
+    return timings, requests
+
+
+def run_server(args, server: Server, requests: list[BenchRequest]) -> dict[int, Level]:
+    """One round: the server started, warmed up, and the sweep against it."""
     options = client.Options(args.max_tokens, ignore_eos=True, timeout=args.request_timeout,
                              count_tokens=lambda text: len(args.tokenizer(text, add_special_tokens=False).input_ids))
     levels = {}
@@ -311,9 +352,8 @@ def run_server(args, server: Server, texts: list[str]) -> dict:
             results, wall = asyncio.run(client.run(target, requests, concurrency * args.requests_per_client,
                                                    options, concurrency=concurrency))
             after, tpot_after = scrape(base)
-            levels[concurrency] = summarise(results, wall, client.counters_delta(before, after), timings,
-                                            tpot_after - tpot_before)
-    return {"engine": [asdict(t) for t in timings] if timings else None, "levels": levels}
+            levels[concurrency] = Level(results, wall, client.counters_delta(before, after), tpot_after - tpot_before)
+    return levels
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -345,9 +385,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="specserve with and/or without prefix caching, one server per drafter and choice; "
                              "vLLM keeps its automatic prefix caching unless only 'off' is given "
                              "(llama-cpp-python's server reuses its one context's common prefix either way)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the sweep this many times, every other round in reverse server order, and pool")
     parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.argv = argv if argv is not None else sys.argv[1:]
     args.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # counts peers' unreported tokens
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -355,7 +399,20 @@ def main(argv: list[str] | None = None) -> dict:
                for draft in args.drafts]
     servers += vllm_servers(args) if args.vllm_python else []
     servers += llamacpp_servers(args) if args.llamacpp_python else []
-    runs = {server.label: run_server(args, server, PROMPT_SETS[args.prompts]) for server in servers}
+    references = {server.label: engine_reference(args, server, PROMPT_SETS[args.prompts]) for server in servers}
+    rounds: dict[str, list[dict[int, Level]]] = {server.label: [] for server in servers}
+    for server in run_order(servers, args.rounds):
+        rounds[server.label].append(run_server(args, server, references[server.label][1]))
+    runs = {}
+    for label, measured in rounds.items():
+        timings = references[label][0]
+        levels = {}
+        for c in args.concurrency:
+            level = pooled([m[c] for m in measured])
+            levels[c] = summarise(level.results, level.wall, level.spec, timings, level.tpot) | {
+                "round_throughput": [sum(r.tokens for r in m[c].results if r.error is None) / m[c].wall
+                                     for m in measured]}
+        runs[label] = {"engine": [asdict(t) for t in timings] if timings else None, "levels": levels}
     table = report(args, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,22 +44,37 @@ def test_summary_adds_the_overheads_to_the_bench_summary(serving):
     assert len(s["raw"]) == 4
 
 
+def test_rounds_alternate_the_server_order_and_pool_every_request_and_counter(serving):
+    assert serving.run_order(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    np = serving.np
+    first = serving.Level([Result(0, ttft=0.1, e2e=1.1, itls=[], tokens=11)], 2.0,
+                          {"drafts": 4.0, "accepted_tokens": 3.0, "per_position": [2.0, 1.0]}, np.array([0.3, 3]))
+    second = serving.Level([Result(1, ttft=0.2, e2e=1.2, itls=[], tokens=11), Result(2, error="timeout")], 3.0,
+                           {"drafts": 5.0, "accepted_tokens": 4.0, "per_position": [3.0]}, np.array([0.1, 1]))
+    both = serving.pooled([first, second])
+    assert [r.item for r in both.results] == [0, 1, 2] and both.wall == 5.0
+    assert both.spec == {"drafts": 9.0, "accepted_tokens": 7.0, "per_position": [5.0, 1.0]}
+    assert both.tpot.tolist() == [0.4, 4]
+    assert serving.pooled([first, serving.Level([], 1.0, None, np.zeros(2))]).spec is None  # a peer without
+
+
 def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["llava"]
     runs = serving.main(["--model", str(model), "--drafts", "ngram", "--concurrency", "1", "2",
                          "--requests-per-client", "2", "--max-tokens", str(MAX_TOKENS), "--threads", "1",
-                         "--out", str(tmp_path)])
+                         "--rounds", "2", "--out", str(tmp_path)])
 
     assert json.loads((tmp_path / "serving-llava.json").read_text()).keys() == {"ngram"}
     assert Image.open(tmp_path / "serving-llava.png").format == "PNG"
     table = (tmp_path / "serving-llava.md").read_text()
-    assert "| ngram | 1 | 2 | 0 |" in table and "| ngram | 2 | 4 | 0 |" in table
+    assert "| ngram | 1 | 4 | 0 |" in table and "| ngram | 2 | 8 | 0 |" in table  # 2 rounds pooled
     run = runs["ngram"]
     # Every other workload item carries an image (the model is a VLM); the engine ran each item once.
     assert len(run["engine"]) == 2 * len(serving.PROMPT_SETS["summarise-edit"])
     assert all(t["tokens"] == MAX_TOKENS and t["decode"] >= t["detok"] >= 0 for t in run["engine"])
     for concurrency, level in run["levels"].items():
-        assert (level["completed"], level["failed"]) == (2 * concurrency, 0), level["error_messages"]
+        assert (level["completed"], level["failed"]) == (2 * 2 * concurrency, 0), level["error_messages"]
+        assert len(level["round_throughput"]) == 2 and min(level["round_throughput"]) > 0
         assert {r["item"] for r in level["raw"]} >= {0, 1}  # a text request and an image request
         for r in level["raw"]:
             assert r["tokens"] == MAX_TOKENS  # ignore_eos: usage counts every requested token
