@@ -11,7 +11,8 @@ Each concurrency level sends `--requests-per-client` x clients streamed chat req
 `clients` in flight (greedy, every request runs to `--max-tokens`; every other one carries a PNG if
 the model takes images; the prompts are cycled, so with more requests than prompts some repeat, and
 prefix caching finds them). Latencies as `specserve bench` defines them (`server/bench/client.py`);
-mean accepted length and acceptance from each server's `/metrics` (specserve's and vLLM's counters).
+mean accepted length and acceptance from each server's `/metrics` (specserve's and vLLM's counters, both
+counting as drafts only the steps that verified a draft token: vLLM's definition).
 
 Overhead (specserve only): before any server starts, the same requests run in this process through
 `Engine.step` (same model, drafter, dtype, threads); replaying their output through a fresh

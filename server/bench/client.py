@@ -65,6 +65,7 @@ class RequestResult:
     tokens: int = 0
     prompt_tokens: int | None = None  # from usage; None when the server streams none
     verify_steps: int = 0  # from specserve's finishing chunk (`spec_decode`); 0 elsewhere
+    drafted_steps: int = 0  # of those, steps that verified a draft token (what /metrics counts as drafts)
     accepted: int = 0  # accepted draft tokens, likewise
 
 
@@ -103,6 +104,7 @@ async def stream_one(client: httpx.AsyncClient, target: Target, request: BenchRe
                     text.append(chunk["choices"][0].get("delta", {}).get("content") or "")
                     if chunk["choices"][0].get("finish_reason") and (spec := chunk.get("spec_decode")):
                         result.verify_steps, result.accepted = spec["verify_steps"], spec["accepted_draft_tokens"]
+                        result.drafted_steps = spec.get("drafted_steps", 0)  # older servers: absent
                 if usage := chunk.get("usage"):
                     result.tokens, result.prompt_tokens = usage["completion_tokens"], usage.get("prompt_tokens")
         result.e2e = time.perf_counter() - start

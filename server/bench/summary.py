@@ -1,7 +1,8 @@
 """A run's summary in the terms `vllm bench serve` users know (throughput; TTFT, TPOT, ITL and e2e
 latency as mean / median / p90 / p99) plus speculative decoding from the server's counters: acceptance
 rate = accepted / drafted tokens, mean accepted length = 1 + accepted / drafts (the bonus token
-included), per-position acceptance = drafts whose depth-(i+1) token was accepted / drafts."""
+included), per-position acceptance = drafts whose depth-(i+1) token was accepted / drafts, where a draft
+is a step that verified at least one draft token (vLLM's counting, which specserve's `/metrics` follows)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def format_summary(title: str, s: dict) -> str:
         lines.append("(the server exposes no speculative-decoding counters)")
     else:
         rate = spec["acceptance_rate"]
-        lines += [_line("Drafts (verify steps)", int(spec["drafts"])), _line("Draft tokens", int(spec["draft_tokens"])),
+        lines += [_line("Drafts (steps with a draft)", int(spec["drafts"])),
+                  _line("Draft tokens", int(spec["draft_tokens"])),
                   _line("Accepted draft tokens", int(spec["accepted_tokens"])),
                   _line("Acceptance rate (%)", None if rate is None else 100 * rate),
                   _line("Mean accepted length", spec["mean_accepted_length"]),

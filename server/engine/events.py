@@ -92,6 +92,7 @@ def spec_delta(current: SpecMetrics, before: SpecMetrics) -> SpecMetrics:
         current.proposed_draft_tokens - before.proposed_draft_tokens,
         current.accepted_draft_tokens - before.accepted_draft_tokens,
         per_pos,
+        current.drafted_steps - before.drafted_steps,
     )
 
 

@@ -1,12 +1,18 @@
 """Speculative-decoding metrics of one request (or of many, merged).
 
-Definitions (as EAGLE, MSD, vLLM and SGLang use them):
+Definitions (as EAGLE and MSD use them):
 
 - mean accepted length (tau) = tokens emitted per verify step, INCLUDING the bonus token
   = 1 + accepted_draft_tokens / verify_steps, in [1, depth + 1];
 - draft acceptance rate = accepted_draft_tokens / proposed_draft_tokens, where a tree's proposed
   tokens are all of its verified draft nodes (so a wide tree lowers this rate by construction);
 - per-position acceptance rate[i] = verify steps whose depth-(i+1) node was accepted / verify steps.
+
+`drafted_steps` counts the verify steps that checked at least one draft token. A step may check
+none: the n-gram or suffix drafter found no match, the batch planner cut the tree to its root, or
+the drafter is `none`. vLLM counts only such drafted steps as drafts, so its mean acceptance length
+is 1 + accepted_draft_tokens / drafted_steps, higher than tau whenever some steps drafted nothing;
+the Prometheus counters follow vLLM (`server/http/prometheus.py`). tau is what the speed follows.
 
 Tokens emitted by prefill (the first token) are not counted: no draft was verified for it.
 
@@ -29,6 +35,7 @@ class SpecMetrics:
     proposed_draft_tokens: int = 0
     accepted_draft_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_steps: int = 0
     grammar_draft_tokens: int = 0
     accepted_grammar_tokens: int = 0
     # Summed wall time of verify steps; stays 0 unless the engine profiles.
@@ -40,6 +47,7 @@ class SpecMetrics:
         """Record one verify step that checked `num_proposed` draft nodes and accepted a path of
         `num_accepted` of them (bonus token not included)."""
         self.verify_steps += 1
+        self.drafted_steps += int(num_proposed > 0)
         self.proposed_draft_tokens += num_proposed
         self.accepted_draft_tokens += num_accepted
         if len(self.accepted_per_position) < num_accepted:
@@ -49,6 +57,7 @@ class SpecMetrics:
 
     def merge(self, other: SpecMetrics) -> None:
         self.verify_steps += other.verify_steps
+        self.drafted_steps += other.drafted_steps
         self.proposed_draft_tokens += other.proposed_draft_tokens
         self.accepted_draft_tokens += other.accepted_draft_tokens
         self.grammar_draft_tokens += other.grammar_draft_tokens
@@ -84,6 +93,7 @@ class SpecMetrics:
     def to_dict(self) -> dict:
         return {
             "verify_steps": self.verify_steps,
+            "drafted_steps": self.drafted_steps,
             "proposed_draft_tokens": self.proposed_draft_tokens,
             "accepted_draft_tokens": self.accepted_draft_tokens,
             "mean_accepted_length": round(self.mean_accepted_length, 4),

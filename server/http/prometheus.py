@@ -6,7 +6,9 @@ them into Prometheus series, under the names users already scrape from vLLM. Eve
 
 Speculative decoding (counters, exposed with the `_total` suffix), updated after every step:
 
-- `vllm:spec_decode_num_drafts`          += verify steps (one draft tree verified per step)
+- `vllm:spec_decode_num_drafts`          += verify steps that checked at least one draft token (as
+  vLLM counts drafts: a step whose drafter found nothing, or whose tree the batch planner cut to
+  its root, is no draft; `SpecMetrics.drafted_steps`)
 - `vllm:spec_decode_num_draft_tokens`    += draft tokens proposed (all verified tree nodes, root excluded)
 - `vllm:spec_decode_num_accepted_tokens` += draft tokens accepted (bonus token excluded)
 - `vllm:spec_decode_num_accepted_tokens_per_pos{position=i}` += steps whose depth-(i+1) draft was
@@ -15,7 +17,10 @@ Speculative decoding (counters, exposed with the `_total` suffix), updated after
 so that, over any scrape interval,
   mean accepted length (incl. bonus) = 1 + d(accepted_tokens) / d(num_drafts),
   draft acceptance rate             = d(accepted_tokens) / d(draft_tokens),
-  acceptance rate at position i     = d(accepted_tokens_per_pos{position=i}) / d(num_drafts).
+  acceptance rate at position i     = d(accepted_tokens_per_pos{position=i}) / d(num_drafts),
+vLLM's definitions, per drafted step: the same dashboards read both servers. A request's own
+`spec_decode.mean_accepted_length` is per verify step, drafted or not (`SpecMetrics`), so it is
+lower where some steps drafted nothing.
 
 Requests, observed when a sequence (one choice of a request) ends:
 
@@ -135,7 +140,8 @@ class PrometheusMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._model_name = model_name
         reg, label = self.registry, ["model_name"]
-        self.num_drafts = Counter("vllm:spec_decode_num_drafts", "Draft trees verified.", label, registry=reg)
+        self.num_drafts = Counter("vllm:spec_decode_num_drafts", "Verify steps with a draft.", label,
+                                  registry=reg)
         self.draft_tokens = Counter(
             "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", label, registry=reg)
         self.accepted_tokens = Counter(
@@ -171,7 +177,7 @@ class PrometheusMetrics:
         if delta.verify_steps == 0:  # prefill: nothing was drafted
             return
         name = self._model_name()
-        self.num_drafts.labels(name).inc(delta.verify_steps)
+        self.num_drafts.labels(name).inc(delta.drafted_steps)
         self.draft_tokens.labels(name).inc(delta.proposed_draft_tokens)
         self.accepted_tokens.labels(name).inc(delta.accepted_draft_tokens)
         for position, count in enumerate(delta.accepted_per_position):

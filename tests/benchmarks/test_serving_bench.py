@@ -81,9 +81,10 @@ def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_pat
             assert 0 < r["ttft"] <= r["e2e"]
             assert 1 <= len(r["itls"]) + 1 <= MAX_TOKENS  # one chunk per step that made text
             assert r["verify_steps"] >= 1 and 0 <= r["accepted"] <= MAX_TOKENS - 1
+            assert 0 <= r["drafted_steps"] <= r["verify_steps"]
         assert level["ttft_ms"]["median"] <= level["ttft_ms"]["p90"] <= level["ttft_ms"]["p99"]
         # the server's counters over the level are what its streams reported
-        assert level["spec_decode"]["drafts"] == sum(r["verify_steps"] for r in level["raw"])
+        assert level["spec_decode"]["drafts"] == sum(r["drafted_steps"] for r in level["raw"])
         assert level["spec_decode"]["mean_accepted_length"] >= 1 and level["output_throughput"] > 0
         assert level["worker_tpot_mean_s"] > 0 and level["overhead_wall"] is not None
 

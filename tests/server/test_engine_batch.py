@@ -216,3 +216,5 @@ def test_a_request_without_drafting_shares_the_batch_and_the_output(tiny_model_d
     assert largest == 2 and tokens[0] == tokens[1] == reference_greedy(engine, prompt, 30)
     assert seqs[0].metrics.accepted_draft_tokens > 0
     assert seqs[1].metrics.proposed_draft_tokens == 0 and seqs[1].metrics.verify_steps == 29
+    assert seqs[1].metrics.drafted_steps == 0  # no step of it is a draft, as vLLM counts them
+    assert 0 < seqs[0].metrics.drafted_steps <= seqs[0].metrics.verify_steps

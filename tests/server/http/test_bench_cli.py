@@ -77,7 +77,8 @@ def test_a_sweep_over_specserve_and_a_peer_in_one_run(specserve, launch, tmp_pat
         assert all(r["tokens"] == MAX_TOKENS and 0 < r["ttft"] <= r["e2e"] for r in requests)
         assert s["total_output_tokens"] == 4 * MAX_TOKENS and s["total_input_tokens"] > 0
         # the counters' difference over the run is exactly what the streams reported, request by request
-        assert s["spec_decode"]["drafts"] == sum(r["verify_steps"] for r in requests) > 0
+        assert s["spec_decode"]["drafts"] == sum(r["drafted_steps"] for r in requests)
+        assert all(r["drafted_steps"] <= r["verify_steps"] for r in requests)
         assert s["spec_decode"]["accepted_tokens"] == sum(r["accepted"] for r in requests)
         assert s["ttft_ms"]["median"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
     assert [r["item"] for r in records[0]["requests"]] == [0, 1, 2, 3]  # the "mixed" set: text, image, ...
@@ -196,7 +197,7 @@ def test_counter_scrapes_and_their_difference(specserve):
     results, _ = asyncio.run(client.run(Target(specserve.url, "tiny-llava", "s"), workload.builtin("repeated"), 2,
                                         Options(max_tokens=8, ignore_eos=True)))
     delta = client.counters_delta(before, client.spec_counters(specserve.url))
-    assert delta["drafts"] == sum(r.verify_steps for r in results)
+    assert delta["drafts"] == sum(r.drafted_steps for r in results)  # steps that verified a draft token
     assert sum(delta["per_position"]) == delta["accepted_tokens"] == sum(r.accepted for r in results)
     assert client.counters_delta(None, before) is None
     assert client.spec_counters("http://127.0.0.1:9") is None  # nothing listens: no counters, no exception

@@ -3,6 +3,8 @@ formulas reproducing `SpecMetrics`, the latency histograms, and scrape-time gaug
 
 from __future__ import annotations
 
+import copy
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.server.engine.events import SequenceRecord, spec_delta
@@ -27,21 +29,34 @@ def test_spec_decode_counters_follow_the_step_deltas():
     metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
     seq = SpecMetrics()
     reported = SpecMetrics()
-    for proposed, accepted in [(4, 3), (4, 0), (4, 1), (6, 2)]:
+    # the second and fifth steps drafted nothing (no n-gram match, or the planner cut the tree)
+    for proposed, accepted in [(4, 3), (0, 0), (4, 0), (4, 1), (0, 0), (6, 2)]:
         seq.observe(proposed, accepted)
         metrics.on_step(spec_delta(seq, reported))
-        reported = SpecMetrics(seq.verify_steps, seq.proposed_draft_tokens, seq.accepted_draft_tokens,
-                               list(seq.accepted_per_position))
+        reported = copy.deepcopy(seq)
     scrape = samples(metrics)
     drafts = value(scrape, "vllm:spec_decode_num_drafts_total")
     draft_tokens = value(scrape, "vllm:spec_decode_num_draft_tokens_total")
     accepted = value(scrape, "vllm:spec_decode_num_accepted_tokens_total")
     per_pos = [value(scrape, "vllm:spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(3)]
+    # vLLM's definitions: a draft is a step that verified at least one draft token
     assert (drafts, draft_tokens, accepted, per_pos) == (4, 18, 6, [3, 2, 1])
-    # the docstring's formulas give back the per-request numbers
-    assert 1 + accepted / drafts == seq.mean_accepted_length
+    assert (seq.verify_steps, seq.drafted_steps) == (6, 4)
+    assert 1 + accepted / drafts == 2.5  # vLLM's mean acceptance length
+    assert seq.mean_accepted_length == 2.0  # tokens per verify step, what a request reports
     assert accepted / draft_tokens == seq.acceptance_rate
-    assert [p / drafts for p in per_pos] == seq.per_position_acceptance
+    assert [p / drafts for p in per_pos] == [0.75, 0.5, 0.25]
+
+
+def test_a_server_without_drafts_counts_no_drafts():
+    metrics = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
+    seq = SpecMetrics()
+    for _ in range(3):
+        before = copy.deepcopy(seq)
+        seq.observe(0, 0)  # `--draft none`: every step verifies the root alone
+        metrics.on_step(spec_delta(seq, before))
+    assert value(samples(metrics), "vllm:spec_decode_num_drafts_total") == 0
+    assert seq.to_dict()["verify_steps"] == 3 and seq.to_dict()["drafted_steps"] == 0
 
 
 def test_prefill_steps_do_not_count_as_drafts():
@@ -93,6 +108,6 @@ def test_queue_gauges_are_read_at_scrape_time():
 def test_each_adapter_has_its_own_registry():
     first = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)
     second = PrometheusMetrics(lambda: "m", lambda: 0, lambda: 0, lambda: 0.0)  # would raise on a shared registry
-    first.on_step(SpecMetrics(1, 2, 1, [1]))
+    first.on_step(SpecMetrics(1, 2, 1, [1], drafted_steps=1))
     assert value(samples(first), "vllm:spec_decode_num_drafts_total") == 1
     assert value(samples(second), "vllm:spec_decode_num_drafts_total") == 0

@@ -88,7 +88,9 @@ def cluster(long_llava):
              _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = EngineConfig(model=str(long_llava), draft="ngram", max_model_len=CONTEXT)
+    # a fixed tree budget: the replicas draft whenever n-gram finds a match, not as a timing-based
+    # planner decides, so their draft counters grow on every run
+    config = EngineConfig(model=str(long_llava), draft="ngram", max_model_len=CONTEXT, batch_tree_tokens=64)
     options = ReplicaOptions(replicas=2, shutdown_timeout_s=SHUTDOWN_S)
     app = build_application(config, ServerSettings(ui=False), threads=1, options=options)
     serve.run(app, name="specserve", route_prefix="/")
