@@ -1,5 +1,6 @@
 """The Prometheus adapter on literal inputs: vLLM's names with the `_total` suffix, the documented
-formulas reproducing `SpecMetrics`, the latency histograms, and scrape-time gauges."""
+formulas giving vLLM's per-draft figures from `SpecMetrics`' counts, the latency histograms, and
+scrape-time gauges."""
 
 from __future__ import annotations
 
