@@ -10,11 +10,18 @@ repeated for each member of the group, and one scaled-dot-product call reads the
 once. Each (query, key) pair meets the same numbers as before; `benchmarks/profile_step.py
 --attention sdpa grouped` measures the difference on a whole model.
 
+It also runs *packed* batches (`kv_cache` module docstring): given `packed_rows` (the forward's
+kwarg: each row's real nodes and cached tokens, `DraftTree.packing`), the query [1, H, T, D] holds
+row after row only the real nodes of a batch of trees, and each row attends on its own, over its own
+keys only (no padding queries, no keys past its own length). A row costs one SDPA call, so a batch
+of equal trees, which has no padding, runs batched as above.
+
 Registered with transformers' `AttentionInterface` (`target.load_model`), so no model code is forked.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
@@ -32,11 +39,23 @@ def grouped_sdpa(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    packed_rows: list[tuple[int, int]] | None = None,  # (real nodes, cached tokens) per row: a packed query
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """transformers' attention-function contract: returns ([B, N, H, D], no weights)."""
+    """transformers' attention-function contract: returns ([B, N, H, D], no weights); [1, T, H, D] for a
+    packed query (module docstring)."""
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise ValueError("grouped_sdpa does not take a softcap or a position bias")
+    if packed_rows is not None:
+        outs, start = [], 0
+        for row, (nodes, cached) in enumerate(packed_rows):
+            keys = slice(row, row + 1), slice(None), slice(None, cached + nodes)
+            out, _ = grouped_sdpa(module, query[:, :, start : start + nodes], key[keys], value[keys],
+                                  attention_mask[row : row + 1, :, :nodes, : cached + nodes], dropout, scaling,
+                                  is_causal=False)
+            outs.append(out)
+            start += nodes
+        return torch.cat(outs, dim=1), None
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads

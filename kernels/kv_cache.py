@@ -15,6 +15,12 @@ other sets as one gather.
 Example: rows [0, 2] with offsets [5, 3] and a tree of 4 nodes write slot 0 at positions 5..8 and
 slot 2 at 3..6, and attention sees keys [2, H, 9, D] (width = max offset + 4).
 
+A *packed* binding (`bind(..., packed=...)`, `DraftTree.packing`) is for a batch of trees of
+different sizes: the forward carries only the real nodes, one row [1, T] with no padding, so its
+linear layers do no work for padding. Each layer writes token t at its own row and position (padding
+positions keep what they held: the mask hides them) and still hands attention the rows' padded keys
+[B, H, width, D]; the attention function attends row by row (`grouped_attention.grouped_sdpa`).
+
 This is a transformers `Cache`, so the stock model forward runs on it unchanged. Sliding-window
 layers keep every row too, as full-attention ones do, and report themselves as full layers (so the
 model's own masks index keys by their absolute cache position): no rolling buffer, since compaction
@@ -58,6 +64,7 @@ class Binding:
     offset_list: list[int]
     width: int  # max(offsets) + new tokens: the key length attention sees
     start: int | None  # first slot if the rows are a contiguous ascending range (then views, no copy)
+    packed: Tensor | None = None  # [T] long: which of the B x new tokens the forward carries (`Packing.index`)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -83,7 +90,12 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         bound = self.cache.binding
-        if len(bound.row_list) == 1:  # one row (a prefill chunk, a lone sequence): a slice copy
+        if bound.packed is not None:  # a packed batch [1, H, T, D]: token t goes to its row at its position
+            index = (bound.rows.repeat_interleave(self.cache.new_tokens)[bound.packed], slice(None),
+                     bound.positions.flatten()[bound.packed])
+            self.keys[index] = key_states[0].transpose(0, 1)
+            self.values[index] = value_states[0].transpose(0, 1)
+        elif len(bound.row_list) == 1:  # one row (a prefill chunk, a lone sequence): a slice copy
             row, offset, new = bound.row_list[0], bound.offset_list[0], key_states.shape[2]
             self.keys[row, :, offset : offset + new].copy_(key_states[0])
             self.values[row, :, offset : offset + new].copy_(value_states[0])
@@ -119,9 +131,10 @@ class SlotCache(Cache):
         self.new_tokens = 0
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
-    def bind(self, rows: list[int], offsets: list[int], new_tokens: int) -> Tensor:
+    def bind(self, rows: list[int], offsets: list[int], new_tokens: int, packed: Tensor | None = None) -> Tensor:
         """Make the next forward run slots `rows`, each after its `offsets` cached tokens, with
-        `new_tokens` new tokens per row. Returns the offsets as a tensor (for masks and positions)."""
+        `new_tokens` new tokens per row; `packed` (`Packing.index`): the forward carries only these of the
+        rows' B x new_tokens tokens, as one row. Returns the offsets as a tensor (for masks and positions)."""
         if max(offsets) + new_tokens > self.capacity:
             raise ValueError(f"a sequence would exceed the KV slot capacity of {self.capacity} tokens")
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
@@ -129,7 +142,7 @@ class SlotCache(Cache):
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         positions = offsets_t[:, None] + torch.arange(new_tokens, device=self.device)
         self.binding = Binding(rows_t, offsets_t, positions, list(rows), list(offsets), max(offsets) + new_tokens,
-                               rows[0] if contiguous else None)
+                               rows[0] if contiguous else None, packed)
         self.new_tokens = new_tokens
         return offsets_t
 

@@ -128,6 +128,20 @@ class DraftTree:
             return self.depths + prefix_len[:, None]
         return self.depths + prefix_len
 
+    def packing(self) -> Packing | None:
+        """The batch without its padding nodes, for a packed forward (`kv_cache` module docstring); None
+        when it holds no padding. Padding ends a row (`stack_trees`).
+
+        Example: tokens [[5, 6, 7], [8, -1, -1]] -> index [0, 1, 2, 3], counts [3, 1]."""
+        real = self.tokens != PAD_TOKEN
+        counts = real.sum(1)
+        if not torch.equal(real, torch.arange(self.num_nodes, device=real.device) < counts[:, None]):
+            raise ValueError("padding nodes must end their rows")
+        counts = counts.tolist()
+        if min(counts) == self.num_nodes:
+            return None
+        return Packing(real.flatten().nonzero().squeeze(1), counts)
+
     def path_to(self, nodes: Tensor, width: int) -> Tensor:
         """Root-to-node paths as node indices.
 
@@ -148,6 +162,14 @@ class DraftTree:
         paths = torch.full((*flat.shape, width + 1), -1, dtype=torch.long, device=nodes.device)
         paths.scatter_(2, column, node_ids)
         return paths[..., :width].reshape(*nodes.shape, width)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """A batch of trees as one row of its real nodes (`DraftTree.packing`)."""
+
+    index: Tensor  # [T] long: flat indices (row * N + node) of the real nodes, row by row
+    counts: list[int]  # real nodes per row: row b's first counts[b] nodes
 
 
 def stack_trees(trees: list[DraftTree]) -> DraftTree:

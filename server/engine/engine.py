@@ -98,7 +98,8 @@ class Engine:
         cost measured here (nothing to measure without a drafter)."""
         if config.batch_tree_tokens is not None or isinstance(self.proposer, NoDraftProposer):
             return SharePlanner(config.batch_tree_tokens or 0)
-        return GoodputPlanner(measure_step_costs(self.target, self.num_slots * largest_tree(config.tree)))
+        return GoodputPlanner(measure_step_costs(self.target, self.num_slots * largest_tree(config.tree)),
+                              packed=self.target.packs)
 
     @property
     def num_slots(self) -> int:

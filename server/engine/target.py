@@ -4,7 +4,9 @@ One wrapper serves every HF causal LM and the LLaVA and Qwen2-VL vision-language
 families differ only in where their parts live (decoder, LM head, token embeddings, vision tower)
 and in how prompt tokens map to rotary positions; a small adapter per config class says so
 (`adapters.py`, `qwen2_vl.py`). Tree verification passes the tree's 4D additive mask and position
-ids as ordinary forward arguments.
+ids as ordinary forward arguments. A batch of trees of different sizes runs *packed* where the
+decoder's attention is `kernels.grouped_attention` (the module docstrings there and in
+`kernels.kv_cache`): its linear layers see only the real nodes, no padding.
 """
 
 from __future__ import annotations
@@ -201,6 +203,12 @@ class TargetModel:
         (`layer_masks`), so a context longer than the window is served exactly."""
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
+    @property
+    def packs(self) -> bool:
+        """Whether a batch of trees of different sizes runs without its padding nodes (`verify`): the
+        decoder's attention is `grouped_attention`'s, which unpacks the queries."""
+        return self.config._attn_implementation == grouped_attention.NAME
+
     @cached_property
     def layer_masks(self) -> LayerMasks:
         """How the decoder takes its attention masks: one for every layer, or one per layer type with the
@@ -254,16 +262,30 @@ class TargetModel:
         """Score every node of a batch of trees (row b: slot `slots[b]` after `prefix_lens[b]` cached
         tokens) in one forward; each row's tree KV rows land right after its own prefix. A node's
         position is its row's prefix length + `rope_deltas[b]` (M-RoPE after images, else 0) + its
-        depth; an M-RoPE decoder puts a 1-row position on all three of its rows."""
-        offsets = cache.bind(slots, prefix_lens, tree.num_nodes)
+        depth; an M-RoPE decoder puts a 1-row position on all three of its rows. Where the target
+        `packs`, the padding nodes of trees of different sizes are left out of the forward, and the
+        outputs at their places are copies of a real node's (acceptance never reads them)."""
+        packing = tree.packing() if self.packs and tree.batch_size > 1 else None
+        offsets = cache.bind(slots, prefix_lens, tree.num_nodes, None if packing is None else packing.index)
         positions = offsets if rope_deltas is None else offsets + torch.tensor(rope_deltas, device=offsets.device)
+        tokens, position_ids = tree.tokens.clamp(min=0), tree.position_ids(positions)  # padding runs as token 0
+        extra = {}
+        if packing is not None:
+            tokens, position_ids = tokens.flatten()[packing.index][None], position_ids.flatten()[packing.index][None]
+            extra["packed_rows"] = list(zip(packing.counts, prefix_lens))
         out = self.adapter.decoder(
-            input_ids=tree.tokens.clamp(min=0),  # padding nodes (-1) run as token 0; the mask isolates them
+            input_ids=tokens,
             attention_mask=self.layer_masks(
                 lambda window: tree.attention_mask(offsets, self.dtype, cache.binding.width, window)),
-            position_ids=tree.position_ids(positions),
+            position_ids=position_ids,
             cache=cache,
             use_cache=True,
+            **extra,
         )
         hidden = out.last_hidden_state
-        return ForwardOutput(self.logits(hidden), hidden)
+        logits = self.logits(hidden)
+        if packing is not None:  # back to [B, N, ...]: a padding node's place gets the first real node's
+            places = torch.zeros(tree.tokens.numel(), dtype=torch.long, device=tokens.device)
+            places[packing.index] = torch.arange(len(packing.index), device=tokens.device)
+            logits, hidden = (t[0].index_select(0, places).view(*tree.tokens.shape, -1) for t in (logits, hidden))
+        return ForwardOutput(logits, hidden)

@@ -1,4 +1,5 @@
-"""Grouped-query attention with the group folded into the query: the same result as transformers' sdpa."""
+"""Grouped-query attention with the group folded into the query: the same result as transformers' sdpa;
+and a packed batch of trees (no padding nodes in the forward): the same outputs and keys as the padded one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specserve.kernels.grouped_attention import NAME, fold_mask, grouped_sdpa
-from specserve.kernels.tree import chain_tree
+from specserve.kernels.tree import PAD_TOKEN, DraftTree, chain_tree, stack_trees
 from specserve.server.engine.target import TargetModel, load_model
 
 
@@ -82,3 +83,29 @@ def test_load_model_uses_it_for_grouped_query_models_and_verify_matches(tiny_mod
         outputs.append((chunk, target.verify(tree, cache, [0, 1], [5, 3]).logits))
     for mine, theirs in zip(*outputs):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_a_batch_of_trees_of_different_sizes_runs_packed_and_matches_the_padded_forward(tiny_model_dir):
+    grouped = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu"))
+    stock = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu", attention="sdpa"))
+    assert grouped.packs and not stock.packs
+    trees = [DraftTree.from_parents(torch.tensor([[5, 9, 3, 7]]), torch.tensor([[-1, 0, 0, 1]])),
+             chain_tree(torch.tensor([[2]])), chain_tree(torch.tensor([[6, 1, 8]]))]
+    tree = stack_trees(trees)
+    real = tree.tokens != PAD_TOKEN
+    results = []
+    for target in (grouped, stock):
+        cache = target.new_cache(3, 32)
+        for slot, prompt in enumerate([[1, 5, 9, 11, 3], [4, 4, 2], [7, 3, 3, 1]]):
+            target.prefill(target.embed_tokens(torch.tensor([prompt])), cache, slot, 0)
+        out = target.verify(tree, cache, [0, 1, 2], [5, 3, 4])
+        keys = torch.stack([cache.layers[0].keys[row, :, offset : offset + 4] for row, offset in enumerate([5, 3, 4])])
+        results.append((out, cache.binding.packed, keys))
+    (packed_out, packed, packed_keys), (padded_out, not_packed, padded_keys) = results
+    assert not_packed is None and packed.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]  # rows of 4 nodes: 4, 1 and 3 real
+    assert len(packed) == 4 + 1 + 3 and packed_out.logits.shape == padded_out.logits.shape
+    torch.testing.assert_close(packed_out.logits[real], padded_out.logits[real], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(packed_out.hidden[real], padded_out.hidden[real], rtol=1e-10, atol=1e-10)
+    # every real node's keys land at its row's position, as the padded forward writes them
+    torch.testing.assert_close(packed_keys.transpose(1, 2)[real], padded_keys.transpose(1, 2)[real],
+                               rtol=1e-10, atol=1e-10)
