@@ -20,13 +20,11 @@ With costs flat in T (memory-bound) every row keeps its whole tree; with a large
 compute-bound machine the width shrinks, down to 1 (plain decoding) when no draft pays.
 
 Where the target runs a batch *packed* (`TargetModel.packs`: no padding nodes in the forward), a row
-costs only the nodes it keeps, so each row gets its own cut n_r:
-
-    goodput(n_1..n_B) = (B + sum_r gain_r(n_r)) / cost(sum_r n_r)
-
-found greedily: starting from the roots, add the node with the largest expected gain anywhere in the
-batch, and keep the best set seen. A row whose drafts rarely pass gives its share to the rows whose
-drafts do.
+costs only the nodes it keeps, so the cost is cost(sum_r min(w, N_r)) instead of cost(B * w): a row
+whose tree is short (or only a root) no longer pays for the widest one. (Cutting each row on its own,
+greedily by expected gain, was tried: in an interleaved engine A/B on SmolLM2 n-gram it sent more
+nodes than paid at 2-4 rows, where the per-token acceptance rate overrates n-gram drafts, and was
+slower over whole batches than one width; so one width for all is kept.)
 
 A seeded sampling request is *pinned*: its tree is never cut, so its random draws, and hence its
 output, do not depend on what else is in the batch; the width is then at least its tree's size.
@@ -57,7 +55,6 @@ re-measured, as the rows' text changes what it yields.
 from __future__ import annotations
 
 import bisect
-import heapq
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -147,7 +144,7 @@ class GoodputPlanner:
     docstring)."""
 
     costs: StepCosts
-    packed: bool = False  # the verify forward carries no padding nodes: each row gets its own cut
+    packed: bool = False  # the verify forward carries no padding nodes: a row costs the nodes it keeps
     smoothing: float = 0.5  # weight of a new drafting-time measurement
     forgetting: float = 0.9  # drafting-time estimates shrink by this per skipped turn
     turn_smoothing: float = 0.3  # weight of a new turn's tokens per second
@@ -188,31 +185,10 @@ class GoodputPlanner:
         gains = [expected_gains(tree.depths[0].tolist(), rate) for tree, rate in zip(trees, rates)]
         if max(sizes) > 1:
             self.shape = trees[sizes.index(max(sizes))].depths[0].tolist()
-        if self.packed:
-            return self._per_row(gains, [n if pin else 1 for n, pin in zip(sizes, pinned)])
         narrowest = max((n for n, pin in zip(sizes, pinned) if pin), default=1)
         # the first (narrowest) of equals
         width = max(range(narrowest, max(sizes) + 1), key=lambda w: self._goodput(gains, w, 0.0))
         return [n if pin else min(n, width) for n, pin in zip(sizes, pinned)]
-
-    def _per_row(self, gains: list[list[float]], floors: list[int]) -> list[int]:
-        """A packed batch's cuts (module docstring): nodes added by expected gain, the best set kept."""
-        sizes = list(floors)
-        gain, tokens = sum(g[n - 1] for g, n in zip(gains, sizes)), sum(sizes)
-        best, best_sizes = (len(gains) + gain) / self.costs(tokens), list(sizes)
-        heap = [(g[n - 1] - g[n], row) for row, (g, n) in enumerate(zip(gains, sizes)) if n < len(g)]
-        heapq.heapify(heap)
-        while heap:
-            loss, row = heapq.heappop(heap)
-            sizes[row] += 1
-            gain, tokens = gain - loss, tokens + 1
-            goodput = (len(gains) + gain) / self.costs(tokens)
-            if goodput > best:
-                best, best_sizes = goodput, list(sizes)
-            g, n = gains[row], sizes[row]
-            if n < len(g):
-                heapq.heappush(heap, (g[n - 1] - g[n], row))
-        return best_sizes
 
     def _goodput(self, gains: list[list[float]], width: int, draft_seconds: float) -> float:
         """Expected tokens per second of a turn whose rows verify their first `width` nodes."""

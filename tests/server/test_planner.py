@@ -135,16 +135,11 @@ def test_measured_turns_keep_a_paying_drafter_drafting():
     assert all(planner.drafting(rates, free)[0] for _ in range(20))
 
 
-def test_a_packed_batch_cuts_each_row_on_its_own():
-    """Packed, a row costs only the nodes it keeps: the row whose drafts pass keeps its tree, the one
-    whose drafts fail drops to its root; padded, the failing row rides along at the same width."""
+def test_a_packed_batch_does_not_pay_for_padding():
+    """Packed, a row costs only the nodes it keeps: the long tree pays for its width, the roots alone
+    ride along for free; padded, every row would cost that width and the long tree is cut."""
     costs = StepCosts((1, 64), (1.0, 1.0 + 63 * 0.05))  # every token adds 5% of a forward
-    trees = [chain(6), chain(6)]
-    assert GoodputPlanner(costs, packed=True).plan(trees, [0.95, 0.05], [False, False]) == [6, 1]
-    assert GoodputPlanner(costs).plan(trees, [0.95, 0.05], [False, False]) == [6, 6]
-
-
-def test_a_packed_batch_keeps_a_pinned_tree_whole_and_spends_nothing_on_costly_drafts():
-    trees = [chain(8), chain(12), chain(5)]
-    assert GoodputPlanner(LINEAR, packed=True).plan(trees, [0.1, 0.1, 0.1], [True, False, False]) == [8, 1, 1]
-    assert GoodputPlanner(FLAT, packed=True).plan(trees, [0.1, 0.1, 0.1], [False] * 3) == [8, 12, 5]
+    trees = [chain(6)] + [chain(1)] * 7
+    rates = [0.95] * 8
+    assert GoodputPlanner(costs, packed=True).plan(trees, rates, [False] * 8) == [6] + [1] * 7
+    assert GoodputPlanner(costs).plan(trees, rates, [False] * 8) == [1] * 8
