@@ -6,13 +6,16 @@
         --quantization none int8 int4 --name profile-step-smollm2-135m-quantized
 
 For each dtype and shape BxN (B sequences, each verifying a chain of N nodes after `--prefix` cached
-tokens) the engine's own verify call (`TargetModel.verify`: decoder and LM head over every node, on
-the slot KV cache) runs `--steps` times under the torch profiler, with the linear weights as loaded
-(`--prepack off`) and packed (`on`, the engine's default: reordered for oneDNN in float32 and native
-bfloat16, fbgemm's half-precision GEMM for bfloat16 on a CPU without it; `kernels.cpu_linear`), and
-with transformers' `sdpa` attention or the engine's `grouped` one (keys and values read once per
-query-head group, `kernels.grouped_attention`), and with the weights in float or weight-only int8 /
-int4 (`--quantization`, `kernels.weight_only`). The wall time per step splits into:
+tokens), or a batch of chains of different sizes written as their sizes joined by "+" (6+1+1+6: padded
+to the longest, as the engine stacks trees), the engine's own verify call (`TargetModel.verify`:
+decoder and LM head over every node, on the slot KV cache) runs `--steps` times under the torch
+profiler, with the linear weights as loaded (`--prepack off`) and packed (`on`, the engine's default:
+reordered for oneDNN in float32 and native bfloat16, fbgemm's half-precision GEMM for bfloat16 on a CPU
+without it; `kernels.cpu_linear`), and with transformers' `sdpa` attention or the engine's `grouped`
+one (keys and values read once per query-head group, `kernels.grouped_attention`; with it a batch of
+chains of different sizes runs packed, without its padding nodes, where `sdpa` runs them padded), and
+with the weights in float or weight-only int8 / int4 (`--quantization`, `kernels.weight_only`). The
+wall time per step splits into:
 
 - matmul: the self time of aten's matrix products (every linear layer and the LM head);
 - attention: the scaled-dot-product attention ops;
@@ -43,7 +46,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from specserve.kernels.cpu_linear import HalfLinear, PackedLinear
-from specserve.kernels.tree import chain_tree
+from specserve.kernels.tree import chain_tree, stack_trees
 from specserve.kernels.weight_only import WeightOnlyLinear
 from specserve.server.engine.config import QUANTIZATIONS
 from specserve.server.engine.loading import load_adapter
@@ -94,14 +97,17 @@ def split(events, wall_ms: float, steps: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def profile_shape(target: TargetModel, batch: int, nodes: int, prefix: int, steps: int) -> dict[str, float]:
+def profile_shape(target: TargetModel, sizes: tuple[int, ...], prefix: int, steps: int) -> dict[str, float]:
+    """One verify step of chains of `sizes` nodes (one per sequence), padded to the longest."""
+    batch, nodes = len(sizes), max(sizes)
     cache = target.new_cache(batch, prefix + nodes)
     generator = torch.Generator().manual_seed(0)
     vocab = target.embed_tokens.num_embeddings
     for slot in range(batch):
         ids = torch.randint(vocab, (1, prefix), generator=generator)
         target.prefill(target.embed_tokens(ids.to(target.device)), cache, slot, 0)
-    tree = chain_tree(torch.randint(vocab, (batch, nodes), generator=generator).to(target.device))
+    tree = stack_trees([chain_tree(torch.randint(vocab, (1, n), generator=generator).to(target.device))
+                        for n in sizes])
     slots, prefix_lens = list(range(batch)), [prefix] * batch
 
     def step() -> None:
@@ -125,7 +131,8 @@ def report(args, bandwidth: float, runs: dict) -> str:
     lines = [
         f"# One verify step, profiled: {args.model}", "",
         f"Command: `python benchmarks/profile_step.py {' '.join(args.argv)}`  ",
-        f"Chains of N nodes for B sequences after {args.prefix} cached tokens, the engine's verify call "
+        f"Chains of N nodes for B sequences (BxN; a+b+...: chains of a, b, ... nodes) after {args.prefix} "
+        "cached tokens, the engine's verify call "
         f"(decoder + LM head), torch threads {args.threads}, median of {args.steps} steps; the split comes "
         "from the torch profiler's per-op self times (definitions in the script's docstring). Read "
         f"bandwidth measured in the same run: {bandwidth:.1f} GB/s.", "",
@@ -144,9 +151,12 @@ def report(args, bandwidth: float, runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_shape(text: str) -> tuple[int, int]:
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """"BxN" (B chains of N nodes) or "a+b+..." (chains of a, b, ... nodes) -> (the text, the sizes)."""
+    if "+" in text:
+        return text, tuple(int(n) for n in text.split("+"))
     batch, nodes = text.lower().split("x")
-    return int(batch), int(nodes)
+    return text, (int(nodes),) * int(batch)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="transformers' sdpa attention and/or the engine's grouped-query one")
     parser.add_argument("--quantization", nargs="+", choices=QUANTIZATIONS, default=["none"],
                         help="linear weights in the model's dtype and/or weight-only int8 / int4")
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(1, 1), (1, 8), (8, 1), (8, 8)],
-                        help="BxN: B sequences verifying N nodes each")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                        default=[parse_shape(s) for s in ("1x1", "1x8", "8x1", "8x8")],
+                        help="BxN: B sequences verifying N nodes each; a+b+...: chains of a, b, ... nodes")
     parser.add_argument("--prefix", type=int, default=256, help="cached tokens before each chain")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
             target = TargetModel(adapter)
             runs[dtype, prepack, attention, quantization] = {
                 "weight_mb": weight_bytes(target) / 1e6,
-                "shapes": {f"{b}x{n}": profile_shape(target, b, n, args.prefix, args.steps) for b, n in args.shapes},
+                "shapes": {label: profile_shape(target, sizes, args.prefix, args.steps)
+                           for label, sizes in args.shapes},
             }
             del target, adapter
     table = report(args, bandwidth, runs)

@@ -130,15 +130,15 @@ class DraftTree:
 
     def packing(self) -> Packing | None:
         """The batch without its padding nodes, for a packed forward (`kv_cache` module docstring); None
-        when it holds no padding. Padding ends a row (`stack_trees`).
+        unless padding is worth leaving out (`worth_packing`). Padding ends a row (`stack_trees`).
 
-        Example: tokens [[5, 6, 7], [8, -1, -1]] -> index [0, 1, 2, 3], counts [3, 1]."""
+        Example: tokens [[5, 6, 7], [8, -1, -1]] -> index [0, 1, 2, 3], counts [3, 1] (4 real of 6)."""
         real = self.tokens != PAD_TOKEN
         counts = real.sum(1)
         if not torch.equal(real, torch.arange(self.num_nodes, device=real.device) < counts[:, None]):
             raise ValueError("padding nodes must end their rows")
         counts = counts.tolist()
-        if min(counts) == self.num_nodes:
+        if not worth_packing(sum(counts), self.tokens.numel()):
             return None
         return Packing(real.flatten().nonzero().squeeze(1), counts)
 
@@ -162,6 +162,13 @@ class DraftTree:
         paths = torch.full((*flat.shape, width + 1), -1, dtype=torch.long, device=nodes.device)
         paths.scatter_(2, column, node_ids)
         return paths[..., :width].reshape(*nodes.shape, width)
+
+
+def worth_packing(real: int, padded: int) -> bool:
+    """Whether a batch of `padded` nodes of which `real` are real runs packed: a packed forward attends
+    row by row, an SDPA call per row, which costs about what a third of padding saves in the linear
+    layers (SmolLM2 bf16, 8 rows: `benchmarks/results/profile-step-smollm2-135m-bf16-packed.md`)."""
+    return 3 * real <= 2 * padded
 
 
 @dataclass(frozen=True)

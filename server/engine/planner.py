@@ -19,9 +19,10 @@ as to maximise the batch's expected tokens per second:
 With costs flat in T (memory-bound) every row keeps its whole tree; with a large batch on a
 compute-bound machine the width shrinks, down to 1 (plain decoding) when no draft pays.
 
-Where the target runs a batch *packed* (`TargetModel.packs`: no padding nodes in the forward), a row
-costs only the nodes it keeps, so the cost is cost(sum_r min(w, N_r)) instead of cost(B * w): a row
-whose tree is short (or only a root) no longer pays for the widest one. (Cutting each row on its own,
+Where the target runs a batch *packed* (`TargetModel.packs`: no padding nodes in the forward, once
+padding is a third of the batch, `kernels.tree.worth_packing`), a row costs only the nodes it keeps,
+so the cost is cost(sum_r min(w, N_r)) instead of cost(B * w): a row whose tree is short (or only a
+root) no longer pays for the widest one. (Cutting each row on its own,
 greedily by expected gain, was tried: in an interleaved engine A/B on SmolLM2 n-gram it sent more
 nodes than paid at 2-4 rows, where the per-token acceptance rate overrates n-gram drafts, and was
 slower over whole batches than one width; so one width for all is kept.)
@@ -58,7 +59,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ...kernels.tree import DraftTree
+from ...kernels.tree import DraftTree, worth_packing
 
 
 class BatchPlanner(Protocol):
@@ -193,7 +194,8 @@ class GoodputPlanner:
     def _goodput(self, gains: list[list[float]], width: int, draft_seconds: float) -> float:
         """Expected tokens per second of a turn whose rows verify their first `width` nodes."""
         gain = sum(g[min(width, len(g)) - 1] for g in gains)
-        tokens = sum(min(width, len(g)) for g in gains) if self.packed else len(gains) * width
+        real, padded = sum(min(width, len(g)) for g in gains), len(gains) * width
+        tokens = real if self.packed and worth_packing(real, padded) else padded
         return (len(gains) + gain) / (self.costs(tokens) + draft_seconds)
 
 

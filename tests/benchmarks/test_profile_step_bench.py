@@ -18,11 +18,11 @@ def linear_params(model) -> int:
 def test_a_run_splits_every_step_and_reports_bandwidth(benchmark_script, tiny_model_dirs, tmp_path):
     bench = benchmark_script("profile_step")
     model = tiny_model_dirs["llama"]
-    runs = bench.main(["--model", str(model), "--shapes", "1x1", "2x3", "--prefix", "8", "--steps", "2",
+    runs = bench.main(["--model", str(model), "--shapes", "1x1", "2x3", "3+1", "--prefix", "8", "--steps", "2",
                        "--out", str(tmp_path)])
     assert set(runs) == {("float32", p, a, "none") for p in ("off", "on") for a in ("sdpa", "grouped")}
     for run in runs.values():
-        assert set(run["shapes"]) == {"1x1", "2x3"}
+        assert set(run["shapes"]) == {"1x1", "2x3", "3+1"}
         for r in run["shapes"].values():
             assert r["matmul"] > 0 and r["attention"] > 0 and r["wall_ms"] > 0
             parts = r["matmul"] + r["attention"] + r["other ops"] + r["outside ops"]
@@ -31,7 +31,8 @@ def test_a_run_splits_every_step_and_reports_bandwidth(benchmark_script, tiny_mo
         assert run["weight_mb"] == pytest.approx(linear_params(model) * 4 / 1e6)
     saved = json.loads((tmp_path / f"profile-step-{model.name}.json").read_text())
     assert saved["read_bandwidth_gbs"] > 0
-    assert "| float32 | on | grouped | none | 2x3 |" in (tmp_path / f"profile-step-{model.name}.md").read_text()
+    table = (tmp_path / f"profile-step-{model.name}.md").read_text()
+    assert "| float32 | on | grouped | none | 2x3 |" in table and "| float32 | off | sdpa | none | 3+1 |" in table
 
 
 def test_quantized_weights_count_their_packed_bytes_and_kernels(benchmark_script, tiny_model_dirs, tmp_path):

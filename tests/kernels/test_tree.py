@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specserve.kernels.tree import DraftTree, additive_mask, chain_tree, stack_trees
+from specserve.kernels.tree import DraftTree, additive_mask, chain_tree, stack_trees, worth_packing
 
 # 0 -> {1, 2}, 1 -> {3, 4}
 TOKENS = [[7, 3, 9, 4, 5]]
@@ -135,3 +135,14 @@ def test_stack_trees_pads_with_nodes_that_hang_off_the_root():
     batch = stack_trees([small, big])
     assert batch.tokens.tolist() == [[4, 5, -1], [1, 2, 3]]
     assert batch.parents.tolist() == [[-1, 0, 0], [-1, 0, 1]]
+
+
+def test_a_batch_packs_only_when_a_third_of_it_or_more_is_padding():
+    def stacked(*sizes):
+        return stack_trees([chain_tree(torch.arange(1, n + 1)[None]) for n in sizes])
+
+    assert stacked(3, 3).packing() is None  # no padding
+    assert stacked(4, 3, 4).packing() is None  # 11 real of 12
+    packing = stacked(4, 1, 3).packing()  # 8 real of 12
+    assert packing.counts == [4, 1, 3] and packing.index.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
+    assert worth_packing(2, 3) and not worth_packing(3, 4)
