@@ -205,8 +205,8 @@ class TargetModel:
 
     @property
     def packs(self) -> bool:
-        """Whether a batch of trees of different sizes runs without its padding nodes (`verify`): the
-        decoder's attention is `grouped_attention`'s, which unpacks the queries."""
+        """Whether a batch of trees of different sizes may run without its padding nodes (`verify`): the
+        decoder's attention is `grouped_attention`'s, which can attend a packed batch row by row."""
         return self.config._attn_implementation == grouped_attention.NAME
 
     @cached_property
