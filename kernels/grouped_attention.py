@@ -46,6 +46,9 @@ def grouped_sdpa(
     packed query (module docstring)."""
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise ValueError("grouped_sdpa does not take a softcap or a position bias")
+    if packed_rows is None and query.shape[0] != key.shape[0]:  # SDPA would broadcast the one query row
+        raise ValueError("a packed query reached grouped_sdpa without `packed_rows`: this decoder does not pass "
+                         "its forward's keyword arguments on to attention")
     if packed_rows is not None:
         outs, start = [], 0
         for row, (nodes, cached) in enumerate(packed_rows):

@@ -66,6 +66,12 @@ def test_grouped_sdpa_refuses_a_softcap():
         grouped_sdpa(Attention(2), q, k, v, mask, softcap=30.0)
 
 
+def test_a_packed_query_without_its_rows_is_refused():
+    q, k, v, mask = inputs(2, 4, 2, 3, 5, 1)
+    with pytest.raises(ValueError, match="packed_rows"):
+        grouped_sdpa(Attention(2), q[:1], k, v, mask)
+
+
 def test_load_model_uses_it_for_grouped_query_models_and_verify_matches(tiny_model_dir):
     grouped = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu"))
     stock = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu", attention="sdpa"))
