@@ -39,6 +39,7 @@ prefix (copying the whole cache every step would cost as much as the cache).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -66,6 +67,12 @@ class Binding:
     start: int | None  # first slot if the rows are a contiguous ascending range (then views, no copy)
     packed: Tensor | None = None  # [T] long: which of the B x new tokens the forward carries (`Packing.index`)
 
+    @cached_property
+    def packed_places(self) -> tuple[Tensor, Tensor]:
+        """The slot and the position of each token a packed forward carries: worked out once per forward
+        (here, at the first layer), then read by every layer."""
+        return self.rows.repeat_interleave(self.positions.shape[1])[self.packed], self.positions.flatten()[self.packed]
+
 
 class SlotLayer(CacheLayerMixin):
     """One decoder layer's slots; reads the current `Binding` from its `SlotCache`."""
@@ -91,8 +98,8 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         bound = self.cache.binding
         if bound.packed is not None:  # a packed batch [1, H, T, D]: token t goes to its row at its position
-            index = (bound.rows.repeat_interleave(self.cache.new_tokens)[bound.packed], slice(None),
-                     bound.positions.flatten()[bound.packed])
+            slots, positions = bound.packed_places
+            index = (slots, slice(None), positions)
             self.keys[index] = key_states[0].transpose(0, 1)
             self.values[index] = value_states[0].transpose(0, 1)
         elif len(bound.row_list) == 1:  # one row (a prefill chunk, a lone sequence): a slice copy
