@@ -14,6 +14,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     SPECSERVE_CACHE=/models
 
 WORKDIR /opt/specserve
+# A C++ compiler: specserve builds its CPU attention kernel (kernels/cpu_attention.cpp) with it, below
+# for this image's CPU and again at first use on a CPU of another vector ISA.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch at the version of the lock (constraints.txt, the versions CI tested), as a CPU or CUDA build.
 COPY constraints.txt ./
 # hadolint ignore=DL3013
@@ -30,6 +34,7 @@ COPY server ./server
 # Install, then pull the built-in default model at build time, so the container starts offline.
 RUN pip install -c constraints.txt . \
     && specserve models pull tiny-vlm --quiet \
+    && python -c "from specserve.kernels import cpu_attention; assert cpu_attention.available()" \
     && useradd --uid 10001 --create-home specserve \
     && chown -R 10001 /models
 USER 10001

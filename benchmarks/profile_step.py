@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--prepack", nargs="+", choices=["off", "on"], default=["off", "on"],
                         help="linear weights as loaded, and/or packed as the engine packs them (kernels.cpu_linear)")
-    parser.add_argument("--attention", nargs="+", choices=["sdpa", "grouped"], default=["sdpa", "grouped"],
-                        help="transformers' sdpa attention and/or the engine's grouped-query one")
+    parser.add_argument("--attention", nargs="+", choices=["sdpa", "grouped", "kernel"], default=["sdpa", "grouped"],
+                        help="transformers' sdpa attention, the engine's grouped-query one on SDPA and/or on "
+                             "its own CPU kernel")
     parser.add_argument("--quantization", nargs="+", choices=QUANTIZATIONS, default=["none"],
                         help="linear weights in the model's dtype and/or weight-only int8 / int4")
     parser.add_argument("--shapes", nargs="+", type=parse_shape,

@@ -16,7 +16,11 @@ row after row only the real nodes of a batch of trees, and each row attends on i
 keys only (no padding queries, no keys past its own length). A row costs one SDPA call, so a batch
 of equal trees, which has no padding, runs batched as above.
 
-Registered with transformers' `AttentionInterface` (`target.load_model`), so no model code is forked.
+`grouped_kernel` is the same with the few-token calls on the CPU (decoding, tree verification, packed
+or not) sent to `cpu_attention`'s kernel instead of SDPA; every other call goes to `grouped_sdpa`.
+
+Both are registered with transformers' `AttentionInterface` (`target.load_model`), so no model code is
+forked.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from . import cpu_attention
+
 NAME = "specserve_grouped_sdpa"
+KERNEL_NAME = "specserve_grouped_cpu_kernel"
+NAMES = (NAME, KERNEL_NAME)
 
 
 def grouped_sdpa(
@@ -76,6 +84,28 @@ def grouped_sdpa(
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
+def grouped_kernel(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    packed_rows: list[tuple[int, int]] | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """`grouped_sdpa`'s contract; a call `cpu_attention.fits` runs on its kernel."""
+    tokens = query.shape[2] if packed_rows is None else max(nodes for nodes, _ in packed_rows)
+    if (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and (packed_rows is not None or query.shape[0] == key.shape[0])
+            and cpu_attention.fits(query, key, attention_mask, tokens)):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return cpu_attention.attend(query, key, value, attention_mask, scale, packed_rows), None
+    return grouped_sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, packed_rows, **kwargs)
+
+
 def fold_mask(mask: Tensor, kv_heads: int, group: int) -> Tensor:
     """A mask [b, 1 or H, N, S] for the folded query [B, KVH, group * N, D]: row g * N + n of head
     k is query head k * group + g at position n."""
@@ -85,13 +115,14 @@ def fold_mask(mask: Tensor, kv_heads: int, group: int) -> Tensor:
     return mask.reshape(b, kv_heads, group * length, keys)
 
 
-def register() -> str:
-    """Make `grouped_sdpa` available to `model.set_attn_implementation`; returns its name. Masks are
-    built as for `sdpa` (transformers leaves the mask out only where SDPA's own causal flag is exact:
-    a prompt's first chunk, or one query token)."""
-    AttentionInterface.register(NAME, grouped_sdpa)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return NAME
+def register(kernel: bool = False) -> str:
+    """Make `grouped_sdpa` (or, `kernel`, `grouped_kernel`) available to `model.set_attn_implementation`;
+    returns its name. Masks are built as for `sdpa` (transformers leaves the mask out only where SDPA's
+    own causal flag is exact: a prompt's first chunk, or one query token)."""
+    name, function = (KERNEL_NAME, grouped_kernel) if kernel else (NAME, grouped_sdpa)
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return name
 
 
 def uses_grouped_query(config) -> bool:

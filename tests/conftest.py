@@ -70,21 +70,22 @@ def build_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def _text_config(family: str, vocab: int, eos: int):
+def _text_config(family: str, vocab: int, eos: int, hidden: int = 32):
     return TEXT_FAMILIES[family](
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
     )
 
 
-def make_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny random model of `family` ("llama", "qwen2", "mistral" or "llava") into `path`."""
+def make_tiny_model(family: str, path: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """Save a tiny random model of `family` ("llama", "qwen2", "mistral" or "llava") into `path`; 4 query
+    heads on 2 key/value heads of `hidden` / 4 dimensions (8 by default)."""
     tokenizer = build_tokenizer(path)
     eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
     if family != "llava":
-        model = AutoModelForCausalLM.from_config(_text_config(family, len(tokenizer), eos))
+        model = AutoModelForCausalLM.from_config(_text_config(family, len(tokenizer), eos, hidden))
         model.generation_config.eos_token_id = eos
         model.save_pretrained(path)
         return path

@@ -9,7 +9,7 @@ import jinja2
 
 from ...drafting.budget import TreeBudget, TreeMode
 from ...drafting.static_trees import PRESETS
-from .config import DRAFT_QUANTIZATIONS, DTYPES, QUANTIZATIONS, EngineConfig
+from .config import ATTENTIONS, DRAFT_QUANTIZATIONS, DTYPES, QUANTIZATIONS, EngineConfig
 
 DEFAULT_MODEL = "tiny-vlm"
 
@@ -70,6 +70,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "native bfloat16, fbgemm's half-precision GEMM for bfloat16/float16 elsewhere), "
                              "faster for the few-row products of verification and batched decoding "
                              "(default: on)")
+    parser.add_argument("--attention", default=EngineConfig.attention, choices=ATTENTIONS,
+                        help="a grouped-query target's attention: 'kernel' runs decoding and verification on "
+                             "specserve's CPU attention kernel (built once with the C++ compiler; SDPA where "
+                             "that fails or off the CPU), 'grouped' on torch's SDPA with each key/value head "
+                             "read once per group, 'sdpa' is transformers' own (default: %(default)s)")
     parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                         help="store the target's linear weights as weight-only int8 or int4 (CPU; 4x / 8x "
                              "smaller, faster single-token steps, slower wide verify steps); speculative "
@@ -96,7 +101,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory,
         batch_tree_tokens=args.batch_tree_tokens, prefill_chunk_tokens=args.prefill_chunk or None,
         prefix_caching=args.prefix_caching,
-        prepack_weights=args.prepack_weights, quantization=args.quantization, chat_template=args.chat_template,
+        prepack_weights=args.prepack_weights, attention=args.attention, quantization=args.quantization,
+        chat_template=args.chat_template,
         grammar_draft_tokens=args.grammar_draft_tokens,
     )
 

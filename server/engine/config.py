@@ -12,6 +12,7 @@ from ...kernels.weight_only import QUANTIZATION_BITS
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DRAFT_QUANTIZATIONS = ("none", "int8")
 QUANTIZATIONS = ("none", *QUANTIZATION_BITS)
+ATTENTIONS = ("kernel", "grouped", "sdpa")
 GiB = 1024**3
 
 
@@ -53,6 +54,10 @@ class EngineConfig:
     # native bfloat16, fbgemm's half-precision GEMM for bfloat16 / float16 elsewhere), faster for the
     # few-row products of verification and batched decoding; ignored on other devices
     prepack_weights: bool = True
+    # a grouped-query target's attention (`target.load_model`): "kernel", the engine's grouped-query
+    # attention with decoding and verification on its own CPU kernel (kernels.cpu_attention; SDPA where
+    # the kernel cannot be built or off the CPU); "grouped", the same on torch's SDPA; "sdpa", transformers'
+    attention: str = "kernel"
     # "int8" / "int4": the target's linear weights stored weight-only quantized (CPU; kernels.weight_only);
     # lossless with respect to the quantized model
     quantization: str = "none"

@@ -114,7 +114,7 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         """Load the target (and draft) named by `config`: store alias, folder, .gguf file or hub id."""
         path, adapter = load_adapter(config.model, config.cache_dir, config.dtype, config.device,
-                                     config.prepack_weights, quantization=config.quantization)
+                                     config.prepack_weights, config.attention, config.quantization)
         target = TargetModel(adapter)
         if config.calibrate_tree:
             nodes, _ = calibrate_tree_nodes(target)

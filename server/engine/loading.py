@@ -20,12 +20,13 @@ class ModelLoadError(RuntimeError):
 def load_draft_model(spec: str, config: EngineConfig) -> torch.nn.Module:
     """The draft LM `spec` in `config`'s dtype and device, or as dynamic int8 if `config` asks (CPU)."""
     int8 = config.draft_quantization == "int8"
-    model = load_adapter(spec, config.cache_dir, "float32" if int8 else config.dtype, config.device)[1].model
+    model = load_adapter(spec, config.cache_dir, "float32" if int8 else config.dtype, config.device,
+                         attention=config.attention)[1].model
     return quantize_draft_model(model) if int8 else model
 
 
 def load_adapter(spec: str, cache_dir: str | None, dtype: str, device: str, prepack: bool = False,
-                 attention: str = "grouped", quantization: str = "none") -> tuple[str, CausalLMAdapter]:
+                 attention: str = "kernel", quantization: str = "none") -> tuple[str, CausalLMAdapter]:
     """Resolve `spec` through the model store and load it (`prepack`, `attention`, `quantization`: see
     `target.load_model`); a hub id that cannot be loaded (no hub here) becomes a `ModelLoadError` with
     a message that says what `--model` accepts."""

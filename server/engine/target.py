@@ -33,7 +33,7 @@ from transformers import (
     SmolVLMConfig,
 )
 
-from ...kernels import grouped_attention
+from ...kernels import cpu_attention, grouped_attention
 from ...kernels.blocks import chunk_end, prefill_mask
 from ...kernels.cpu_linear import packed_linear_class, prepack_linears
 from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
@@ -113,7 +113,7 @@ ADAPTERS: dict[type[PretrainedConfig], type[CausalLMAdapter]] = {
 
 
 def load_model(path: str, dtype: str, device: str, prepack: bool = False,
-               attention: str = "grouped", quantization: str = "none") -> CausalLMAdapter:
+               attention: str = "kernel", quantization: str = "none") -> CausalLMAdapter:
     """Load a model folder (or hub id) into the adapter its config class calls for.
 
     `quantization` ("int8", "int4"; CPU): the decoder's linear layers hold weight-only int8 / int4
@@ -124,7 +124,8 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
     torch's own.
     `attention="grouped"`: a grouped-query model that would run transformers' `sdpa` attention runs
     `kernels.grouped_attention` instead (the same SDPA kernel, keys and values read once per group);
-    `"sdpa"` keeps transformers' own."""
+    `"kernel"` (the default) the same with its few-token calls on the CPU on `kernels.cpu_attention`'s
+    kernel (where it cannot be built: `"grouped"`, with a warning); `"sdpa"` keeps transformers' own."""
     if quantization != "none" and torch.device(device).type != "cpu":
         raise ValueError(f"--quantization {quantization} runs on CPU only (torch's weight-only kernels), "
                          f"not on {device}")
@@ -133,9 +134,10 @@ def load_model(path: str, dtype: str, device: str, prepack: bool = False,
     adapter_cls = ADAPTERS.get(type(config), CausalLMAdapter)
     model = adapter_cls.model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
     adapter = adapter_cls(model)
-    if (attention == "grouped" and model.config._attn_implementation == "sdpa"
+    if (attention in ("grouped", "kernel") and model.config._attn_implementation == "sdpa"
             and grouped_attention.uses_grouped_query(adapter.text_config)):
-        model.set_attn_implementation(grouped_attention.register())
+        kernel = attention == "kernel" and model.device.type == "cpu" and cpu_attention.available()
+        model.set_attn_implementation(grouped_attention.register(kernel))
     if quantization != "none":
         quantize_linears(adapter.decoder, QUANTIZATION_BITS[quantization])
         head = model.get_output_embeddings()
@@ -207,7 +209,7 @@ class TargetModel:
     def packs(self) -> bool:
         """Whether a batch of trees of different sizes may run without its padding nodes (`verify`): the
         decoder's attention is `grouped_attention`'s, which can attend a packed batch row by row."""
-        return self.config._attn_implementation == grouped_attention.NAME
+        return self.config._attn_implementation in grouped_attention.NAMES
 
     @cached_property
     def layer_masks(self) -> LayerMasks:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from specserve.kernels.grouped_attention import NAME, fold_mask, grouped_sdpa
+from specserve.kernels import cpu_attention
+from specserve.kernels.grouped_attention import KERNEL_NAME, NAME, fold_mask, grouped_sdpa
 from specserve.kernels.tree import PAD_TOKEN, DraftTree, chain_tree, stack_trees
 from specserve.server.engine.target import TargetModel, load_model
 
@@ -73,8 +74,10 @@ def test_a_packed_query_without_its_rows_is_refused():
 
 
 def test_load_model_uses_it_for_grouped_query_models_and_verify_matches(tiny_model_dir):
-    grouped = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu"))
+    grouped = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu", attention="grouped"))
     stock = TargetModel(load_model(str(tiny_model_dir), "float64", "cpu", attention="sdpa"))
+    default = load_model(str(tiny_model_dir), "float64", "cpu").model.config._attn_implementation
+    assert default == (KERNEL_NAME if cpu_attention.available() else NAME)  # on SDPA for float64
     assert grouped.model.config._attn_implementation == NAME
     assert stock.model.config._attn_implementation == "sdpa"
     tree = chain_tree(torch.tensor([[5, 9, 3, 7], [2, 4, 6, 8]]))
