@@ -96,14 +96,18 @@ def available() -> bool:
     return True
 
 
+def takes(dtype: torch.dtype, head_dim: int, tokens: int) -> bool:
+    """Whether the kernel takes a model of this dtype and head dimension (whole vectors of 16 floats, up
+    to MAX_HEAD_DIM), `tokens` query tokens per sequence (at most MAX_TOKENS), and it is built."""
+    return (dtype in DTYPES and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and tokens <= MAX_TOKENS
+            and available())
+
+
 def fits(query: Tensor, key: Tensor, mask: Tensor | None, tokens: int) -> bool:
-    """Whether `attend` takes this call: a CPU tensor of a float dtype it has, an additive mask of the
-    query's dtype shared by all heads, at most MAX_TOKENS query tokens per sequence, a head dimension
-    of whole vectors (16 floats) up to MAX_HEAD_DIM."""
-    dim = query.shape[-1]
-    return (query.device.type == "cpu" and query.dtype in DTYPES and key.dtype == query.dtype
-            and mask is not None and mask.dtype == query.dtype and mask.shape[1] == 1
-            and tokens <= MAX_TOKENS and dim % 16 == 0 and dim <= MAX_HEAD_DIM and available())
+    """Whether `attend` takes this call: CPU tensors the kernel `takes`, an additive mask of the query's
+    dtype shared by all heads."""
+    return (query.device.type == "cpu" and key.dtype == query.dtype and mask is not None
+            and mask.dtype == query.dtype and mask.shape[1] == 1 and takes(query.dtype, query.shape[-1], tokens))
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float,

@@ -128,9 +128,10 @@ class DraftTree:
             return self.depths + prefix_len[:, None]
         return self.depths + prefix_len
 
-    def packing(self) -> Packing | None:
+    def packing(self, one_call: bool = False) -> Packing | None:
         """The batch without its padding nodes, for a packed forward (`kv_cache` module docstring); None
-        unless padding is worth leaving out (`worth_packing`). Padding ends a row (`stack_trees`).
+        unless padding is worth leaving out (`worth_packing`; `one_call`: attention takes the packed
+        batch in one call). Padding ends a row (`stack_trees`).
 
         Example: tokens [[5, 6, 7], [8, -1, -1]] -> index [0, 1, 2, 3], counts [3, 1] (4 real of 6)."""
         real = self.tokens != PAD_TOKEN
@@ -138,7 +139,7 @@ class DraftTree:
         if not torch.equal(real, torch.arange(self.num_nodes, device=real.device) < counts[:, None]):
             raise ValueError("padding nodes must end their rows")
         counts = counts.tolist()
-        if not worth_packing(sum(counts), self.tokens.numel()):
+        if not worth_packing(sum(counts), self.tokens.numel(), one_call):
             return None
         return Packing(real.flatten().nonzero().squeeze(1), counts)
 
@@ -164,11 +165,13 @@ class DraftTree:
         return paths[..., :width].reshape(*nodes.shape, width)
 
 
-def worth_packing(real: int, padded: int) -> bool:
-    """Whether a batch of `padded` nodes of which `real` are real runs packed: a packed forward attends
-    row by row, an SDPA call per row, which costs about what a third of padding saves in the linear
-    layers (SmolLM2 bf16, 8 rows: `benchmarks/results/profile-step-smollm2-135m-bf16-packed.md`)."""
-    return 3 * real <= 2 * padded
+def worth_packing(real: int, padded: int, one_call: bool = False) -> bool:
+    """Whether a batch of `padded` nodes of which `real` are real runs packed. Where attention takes the
+    packed batch in one call (`one_call`: the CPU kernel, `cpu_attention`) any padding is worth leaving
+    out. Where it attends row by row, an SDPA call per row costs about what a third of padding saves in
+    the linear layers (SmolLM2 bf16, 8 rows: `benchmarks/results/profile-step-smollm2-135m-bf16-packed.md`
+    and, for one call, `profile-step-smollm2-135m-bf16-kernel.md`)."""
+    return real < padded if one_call else 3 * real <= 2 * padded
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class Engine:
         if config.batch_tree_tokens is not None or isinstance(self.proposer, NoDraftProposer):
             return SharePlanner(config.batch_tree_tokens or 0)
         return GoodputPlanner(measure_step_costs(self.target, self.num_slots * largest_tree(config.tree)),
-                              packed=self.target.packs)
+                              packed=self.target.packs, one_call=self.target.one_call_nodes)
 
     @property
     def num_slots(self) -> int:

@@ -20,7 +20,8 @@ With costs flat in T (memory-bound) every row keeps its whole tree; with a large
 compute-bound machine the width shrinks, down to 1 (plain decoding) when no draft pays.
 
 Where the target runs a batch *packed* (`TargetModel.packs`: no padding nodes in the forward, once
-padding is a third of the batch, `kernels.tree.worth_packing`), a row costs only the nodes it keeps,
+padding is a third of the batch, or as soon as there is any where attention takes the packed batch in
+one call, `kernels.tree.worth_packing`), a row costs only the nodes it keeps,
 so the cost is cost(sum_r min(w, N_r)) instead of cost(B * w): a row whose tree is short (or only a
 root) no longer pays for the widest one. (Cutting each row on its own,
 greedily by expected gain, was tried: in an interleaved engine A/B on SmolLM2 n-gram it sent more
@@ -146,6 +147,7 @@ class GoodputPlanner:
 
     costs: StepCosts
     packed: bool = False  # the verify forward carries no padding nodes: a row costs the nodes it keeps
+    one_call: int = 0  # trees up to this many nodes attend packed in one call (`TargetModel.one_call_nodes`)
     smoothing: float = 0.5  # weight of a new drafting-time measurement
     forgetting: float = 0.9  # drafting-time estimates shrink by this per skipped turn
     turn_smoothing: float = 0.3  # weight of a new turn's tokens per second
@@ -195,7 +197,7 @@ class GoodputPlanner:
         """Expected tokens per second of a turn whose rows verify their first `width` nodes."""
         gain = sum(g[min(width, len(g)) - 1] for g in gains)
         real, padded = sum(min(width, len(g)) for g in gains), len(gains) * width
-        tokens = real if self.packed and worth_packing(real, padded) else padded
+        tokens = real if self.packed and worth_packing(real, padded, width <= self.one_call) else padded
         return (len(gains) + gain) / (self.costs(tokens) + draft_seconds)
 
 

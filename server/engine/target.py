@@ -212,6 +212,16 @@ class TargetModel:
         return self.config._attn_implementation in grouped_attention.NAMES
 
     @cached_property
+    def one_call_nodes(self) -> int:
+        """Trees up to this many nodes attend a packed batch in one call (on `cpu_attention`'s kernel,
+        which makes packing pay for any padding, `kernels.tree.worth_packing`); 0: none do."""
+        config = self.adapter.text_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kernel = (self.config._attn_implementation == grouped_attention.KERNEL_NAME and self.device.type == "cpu"
+                  and cpu_attention.takes(self.dtype, head_dim, 1))
+        return cpu_attention.MAX_TOKENS if kernel else 0
+
+    @cached_property
     def layer_masks(self) -> LayerMasks:
         """How the decoder takes its attention masks: one for every layer, or one per layer type with the
         sliding-window layers' limited to their window."""
@@ -267,7 +277,8 @@ class TargetModel:
         depth; an M-RoPE decoder puts a 1-row position on all three of its rows. Where the target
         `packs`, the padding nodes of trees of different sizes are left out of the forward, and the
         outputs at their places are copies of a real node's (acceptance never reads them)."""
-        packing = tree.packing() if self.packs and tree.batch_size > 1 else None
+        packing = (tree.packing(tree.num_nodes <= self.one_call_nodes) if self.packs and tree.batch_size > 1
+                   else None)
         offsets = cache.bind(slots, prefix_lens, tree.num_nodes, None if packing is None else packing.index)
         positions = offsets if rope_deltas is None else offsets + torch.tensor(rope_deltas, device=offsets.device)
         tokens, position_ids = tree.tokens.clamp(min=0), tree.position_ids(positions)  # padding runs as token 0

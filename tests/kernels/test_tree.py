@@ -137,7 +137,7 @@ def test_stack_trees_pads_with_nodes_that_hang_off_the_root():
     assert batch.parents.tolist() == [[-1, 0, 0], [-1, 0, 1]]
 
 
-def test_a_batch_packs_only_when_a_third_of_it_or_more_is_padding():
+def test_a_batch_packs_when_a_third_of_it_is_padding_or_any_with_one_call_attention():
     def stacked(*sizes):
         return stack_trees([chain_tree(torch.arange(1, n + 1)[None]) for n in sizes])
 
@@ -146,3 +146,7 @@ def test_a_batch_packs_only_when_a_third_of_it_or_more_is_padding():
     packing = stacked(4, 1, 3).packing()  # 8 real of 12
     assert packing.counts == [4, 1, 3] and packing.index.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
     assert worth_packing(2, 3) and not worth_packing(3, 4)
+    # attention that takes the packed batch in one call (the CPU kernel): any padding is left out
+    assert stacked(4, 3, 4).packing(one_call=True).counts == [4, 3, 4]
+    assert stacked(3, 3).packing(one_call=True) is None
+    assert worth_packing(3, 4, one_call=True) and not worth_packing(4, 4, one_call=True)
