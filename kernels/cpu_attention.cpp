@@ -56,6 +56,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const at::Tensor& q_starts, const at::Tensor& k_lengths, double scale, at::Tensor& out) {
   const int64_t heads = q.size(1), dim = q.size(2), kv_heads = k.size(1), group = heads / kv_heads;
   const int64_t chunks = Chunks > 0 ? Chunks : dim / kLanes;
+  constexpr int64_t kSlots = Chunks > 0 ? Chunks : kMaxChunks;  // a fixed count lets the compiler keep them in registers
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const int64_t ms0 = mask.stride(0), ms1 = mask.stride(1);
@@ -72,7 +73,6 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // One task per (sequence, key/value head): its query rows are the group's heads of its tokens.
   at::parallel_for(0, k.size(0) * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> queries, scores, values;
-    Vec row[kMaxChunks], acc[kMaxChunks];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const int64_t first = starts[b], rows = (starts[b + 1] - first) * group, len = lengths[b];
@@ -90,6 +90,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
       }
       for (int64_t s = 0; s < len; ++s) {  // scores: each key read once for every row
+        Vec row[kSlots];
         for (int64_t c = 0; c < chunks; ++c) row[c] = load(kb + s * ks2 + c * kLanes);
         for (int64_t r = 0; r < rows; ++r) {
           const float* qr = queries.data() + r * dim;
@@ -101,12 +102,19 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t r = 0; r < rows; ++r) {  // softmax over the row's keys, padded to whole vectors
         const T* mr = mp + b * ms0 + (r / group) * ms1;
         float* sr = scores.data() + r * padded;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < len; ++s) {
+        Vec tops(-std::numeric_limits<float>::infinity());
+        int64_t s = 0;
+        for (; s + kLanes <= len; s += kLanes) {
+          const Vec x = Vec::loadu(sr + s) + load(mr + s);
+          x.store(sr + s);
+          tops = at::vec::maximum(tops, x);
+        }
+        float top = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, tops);
+        for (; s < len; ++s) {
           sr[s] += static_cast<float>(mr[s]);
           top = std::max(top, sr[s]);
         }
-        for (int64_t s = len; s < padded; ++s) sr[s] = -std::numeric_limits<float>::infinity();
+        for (; s < padded; ++s) sr[s] = -std::numeric_limits<float>::infinity();
         const Vec vtop(top);
         Vec total = zero;
         for (int64_t s = 0; s < padded; s += kLanes) {
@@ -123,6 +131,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float* sr = scores.data() + r * padded;
+        Vec acc[kSlots];
         for (int64_t c = 0; c < chunks; ++c) acc[c] = zero;
         for (int64_t s = 0; s < len; ++s) {
           const Vec p(sr[s]);

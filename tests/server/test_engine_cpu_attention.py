@@ -42,7 +42,9 @@ def calls(monkeypatch):
 
 
 def engine_for(path, dtype: str) -> Engine:
-    engine = Engine.from_config(EngineConfig(model=str(path), draft="ngram", dtype=dtype,
+    """Every row verifies its whole tree (`batch_tree_tokens=0`): the timing-driven planner could choose
+    plain decoding on a busy machine, and then nothing here would be drafted."""
+    engine = Engine.from_config(EngineConfig(model=str(path), draft="ngram", dtype=dtype, batch_tree_tokens=0,
                                              tree=TreeBudget(depth=4, branching=3, draft_nodes=8)))
     assert engine.target.model.config._attn_implementation == KERNEL_NAME
     return engine
