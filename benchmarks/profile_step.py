@@ -8,17 +8,21 @@
 For each dtype and shape BxN (B sequences, each verifying a chain of N nodes after `--prefix` cached
 tokens), or a batch of chains of different sizes written as their sizes joined by "+" (6+1+1+6: padded
 to the longest, as the engine stacks trees), the engine's own verify call (`TargetModel.verify`:
-decoder and LM head over every node, on the slot KV cache) runs `--steps` times under the torch
-profiler, with the linear weights as loaded (`--prepack off`) and packed (`on`, the engine's default:
-reordered for oneDNN in float32 and native bfloat16, fbgemm's half-precision GEMM for bfloat16 on a CPU
-without it; `kernels.cpu_linear`), and with transformers' `sdpa` attention or the engine's `grouped`
+decoder and LM head over every node, on the slot KV cache) runs `--steps` times timed, the
+configurations' steps interleaved (every configuration is loaded at once, so a drift of the machine's
+speed hits them alike), then `--steps` times under the torch profiler, with the linear weights as
+loaded (`--prepack off`) and packed (`on`, the engine's default: reordered for oneDNN in float32 and
+native bfloat16, fbgemm's half-precision GEMM for bfloat16 on a CPU without it; `kernels.cpu_linear`),
+and with transformers' `sdpa` attention, the engine's `grouped`
 one (keys and values read once per query-head group, `kernels.grouped_attention`; with it a batch of
-chains of different sizes runs packed, without its padding nodes, where `sdpa` runs them padded), and
+chains of different sizes runs packed, without its padding nodes, once a third of it is padding, where
+`sdpa` runs them padded) or `kernel` (the same with its verify calls on `kernels.cpu_attention`'s
+kernel, packed whenever there is padding), and
 with the weights in float or weight-only int8 / int4 (`--quantization`, `kernels.weight_only`). The
 wall time per step splits into:
 
 - matmul: the self time of aten's matrix products (every linear layer and the LM head);
-- attention: the scaled-dot-product attention ops;
+- attention: the scaled-dot-product attention ops, or the engine's CPU attention kernel;
 - other ops: every other aten op (norms, rotary embeddings, KV writes, casts, adds);
 - outside ops: wall time spent in no aten op at all (Python: module calls, transformers' glue).
 
@@ -40,6 +44,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,6 +61,7 @@ RESULTS = Path(__file__).parent / "results"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
               "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
               "aten::fbgemm_linear_fp16_weight_fp32_activation"}
+ATTENTION_OPS = {"specserve_cpu::attend"}  # kernels.cpu_attention's kernel (aten's SDPA ops say "attention")
 PARTS = ["matmul", "attention", "other ops", "outside ops"]
 
 
@@ -87,7 +93,7 @@ def split(events, wall_ms: float, steps: int) -> dict[str, float]:
     for event in events:
         if event.key in MATMUL_OPS:
             part = "matmul"
-        elif "attention" in event.key:
+        elif "attention" in event.key or event.key in ATTENTION_OPS:
             part = "attention"
         else:
             part = "other ops"
@@ -97,8 +103,9 @@ def split(events, wall_ms: float, steps: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def profile_shape(target: TargetModel, sizes: tuple[int, ...], prefix: int, steps: int) -> dict[str, float]:
-    """One verify step of chains of `sizes` nodes (one per sequence), padded to the longest."""
+def verify_step(target: TargetModel, sizes: tuple[int, ...], prefix: int) -> Callable[[], None]:
+    """One verify step of chains of `sizes` nodes (one per sequence), padded to the longest, after
+    `prefix` cached tokens per sequence (prefilled here)."""
     batch, nodes = len(sizes), max(sizes)
     cache = target.new_cache(batch, prefix + nodes)
     generator = torch.Generator().manual_seed(0)
@@ -110,21 +117,34 @@ def profile_shape(target: TargetModel, sizes: tuple[int, ...], prefix: int, step
                         for n in sizes])
     slots, prefix_lens = list(range(batch)), [prefix] * batch
 
+    @torch.inference_mode()
     def step() -> None:
         target.verify(tree, cache, slots, prefix_lens)
 
+    return step
+
+
+def profile_shape(targets: dict, sizes: tuple[int, ...], prefix: int, steps: int) -> dict:
+    """Per configuration: the median wall time of a step, timed with the configurations' steps
+    interleaved (a drift of the machine's speed hits all of them alike), and its split."""
+    stepping = {config: verify_step(target, sizes, prefix) for config, target in targets.items()}
+    walls = {config: [] for config in stepping}
     for _ in range(3):
-        step()
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        walls.append((time.perf_counter() - start) * 1000)
-    wall_ms = statistics.median(walls)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+        for step in stepping.values():
             step()
-    return {"wall_ms": wall_ms, **split(prof.key_averages(), wall_ms, steps)}
+    for _ in range(steps):
+        for config, step in stepping.items():
+            start = time.perf_counter()
+            step()
+            walls[config].append((time.perf_counter() - start) * 1000)
+    results = {}
+    for config, step in stepping.items():
+        wall_ms = statistics.median(walls[config])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        results[config] = {"wall_ms": wall_ms, **split(prof.key_averages(), wall_ms, steps)}
+    return results
 
 
 def report(args, bandwidth: float, runs: dict) -> str:
@@ -133,7 +153,8 @@ def report(args, bandwidth: float, runs: dict) -> str:
         f"Command: `python benchmarks/profile_step.py {' '.join(args.argv)}`  ",
         f"Chains of N nodes for B sequences (BxN; a+b+...: chains of a, b, ... nodes) after {args.prefix} "
         "cached tokens, the engine's verify call "
-        f"(decoder + LM head), torch threads {args.threads}, median of {args.steps} steps; the split comes "
+        f"(decoder + LM head), torch threads {args.threads}, median of {args.steps} steps interleaved across "
+        "the configurations; the split comes "
         "from the torch profiler's per-op self times (definitions in the script's docstring). Read "
         f"bandwidth measured in the same run: {bandwidth:.1f} GB/s.", "",
         "| dtype | prepack | attention | quantization | BxN | wall ms | matmul ms | attention ms | other ops ms | "
@@ -182,17 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.argv = argv if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth_gbs()
-    runs = {}
-    for dtype in args.dtypes:
-        for prepack, attention, quantization in itertools.product(args.prepack, args.attention, args.quantization):
-            adapter = load_adapter(args.model, None, dtype, "cpu", prepack == "on", attention, quantization)[1]
-            target = TargetModel(adapter)
-            runs[dtype, prepack, attention, quantization] = {
-                "weight_mb": weight_bytes(target) / 1e6,
-                "shapes": {label: profile_shape(target, sizes, args.prefix, args.steps)
-                           for label, sizes in args.shapes},
-            }
-            del target, adapter
+    targets = {(dtype, prepack, attention, quantization):
+               TargetModel(load_adapter(args.model, None, dtype, "cpu", prepack == "on", attention, quantization)[1])
+               for dtype, prepack, attention, quantization
+               in itertools.product(args.dtypes, args.prepack, args.attention, args.quantization)}
+    runs = {config: {"weight_mb": weight_bytes(target) / 1e6, "shapes": {}} for config, target in targets.items()}
+    for label, sizes in args.shapes:
+        for config, result in profile_shape(targets, sizes, args.prefix, args.steps).items():
+            runs[config]["shapes"][label] = result
     table = report(args, bandwidth, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@ import json
 
 import pytest
 
+from specserve.kernels import cpu_attention
+
+from ..conftest import make_tiny_model
+
 
 def linear_params(model) -> int:
     """Weights of every decoder layer's q, k, v, o, gate, up and down projections, and the LM head."""
@@ -48,3 +52,14 @@ def test_quantized_weights_count_their_packed_bytes_and_kernels(benchmark_script
     # the int8 / int4 kernels are counted as matmuls, not as "other ops"
     assert all(runs["float32", "on", "grouped", q]["shapes"]["2x3"]["matmul"] > 0 for q in mb)
     assert "| float32 | on | grouped | int4 | 2x3 |" in (tmp_path / "q.md").read_text()
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason="the CPU attention kernel did not build here")
+def test_the_cpu_attention_kernel_is_counted_as_attention(benchmark_script, tmp_path):
+    """With `--attention kernel` a verify step calls no SDPA op: its attention time is the kernel's."""
+    bench = benchmark_script("profile_step")
+    model = make_tiny_model("llama", tmp_path / "model", hidden=64)  # head dimension 16: the kernel takes it
+    runs = bench.main(["--model", str(model), "--shapes", "2x3", "--prefix", "8", "--steps", "2", "--prepack", "on",
+                       "--attention", "grouped", "kernel", "--out", str(tmp_path)])
+    for attention in ("grouped", "kernel"):
+        assert runs["float32", "on", attention, "none"]["shapes"]["2x3"]["attention"] > 0
