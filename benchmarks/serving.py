@@ -1,6 +1,6 @@
 """Serving benchmark: a sweep of `specserve bench` runs (`specserve.server.bench`) over servers started
-here on loopback, side by side in one run: `specserve serve` once per drafter (and per `--quantization`
-and `--prefix-caching` choice); with `--vllm-python`, vLLM's CPU build (plain and with its n-gram
+here on loopback, side by side in one run: `specserve serve` once per drafter (and per `--quantization`,
+`--prefix-caching` and `--attention` choice); with `--vllm-python`, vLLM's CPU build (plain and with its n-gram
 speculator) on the same model, dtype and threads; with `--llamacpp-python`, llama.cpp's server (plain
 and with its prompt-lookup drafter) on the model's GGUF file, both as float32 (matched precision) and
 as the file's own quantization (see `llamacpp.py`).
@@ -63,7 +63,7 @@ from specserve.server.bench.prompts import PROMPT_SETS
 from specserve.server.bench.summary import summarise as bench_summary
 from specserve.server.bench.workload import BenchRequest, user, with_images
 from specserve.server.engine import Engine
-from specserve.server.engine.config import QUANTIZATIONS, EngineConfig, SamplingParams
+from specserve.server.engine.config import ATTENTIONS, QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.detokenizer import IncrementalDetokenizer
 from specserve.server.store.resolve import default_cache_dir, resolve_model
 
@@ -148,6 +148,7 @@ class Server:
     ready_path: str = "/health"  # answers 200 once the model is loaded
     quantization: str = "none"  # specserve's --quantization
     prefix_caching: bool = True  # specserve's --prefix-caching
+    attention: str = "kernel"  # specserve's --attention
 
 
 def free_port() -> int:
@@ -156,11 +157,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def specserve_server(args, draft: str, quantization: str, prefix_caching: str) -> Server:
+def specserve_server(args, draft: str, quantization: str, prefix_caching: str, attention: str) -> Server:
     port = free_port()
     command = [sys.executable, "-c", "import sys; from specserve.server.cli import main; sys.exit(main())",
                "serve", "--model", args.model, "--draft", draft, "--dtype", args.dtype, "--host", HOST,
-               "--port", str(port), "--log-level", "warning", "--quantization", quantization]
+               "--port", str(port), "--log-level", "warning", "--quantization", quantization,
+               "--attention", attention]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.max_num_seqs:
@@ -170,9 +172,10 @@ def specserve_server(args, draft: str, quantization: str, prefix_caching: str) -
     if prefix_caching == "off":
         command += ["--no-prefix-caching"]
     label = " ".join([draft, *([quantization] if quantization != "none" else []),
-                      *(["no-prefix-cache"] if prefix_caching == "off" else [])])
+                      *(["no-prefix-cache"] if prefix_caching == "off" else []),
+                      *([f"{attention}-attention"] if attention != "kernel" else [])])
     return Server(label, draft, command, {"PORT": str(port)}, quantization=quantization,
-                  prefix_caching=prefix_caching == "on")
+                  prefix_caching=prefix_caching == "on", attention=attention)
 
 
 def vllm_servers(args) -> list[Server]:
@@ -331,7 +334,7 @@ def engine_reference(args, server: Server, texts: list[str]) -> tuple[list[Engin
     if server.draft is not None:
         engine = Engine.from_config(EngineConfig(args.model, draft=server.draft, dtype=args.dtype,
                                                  quantization=server.quantization,
-                                                 prefix_caching=server.prefix_caching))
+                                                 prefix_caching=server.prefix_caching, attention=server.attention))
         requests = with_images(texts) if engine.is_multimodal else requests
         params = SamplingParams(args.max_tokens, ignore_eos=True)
         time_request(engine, engine_content(requests[0]), params)  # warm-up: first calls pay for allocations
@@ -386,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="specserve with and/or without prefix caching, one server per drafter and choice; "
                              "vLLM keeps its automatic prefix caching unless only 'off' is given "
                              "(llama-cpp-python's server reuses its one context's common prefix either way)")
+    parser.add_argument("--attention", nargs="+", default=["kernel"], choices=ATTENTIONS,
+                        help="specserve's --attention: one server per drafter and attention (a label names "
+                             "any but the default)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sweep this many times, every other round in reverse server order, and pool")
     parser.add_argument("--name", default=None, help="results file stem (default: serving-<model>)")
@@ -396,8 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.argv = argv if argv is not None else sys.argv[1:]
     args.tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # counts peers' unreported tokens
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    servers = [specserve_server(args, draft, q, cache) for cache in args.prefix_caching for q in args.quantization
-               for draft in args.drafts]
+    servers = [specserve_server(args, draft, q, cache, attention) for cache in args.prefix_caching
+               for q in args.quantization for attention in args.attention for draft in args.drafts]
     servers += vllm_servers(args) if args.vllm_python else []
     servers += llamacpp_servers(args) if args.llamacpp_python else []
     references = {server.label: engine_reference(args, server, PROMPT_SETS[args.prompts]) for server in servers}

@@ -94,10 +94,19 @@ def test_prefix_caching_choices_make_one_server_each_and_reach_vllm_only_when_al
                                                                                        choices):
     args = Namespace(model=str(tiny_model_dirs["llama"]), dtype="float32", threads=1, max_num_seqs=None,
                      max_model_len=None, prefix_caching=choices, vllm_python="python")
-    servers = [serving.specserve_server(args, "ngram", "none", choice) for choice in choices]
+    servers = [serving.specserve_server(args, "ngram", "none", choice, "kernel") for choice in choices]
     labels = {"on": "ngram", "off": "ngram no-prefix-cache"}
     assert [s.label for s in servers] == [labels[c] for c in choices]
     assert [("--no-prefix-caching" in s.command, s.prefix_caching) for s in servers] == \
         [(c == "off", c == "on") for c in choices]
     vllm_off = ["--no-enable-prefix-caching" in s.command for s in serving.vllm_servers(args)]
     assert vllm_off == [choices == ["off"]] * 2
+
+
+def test_attention_choices_make_one_server_each_named_unless_the_default(serving, tiny_model_dirs):
+    args = Namespace(model=str(tiny_model_dirs["llama"]), dtype="float32", threads=1, max_num_seqs=None,
+                     max_model_len=None)
+    servers = [serving.specserve_server(args, "ngram", "none", "on", attention) for attention in ("kernel", "grouped")]
+    assert [s.label for s in servers] == ["ngram", "ngram grouped-attention"]
+    assert [s.command[s.command.index("--attention") + 1] for s in servers] == ["kernel", "grouped"]
+    assert [s.attention for s in servers] == ["kernel", "grouped"]
