@@ -85,7 +85,10 @@ def test_a_whole_run_against_a_served_tiny_vlm(serving, tiny_model_dirs, tmp_pat
         assert level["ttft_ms"]["median"] <= level["ttft_ms"]["p90"] <= level["ttft_ms"]["p99"]
         # the server's counters over the level are what its streams reported
         assert level["spec_decode"]["drafts"] == sum(r["drafted_steps"] for r in level["raw"])
-        assert level["spec_decode"]["mean_accepted_length"] >= 1 and level["output_throughput"] > 0
+        # defined once the level drafted (whether 6-token answers draft at all is the planner's call)
+        length = level["spec_decode"]["mean_accepted_length"]
+        assert (length >= 1) if level["spec_decode"]["drafts"] else (length is None)
+        assert level["output_throughput"] > 0
         assert level["worker_tpot_mean_s"] > 0 and level["overhead_wall"] is not None
 
 
