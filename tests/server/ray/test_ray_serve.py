@@ -154,12 +154,18 @@ def test_bad_input_is_an_openai_400_through_the_proxy(cluster):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def conversations_homed_on_each(url: str, per_replica: int) -> dict[str, list[str]]:
+def replica_ids() -> list[str]:
+    """The running replicas' ids (the last part of their actor names), as the router and the
+    `x-specserve-replica` header name them."""
+    return sorted(a["Name"].rsplit("#", 1)[-1] for a in alive_actors() if a["Name"].startswith("SERVE_REPLICA::"))
+
+
+def conversations_homed_on_each(per_replica: int) -> dict[str, list[str]]:
     """{replica: conversation ids whose rendezvous home is that replica}, chosen with the router's
     own hash over the ids Ray drew this run, so that both replicas get conversations (six names
-    picked at random would all land on one replica once in 32 runs). The ids are the replicas that
-    answer `replica_counters`."""
-    ids = sorted(replica_counters(url))
+    picked at random would all land on one replica once in 32 runs)."""
+    ids = replica_ids()
+    assert len(ids) == 2, ids
     homed: dict[str, list[str]] = {replica: [] for replica in ids}
     for i in range(1000):
         name = f"conversation-{i}"
@@ -173,26 +179,26 @@ def conversations_homed_on_each(url: str, per_replica: int) -> dict[str, list[st
 
 def test_a_conversation_stays_on_its_home_replica(cluster):
     url = cluster.url
-    for home, conversations in conversations_homed_on_each(url, per_replica=3).items():
+    for home, conversations in conversations_homed_on_each(per_replica=3).items():
         for conversation in conversations:
             replicas = {stream_chat(url, f"turn {turn}", conversation, max_tokens=4)[0] for turn in range(4)}
             assert replicas == {home}, f"conversation {conversation} (home {home}) was served by {replicas}"
 
 
 def replica_counters(url: str) -> dict[str, dict[str, float]]:
-    """{replica: {counter: value}} of each replica's own `/metrics` (through the proxy, which
-    reaches one replica per request: asked until both have answered)."""
+    """{replica: {counter: value}} of each replica's own `/metrics`, asked through the proxy with a
+    conversation id homed on that replica (without one, Ray's default policy may keep choosing the
+    same idle replica for as long as its cached queue lengths say so)."""
     seen: dict[str, dict[str, float]] = {}
-    for _ in range(50):
-        response = httpx.get(f"{url}/metrics")
-        seen[response.headers[REPLICA]] = {
+    for replica, (conversation,) in conversations_homed_on_each(per_replica=1).items():
+        response = httpx.get(f"{url}/metrics", headers={"X-Conversation-Id": conversation})
+        assert response.headers[REPLICA] == replica, f"/metrics for {replica} came from {response.headers[REPLICA]}"
+        seen[replica] = {
             family.name.removeprefix("vllm:spec_decode_"): sum(s.value for s in family.samples
                                                               if s.name.endswith("_total"))
             for family in text_string_to_metric_families(response.text)
             if family.name.removeprefix("vllm:spec_decode_") in MIRRORED}
-        if len(seen) == 2:
-            return seen
-    raise AssertionError(f"/metrics reached only {list(seen)}")
+    return seen
 
 
 def ray_counters(metrics_url: str) -> dict[str, dict[str, float]]:
@@ -209,7 +215,7 @@ def ray_counters(metrics_url: str) -> dict[str, dict[str, float]]:
 
 def test_rays_metrics_port_exports_each_replicas_spec_counters(cluster):
     url = cluster.url
-    conversations = [name for names in conversations_homed_on_each(url, per_replica=4).values() for name in names]
+    conversations = [name for names in conversations_homed_on_each(per_replica=4).values() for name in names]
     with ThreadPoolExecutor(4) as pool:  # repetitive prompts, so n-gram drafts get accepted on both replicas
         list(pool.map(lambda name: stream_chat(url, "one two three " * 6, name, max_tokens=32), conversations))
     own = replica_counters(url)  # nothing runs from here on, so the counters stand still
