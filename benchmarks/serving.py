@@ -58,6 +58,7 @@ from plots import Panel, save_bar_chart
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
+from specserve.kernels.cache import default_cache_dir
 from specserve.server.bench import client
 from specserve.server.bench.prompts import PROMPT_SETS
 from specserve.server.bench.summary import summarise as bench_summary
@@ -65,7 +66,7 @@ from specserve.server.bench.workload import BenchRequest, user, with_images
 from specserve.server.engine import Engine
 from specserve.server.engine.config import ATTENTIONS, QUANTIZATIONS, EngineConfig, SamplingParams
 from specserve.server.engine.detokenizer import IncrementalDetokenizer
-from specserve.server.store.resolve import default_cache_dir, resolve_model
+from specserve.server.store.resolve import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"  # loopback only: the benchmark never exposes a server

@@ -32,11 +32,13 @@ import logging
 import os
 import subprocess
 import tempfile
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,6 @@ ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
-
-
-def cache_dir() -> Path:
-    if os.environ.get("SPECSERVE_CACHE"):
-        return Path(os.environ["SPECSERVE_CACHE"]).expanduser() / "kernels"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "specserve" / "kernels"
-    return Path.home() / ".cache" / "specserve" / "kernels"
 
 
 def compile_command(output: Path) -> list[str]:
@@ -78,7 +72,7 @@ def available() -> bool:
         return True
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
                          + " ".join(compile_command(Path("out"))).encode()).hexdigest()[:16]
-    library = cache_dir() / f"cpu_attention-{key}.so"
+    library = default_cache_dir() / "kernels" / f"cpu_attention-{key}.so"
     try:
         if not library.exists():
             log.info("building the CPU attention kernel (once per machine, about 10 s): %s", library)
@@ -111,7 +105,7 @@ def fits(query: Tensor, key: Tensor, mask: Tensor | None, tokens: int) -> bool:
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float,
-           packed_rows: list[tuple[int, int]] | None = None) -> Tensor:
+           packed_rows: tuple[tuple[int, int], ...] | None = None) -> Tensor:
     """transformers' attention layout in and out, as `grouped_attention.grouped_sdpa` takes it.
 
     query [B, H, N, D] (every sequence N tokens), or [1, H, T, D] with `packed_rows` (each sequence's
@@ -120,15 +114,20 @@ def attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float
     batch, heads, tokens, dim = query.shape
     rows = key.shape[0]
     flat = query.transpose(1, 2).reshape(batch * tokens, heads, dim).contiguous()
-    if packed_rows is None:
-        starts = torch.arange(0, rows * tokens + 1, tokens)
-        lengths = torch.full((rows,), key.shape[2], dtype=torch.long)
-    else:
-        counts = torch.tensor([[nodes, cached + nodes] for nodes, cached in packed_rows], dtype=torch.long)
-        starts = torch.cat([counts.new_zeros(1), counts[:, 0].cumsum(0)])
-        lengths = counts[:, 1].contiguous()
+    starts, lengths = row_bounds(rows, tokens, key.shape[2], None if packed_rows is None else tuple(packed_rows))
     masks = mask[:, 0].expand(rows, *mask.shape[2:])
     if masks.stride(-1) != 1:
         masks = masks.contiguous()
     out = torch.ops.specserve_cpu.attend(flat, key, value, masks, starts, lengths, scale)
     return out.view(batch, tokens, heads, dim)
+
+
+@lru_cache(maxsize=8)
+def row_bounds(rows: int, tokens: int, width: int,
+               packed_rows: tuple[tuple[int, int], ...] | None) -> tuple[Tensor, Tensor]:
+    """(each sequence's first query row [rows + 1], its key length [rows]) for the kernel: the same for
+    every layer of a forward, so built once (callers only read them)."""
+    if packed_rows is None:
+        return torch.arange(0, rows * tokens + 1, tokens), torch.full((rows,), width, dtype=torch.long)
+    counts = torch.tensor([[nodes, cached + nodes] for nodes, cached in packed_rows], dtype=torch.long)
+    return torch.cat([counts.new_zeros(1), counts[:, 0].cumsum(0)]), counts[:, 1].contiguous()

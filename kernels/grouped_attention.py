@@ -47,7 +47,7 @@ def grouped_sdpa(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    packed_rows: list[tuple[int, int]] | None = None,  # (real nodes, cached tokens) per row: a packed query
+    packed_rows: tuple[tuple[int, int], ...] | None = None,  # (real nodes, cached tokens) per row: a packed query
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function contract: returns ([B, N, H, D], no weights); [1, T, H, D] for a
@@ -93,7 +93,7 @@ def grouped_kernel(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    packed_rows: list[tuple[int, int]] | None = None,
+    packed_rows: tuple[tuple[int, int], ...] | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """`grouped_sdpa`'s contract; a call `cpu_attention.fits` runs on its kernel."""

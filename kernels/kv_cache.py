@@ -46,12 +46,16 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def head_dim(config) -> int:
+    """The attention head size of a transformers text `config` (its own `head_dim` where it has one)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys and values one cached token takes over all decoder layers of a transformers
     `config` whose activations are `dtype`."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
+    return 2 * config.num_hidden_layers * heads * head_dim(config) * dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from transformers import (
 from ...kernels import cpu_attention, grouped_attention
 from ...kernels.blocks import chunk_end, prefill_mask
 from ...kernels.cpu_linear import packed_linear_class, prepack_linears
-from ...kernels.kv_cache import SlotCache, kv_bytes_per_token
+from ...kernels.kv_cache import SlotCache, head_dim, kv_bytes_per_token
 from ...kernels.tree import FULL, SLIDING, DraftTree, LayerMasks
 from ...kernels.weight_only import QUANTIZATION_BITS, WeightOnlyLinear, can_quantize, quantize_linears
 from .adapters import CausalLMAdapter, LlavaAdapter, RopeIndex
@@ -215,10 +215,8 @@ class TargetModel:
     def one_call_nodes(self) -> int:
         """Trees up to this many nodes attend a packed batch in one call (on `cpu_attention`'s kernel,
         which makes packing pay for any padding, `kernels.tree.worth_packing`); 0: none do."""
-        config = self.adapter.text_config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kernel = (self.config._attn_implementation == grouped_attention.KERNEL_NAME and self.device.type == "cpu"
-                  and cpu_attention.takes(self.dtype, head_dim, 1))
+                  and cpu_attention.takes(self.dtype, head_dim(self.adapter.text_config), 1))
         return cpu_attention.MAX_TOKENS if kernel else 0
 
     @cached_property
@@ -285,7 +283,7 @@ class TargetModel:
         extra = {}
         if packing is not None:
             tokens, position_ids = tokens.flatten()[packing.index][None], position_ids.flatten()[packing.index][None]
-            extra["packed_rows"] = list(zip(packing.counts, prefix_lens))
+            extra["packed_rows"] = tuple(zip(packing.counts, prefix_lens))
         out = self.adapter.decoder(
             input_ids=tokens,
             attention_mask=self.layer_masks(

@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...kernels.cache import CACHE_ENV, default_cache_dir
 from . import layout
 from .errors import StoreError
 from .manifest import read_manifest
 from .pull import is_pulled, pull
 from .registry import CATALOGUE, GgufWheels, ModelEntry, Packaged
-from .resolve import CACHE_ENV, default_cache_dir
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

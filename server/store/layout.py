@@ -1,6 +1,6 @@
 """Where the store keeps things, and how a folder gets there all at once or not at all.
 
-Cache layout (`cache_dir` defaults to ~/.cache/specserve, see `resolve.default_cache_dir`)::
+Cache layout (`cache_dir` defaults to ~/.cache/specserve, see `kernels.cache.default_cache_dir`)::
 
     <cache_dir>/models/<alias>/                 finished HF folder of a catalogue model
     <cache_dir>/gguf/<sha256>-<dtype>/          HF folder converted from a local .gguf file

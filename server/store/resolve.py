@@ -8,32 +8,17 @@ reachable everywhere; `hub_error_message` explains a failed hub load without a t
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
+from ...kernels.cache import default_cache_dir
 from .errors import StoreError
 from .pull import is_pulled, pull, pull_gguf
 from .registry import CATALOGUE
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "SPECSERVE_CACHE"
-
 # Prefixes that only a filesystem path has: such a spec that does not exist is a typo, not a hub id.
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\")
-
-
-def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """The store's cache directory: $SPECSERVE_CACHE, else $XDG_CACHE_HOME/specserve, else ~/.cache/specserve.
-
-    Reads the environment when called (from the CLI / resolve path), never at import time.
-    """
-    if env.get(CACHE_ENV):
-        return Path(env[CACHE_ENV]).expanduser()
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]).expanduser() / "specserve"
-    return Path.home() / ".cache" / "specserve"
 
 
 def resolve_model(

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from specserve.kernels.cache import default_cache_dir
 from specserve.server.store.manifest import read_manifest
 from specserve.server.store.pull import pull
 from specserve.server.store.registry import CATALOGUE
-from specserve.server.store.resolve import default_cache_dir
 
 
 @pytest.mark.slow

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from specserve.kernels.cache import default_cache_dir
 from specserve.server.store import pull as pull_module
 from specserve.server.store import resolve as resolve_module
 from specserve.server.store.errors import StoreError
 from specserve.server.store.layout import gguf_dir
 from specserve.server.store.parts import sha256_file
-from specserve.server.store.resolve import default_cache_dir, hub_error_message, resolve_model
+from specserve.server.store.resolve import hub_error_message, resolve_model
 
 
 @pytest.mark.parametrize(
