@@ -12,6 +12,16 @@ output tokens/s over the batch, tokens per row per turn (mean accepted length in
 nodes verified per row per turn (after the batch planner's cut), and the verify-forward cost curve the
 planner measured at load (ms by tokens). No HTTP, no scheduler: the engine's own batching, isolated.
 
+`--requests N` adds a closed loop per B: N requests, at most B at a time, each one's place taken by
+the next as soon as it finishes (continuous batching, as a server with B busy clients runs; a
+newcomer's prefill joins the turn). Reported: output tokens/s over the whole run; over the turns
+with all B places busy ("full"); the seconds of the tail, the turns with fewer than B rows once no
+request is left to start (requests that drafted poorly finish last and run nearly alone, which plain
+decoding, whose requests of equal length move in lockstep, does not do); and, among the full turns,
+the share that drafted and the tokens/s of drafting turns and of plain ones. Every engine is loaded
+at once and their loops of one batch size run round after round (`--rounds`, alternating order;
+the table gives the means), so a drift of the machine's speed hits them alike.
+
 Writes batch-steps-<model>.{md,json} (or `--name`.{md,json}) into `--out`.
 """
 
@@ -55,14 +65,78 @@ def run_batch(engine: Engine, texts: list[str], batch: int, max_tokens: int) -> 
             "tokens_per_row_turn": tokens / (turns * batch), "drafted_per_row_turn": drafted / (turns * batch)}
 
 
-def run_engine(args, config: EngineConfig) -> dict:
+def run_closed_loop(engine: Engine, texts: list[str], batch: int, requests: int, max_tokens: int) -> dict:
+    """`requests` requests, at most `batch` at a time, each finished one replaced at once (module docstring)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    waiting, active, tokens = list(range(requests)), [], 0
+    full = {True: [0, 0.0, 0], False: [0, 0.0, 0]}  # drafted -> [tokens, seconds, turns] of full turns
+    tail_seconds, start = 0.0, time.perf_counter()
+    while waiting or active:
+        while waiting and len(active) < batch:
+            text = texts[waiting.pop(0) % len(texts)]
+            active.append(engine.start(engine.prepare_chat([{"role": "user", "content": text}]), params))
+        before = [(len(seq.output_ids), seq.metrics.proposed_draft_tokens) for seq in active]
+        turn = time.perf_counter()
+        engine.step_batch(active)
+        seconds = time.perf_counter() - turn
+        emitted = sum(len(seq.output_ids) - b[0] for seq, b in zip(active, before))
+        tokens += emitted
+        if len(active) == batch:
+            drafted = any(seq.metrics.proposed_draft_tokens > b[1] for seq, b in zip(active, before))
+            full[drafted][0] += emitted
+            full[drafted][1] += seconds
+            full[drafted][2] += 1
+        elif not waiting:
+            tail_seconds += seconds
+        for seq in [seq for seq in active if seq.finished]:
+            active.remove(seq)
+            engine.release(seq)
+    seconds = time.perf_counter() - start
+    full_turns = full[True][2] + full[False][2]
+    return {
+        "tokens_per_s": tokens / seconds,
+        "full_tokens_per_s": (full[True][0] + full[False][0]) / max(full[True][1] + full[False][1], 1e-9),
+        "tail_s": tail_seconds, "seconds": seconds,
+        "full_drafted_share": full[True][2] / max(full_turns, 1),
+        "full_drafted_tokens_per_s": full[True][0] / full[True][1] if full[True][2] else None,
+        "full_plain_tokens_per_s": full[False][0] / full[False][1] if full[False][2] else None,
+    }
+
+
+def run_engine(args, engine: Engine) -> dict:
     """Every batch size on one engine, and the verify cost curve its planner measured at load."""
-    engine = Engine.from_config(config)
     costs = engine.planner.costs if isinstance(engine.planner, GoodputPlanner) else None
     return {
         "costs_ms": {t: s * 1000 for t, s in zip(costs.tokens, costs.seconds)} if costs else {},
         "batches": {str(b): run_batch(engine, PROMPT_SETS[args.prompts], b, args.max_tokens) for b in args.batches},
     }
+
+
+def run_closed_loops(args, engines: dict) -> dict:
+    """{config: {batch: closed-loop figures, averaged over `--rounds`}}: every engine's loop of a batch
+    size runs before the next round's, in alternating order, so a drift of the machine's speed hits
+    them alike."""
+    rounds: dict = {config: {str(b): [] for b in args.batches} for config in engines}
+    for batch in args.batches:
+        for index in range(args.rounds):
+            for config in (list(engines) if index % 2 == 0 else list(engines)[::-1]):
+                rounds[config][str(batch)].append(run_closed_loop(
+                    engines[config], PROMPT_SETS[args.prompts], batch, args.requests, args.max_tokens))
+    return {config: {batch: mean_figures(runs) for batch, runs in batches.items()}
+            for config, batches in rounds.items()}
+
+
+def mean_figures(runs: list[dict]) -> dict:
+    """The mean of each figure over rounds (a figure some round lacks: the mean of those that have it)."""
+    def mean(values: list) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else None
+
+    return {key: mean([run[key] for run in runs]) for key in runs[0]} | {"rounds": len(runs)}
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def report(args, runs: dict) -> str:
@@ -84,6 +158,19 @@ def report(args, runs: dict) -> str:
                          f"{r['draft_ms_per_turn']:.0f} | {r['tokens_per_s']:.1f} | "
                          f"{r['tokens_per_s'] / first:.2f}x | {r['tokens_per_row_turn']:.2f} | "
                          f"{r['drafted_per_row_turn']:.1f} |")
+    if args.requests:
+        lines += ["", f"Closed loop: {args.requests} requests, at most `batch` at a time, each finished one replaced "
+                  f"at once; the mean of {args.rounds} interleaved round(s). Full turns: all places busy; tail: turns "
+                  "with fewer rows once none is left to start.", "",
+                  "| dtype | prepack | drafter | batch | output tok/s | full-turn tok/s | tail s / run s | "
+                  "full turns drafted | drafting turns tok/s | plain turns tok/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for (dtype, prepack, draft), run in runs.items():
+            for batch, r in run["closed_loop"].items():
+                lines.append(f"| {dtype} | {prepack} | {draft} | {batch} | {r['tokens_per_s']:.1f} | "
+                             f"{r['full_tokens_per_s']:.1f} | {r['tail_s']:.1f} / {r['seconds']:.1f} | "
+                             f"{r['full_drafted_share']:.0%} | {rate(r['full_drafted_tokens_per_s'])} | "
+                             f"{rate(r['full_plain_tokens_per_s'])} |")
     lines += ["", "Verify-forward cost measured at load (ms by tokens), per dtype:", ""]
     for (dtype, prepack, draft), run in runs.items():
         if run["costs_ms"]:
@@ -102,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", default="summarise-edit", choices=sorted(PROMPT_SETS))
+    parser.add_argument("--requests", type=int, default=0,
+                        help="also run each batch size as a closed loop of this many requests (0: no)")
+    parser.add_argument("--rounds", type=int, default=1, help="closed-loop rounds per engine and batch size")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=2048, help="KV slot length (all batches must fit)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
@@ -109,13 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
-    runs = {}
-    for dtype in args.dtypes:
-        for prepack in args.prepack if dtype == "float32" else ["-"]:
-            for draft in args.drafts:
-                runs[dtype, prepack, draft] = run_engine(args, EngineConfig(
-                    args.model, draft=draft, dtype=dtype, profile=True, max_num_seqs=max(args.batches),
-                    max_model_len=args.max_model_len, prepack_weights=prepack == "on"))
+    engines = {(dtype, prepack, draft): Engine.from_config(EngineConfig(
+                   args.model, draft=draft, dtype=dtype, profile=True, max_num_seqs=max(args.batches),
+                   max_model_len=args.max_model_len, prepack_weights=prepack == "on"))
+               for dtype in args.dtypes for prepack in (args.prepack if dtype == "float32" else ["-"])
+               for draft in args.drafts}
+    runs = {config: run_engine(args, engine) for config, engine in engines.items()}
+    if args.requests:
+        for config, loops in run_closed_loops(args, engines).items():
+            runs[config]["closed_loop"] = loops
     table = report(args, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,11 @@ planner also keeps what whole turns actually yielded, tokens emitted per second 
 verify, for drafting and for plain turns of each batch size (`observe_turn`). Once both are known
 for a size, they decide instead of the model; while plain turns win, their estimate shrinks by
 `plain_forgetting` per turn, so drafting is tried again (sooner the closer the two were) and
-re-measured, as the rows' text changes what it yields.
+re-measured, as the rows' text changes what it yields. The other way round too: a size whose
+drafting turns are measured but whose plain yield is not gets one plain turn to measure it (the
+model alone would keep drafting at every size it favours, and never learn that it should not), and
+while drafting wins, its estimate shrinks by `drafted_forgetting` per turn, so plain decoding is
+re-measured now and then (rarely: plain yields change with the batch's cost, not with its text).
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ class GoodputPlanner:
     forgetting: float = 0.9  # drafting-time estimates shrink by this per skipped turn
     turn_smoothing: float = 0.3  # weight of a new turn's tokens per second
     plain_forgetting: float = 0.97  # plain turns' measured yield shrinks by this per skipped turn
+    drafted_forgetting: float = 0.99  # drafting turns' measured yield shrinks by this per drafting turn
     draft_seconds: dict[int, float] = field(default_factory=dict)  # rows -> measured drafting seconds
     yields: dict[tuple[int, bool], float] = field(default_factory=dict)  # (rows, drafted) -> tokens/s
     shape: list[int] | None = None  # node depths of the widest tree last drafted
@@ -161,13 +166,15 @@ class GoodputPlanner:
         if self.shape is None or rows not in self.draft_seconds:
             return [True] * rows  # nothing measured yet: draft, and measure
         drafted, plain = self.yields.get((rows, True)), self.yields.get((rows, False))
-        if drafted is not None and plain is not None:
-            pays = drafted >= plain  # what turns of this size yielded, either way
+        if drafted is not None:
+            pays = plain is not None and drafted >= plain  # what turns of this size yielded; plain unknown: measure it
         else:
             gains = [expected_gains(self.shape, rate) for rate in rates]
             widths = range(1, len(self.shape) + 1)
             pays = max(self._goodput(gains, w, self.draft_seconds[rows]) for w in widths) >= rows / self.costs(rows)
         if pays:
+            if drafted is not None:
+                self.yields[rows, True] = drafted * self.drafted_forgetting
             return [True] * rows
         for n in self.draft_seconds:
             self.draft_seconds[n] *= self.forgetting

@@ -23,3 +23,21 @@ def test_a_run_reports_every_batch_and_the_planners_costs(benchmark_script, tiny
     assert "| float32 | off | ngram | 3 |" in table and "| float32 | on | ngram | 3 |" in table
     assert json.loads((tmp_path / "steps.json").read_text()).keys() == {
         "float32/prepack-off/none", "float32/prepack-off/ngram", "float32/prepack-on/none", "float32/prepack-on/ngram"}
+
+
+def test_a_closed_loop_replaces_each_finished_request_and_reports_its_tail(benchmark_script, tiny_model_dirs, tmp_path):
+    bench = benchmark_script("batch_steps")
+    runs = bench.main(["--model", str(tiny_model_dirs["llama"]), "--drafts", "none", "ngram", "--batches", "1", "2",
+                       "--max-tokens", "6", "--requests", "5", "--rounds", "2", "--out", str(tmp_path),
+                       "--name", "loop"])
+    for (_, _, draft), run in runs.items():
+        assert set(run["closed_loop"]) == {"1", "2"}
+        for batch, r in run["closed_loop"].items():
+            assert r["rounds"] == 2 and r["tokens_per_s"] > 0 and 0 <= r["tail_s"] < r["seconds"]
+            assert 0.0 <= r["full_drafted_share"] <= 1.0
+            if batch == "1":  # one place: every turn is full, none is the tail
+                assert r["tail_s"] == 0 and r["full_tokens_per_s"] > 0
+    none = runs["float32", "on", "none"]["closed_loop"]
+    assert all(r["full_drafted_share"] == 0 and r["full_drafted_tokens_per_s"] is None for r in none.values())
+    table = (tmp_path / "loop.md").read_text()
+    assert "Closed loop: 5 requests" in table and "| float32 | on | ngram | 2 |" in table

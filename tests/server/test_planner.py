@@ -116,7 +116,7 @@ def test_measured_turns_overrule_the_model_once_both_kinds_are_known():
     planner.plan([chain(6), chain(6)], rates, free)
     planner.observe_drafting(2, 0.100)
     planner.observe_turn(2, True, 8, 0.110)  # 73 tokens/s drafting
-    assert planner.drafting(rates, free) == [False, False]  # plain yield unknown: the model decides
+    assert planner.drafting(rates, free) == [False, False]  # plain yield unknown: one plain turn measures it
     planner.observe_turn(2, False, 2, 0.010)  # 200 tokens/s plain
     assert planner.drafting(rates, free) == [False, False]  # 73 < 200: plain, whose estimate -> 194
     planner.observe_turn(2, True, 40, 0.110)  # 364 tokens/s: drafting's estimate 73 + 0.3 (364 - 73) = 160
@@ -125,14 +125,32 @@ def test_measured_turns_overrule_the_model_once_both_kinds_are_known():
     assert decisions.index(True) == 7 and not any(decisions[:7])
 
 
-def test_measured_turns_keep_a_paying_drafter_drafting():
+def test_measured_turns_keep_a_paying_drafter_drafting_and_remeasure_plain_now_and_then():
     planner = GoodputPlanner(FLAT)
     rates, free = [0.1], [False]
     planner.plan([chain(6)], rates, free)
     planner.observe_drafting(1, 0.100)
     planner.observe_turn(1, False, 1, 0.010)  # 100 tokens/s plain
     planner.observe_turn(1, True, 14, 0.110)  # 127 tokens/s drafting, against the model's verdict
-    assert all(planner.drafting(rates, free)[0] for _ in range(20))
+    decisions = [planner.drafting(rates, free)[0] for _ in range(30)]
+    # drafting's 127 shrinks by 0.99 per drafting turn: 127 * 0.99^24 = 99.5 < 100, so plain is
+    # re-measured at turn 24
+    assert decisions.index(False) == 24 and all(decisions[:24])
+
+
+def test_a_size_whose_drafting_is_measured_gets_one_plain_turn_to_measure_plain():
+    """Cheap drafting that the model favours: without a plain turn of this size, the measurement would
+    never get to decide."""
+    planner = GoodputPlanner(FLAT)
+    rates, free = [0.9, 0.9], [False, False]
+    planner.plan([chain(6), chain(6)], rates, free)
+    planner.observe_drafting(2, 0.0001)
+    assert planner.drafting(rates, free) == [True, True]  # nothing measured: the model says draft
+    planner.observe_turn(2, True, 4, 0.040)  # 100 tokens/s drafting
+    assert planner.drafting(rates, free) == [False, False]  # the plain yield of 2 rows is unknown
+    planner.observe_turn(2, False, 2, 0.010)  # 200 tokens/s plain
+    assert planner.drafting(rates, free) == [False, False]  # the measurement decides against the model
+    assert planner.drafting([0.9], [False]) == [True]  # another size: nothing measured, the model decides
 
 
 def test_a_packed_batch_does_not_pay_for_padding():
