@@ -49,13 +49,14 @@ than a calibration forward of as many tokens (B caches to read, a busy machine),
 acceptance rate underrates drafts that are either copied whole or not at all (n-gram). So the
 planner also keeps what whole turns actually yielded, tokens emitted per second of drafting +
 verify, for drafting and for plain turns of each batch size (`observe_turn`). Once both are known
-for a size, they decide instead of the model; while plain turns win, their estimate shrinks by
-`plain_forgetting` per turn, so drafting is tried again (sooner the closer the two were) and
-re-measured, as the rows' text changes what it yields. The other way round too: a size whose
-drafting turns are measured but whose plain yield is not gets one plain turn to measure it (the
-model alone would keep drafting at every size it favours, and never learn that it should not), and
-while drafting wins, its estimate shrinks by `drafted_forgetting` per turn, so plain decoding is
-re-measured now and then (rarely: plain yields change with the batch's cost, not with its text).
+for a size, they decide instead of the model. A size whose drafting turns are measured but whose
+plain yield is not gets one plain turn to measure it (the model alone would keep drafting at every
+size it favours, and never learn that it should not). The kind not chosen is not measured, so its
+estimate grows stale; it is credited `stale_drafting_gain` (drafting) or `stale_plain_gain` (plain)
+per turn since it was last measured, so it is tried again, sooner the closer the two were: drafting
+after a few turns (the rows' text changes what it yields), plain rarely (its yield changes with the
+batch's cost, not with its text). (Shrinking the chosen kind's estimate instead does not work: each
+of its turns measures it again, and the two settle a few percent under its true yield.)
 """
 
 from __future__ import annotations
@@ -155,10 +156,11 @@ class GoodputPlanner:
     smoothing: float = 0.5  # weight of a new drafting-time measurement
     forgetting: float = 0.9  # drafting-time estimates shrink by this per skipped turn
     turn_smoothing: float = 0.3  # weight of a new turn's tokens per second
-    plain_forgetting: float = 0.97  # plain turns' measured yield shrinks by this per skipped turn
-    drafted_forgetting: float = 0.99  # drafting turns' measured yield shrinks by this per drafting turn
+    stale_drafting_gain: float = 1.03  # credit per turn since drafting turns were last measured
+    stale_plain_gain: float = 1.01  # credit per turn since plain turns were last measured
     draft_seconds: dict[int, float] = field(default_factory=dict)  # rows -> measured drafting seconds
     yields: dict[tuple[int, bool], float] = field(default_factory=dict)  # (rows, drafted) -> tokens/s
+    stale: dict[tuple[int, bool], int] = field(default_factory=dict)  # (rows, drafted) -> turns since measured
     shape: list[int] | None = None  # node depths of the widest tree last drafted
 
     def drafting(self, rates: list[float], pinned: list[bool]) -> list[bool]:
@@ -166,20 +168,20 @@ class GoodputPlanner:
         if self.shape is None or rows not in self.draft_seconds:
             return [True] * rows  # nothing measured yet: draft, and measure
         drafted, plain = self.yields.get((rows, True)), self.yields.get((rows, False))
-        if drafted is not None:
-            pays = plain is not None and drafted >= plain  # what turns of this size yielded; plain unknown: measure it
+        if drafted is not None and plain is not None:  # what turns of this size yielded, stale ones credited
+            pays = (drafted * self.stale_drafting_gain ** self.stale.get((rows, True), 0)
+                    >= plain * self.stale_plain_gain ** self.stale.get((rows, False), 0))
+        elif drafted is not None:
+            pays = False  # one plain turn, to measure it
         else:
             gains = [expected_gains(self.shape, rate) for rate in rates]
             widths = range(1, len(self.shape) + 1)
             pays = max(self._goodput(gains, w, self.draft_seconds[rows]) for w in widths) >= rows / self.costs(rows)
+        self.stale[rows, not pays] = self.stale.get((rows, not pays), 0) + 1  # the kind not run this turn
         if pays:
-            if drafted is not None:
-                self.yields[rows, True] = drafted * self.drafted_forgetting
             return [True] * rows
         for n in self.draft_seconds:
             self.draft_seconds[n] *= self.forgetting
-        if plain is not None:
-            self.yields[rows, False] = plain * self.plain_forgetting
         return list(pinned)
 
     def observe_drafting(self, rows: int, seconds: float) -> None:
@@ -189,6 +191,7 @@ class GoodputPlanner:
     def observe_turn(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
         rate, known = tokens / max(seconds, 1e-9), self.yields.get((rows, drafted))
         self.yields[rows, drafted] = rate if known is None else known + self.turn_smoothing * (rate - known)
+        self.stale[rows, drafted] = 0
 
     def plan(self, trees: list[DraftTree], rates: list[float], pinned: list[bool]) -> list[int]:
         sizes = [tree.num_nodes for tree in trees]

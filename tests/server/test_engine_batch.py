@@ -160,15 +160,13 @@ def test_the_planner_sizes_the_batch_to_the_measured_cost_and_output_stays_exact
     tokens every row keeps its whole tree; when each token costs as much as the first, drafting stops."""
     engine = engine_for(tiny_model_dirs["llama"], max_num_seqs=4)
     assert isinstance(engine.planner, GoodputPlanner) and len(engine.planner.costs.tokens) >= 2
-    # the costs are made up, so measured turns must not overrule them: a plain turn that outyields
-    # drafting is forgotten at once (plain_forgetting=0), and drafting is tried again the next turn
-    engine.planner = GoodputPlanner(StepCosts((1, 64), (1.0, 1.0) if cost == "flat" else (1.0, 64.0)),
-                                    plain_forgetting=0.0)
+    engine.planner = GoodputPlanner(StepCosts((1, 64), (1.0, 1.0) if cost == "flat" else (1.0, 64.0)))
+    engine.planner.observe_turn = lambda *turn: None  # the costs are made up: measured turns must not overrule them
     prompts = [engine.prepare_text(PROMPTS[3] + " " + PROMPTS[3][: 10 + i]) for i in range(4)]
     tokens, largest, seqs = run_batched(engine, [(0, p, SamplingParams(max_tokens=20)) for p in prompts])
     assert largest == 4
     drafted = sum(seq.metrics.proposed_draft_tokens for seq in seqs.values())
-    assert drafted > 20 if cost == "flat" else drafted == 0
+    assert drafted > 20 if cost == "flat" else drafted == 0, drafted
     for i, p in enumerate(prompts):
         assert tokens[i] == reference_greedy(engine, p, 20)
 

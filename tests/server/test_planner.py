@@ -121,8 +121,8 @@ def test_measured_turns_overrule_the_model_once_both_kinds_are_known():
     assert planner.drafting(rates, free) == [False, False]  # 73 < 200: plain, whose estimate -> 194
     planner.observe_turn(2, True, 40, 0.110)  # 364 tokens/s: drafting's estimate 73 + 0.3 (364 - 73) = 160
     decisions = [planner.drafting(rates, free)[0] for _ in range(10)]
-    # plain's 194 shrinks by 0.97 per skipped turn: 194 * 0.97^7 = 157 <= 160, so drafting is tried at turn 7
-    assert decisions.index(True) == 7 and not any(decisions[:7])
+    # drafting's 160 is credited 3% per turn since it was measured: 160 * 1.03^8 = 203 >= 200 (1.03^7: 197)
+    assert decisions.index(True) == 8 and not any(decisions[:8])
 
 
 def test_measured_turns_keep_a_paying_drafter_drafting_and_remeasure_plain_now_and_then():
@@ -133,9 +133,26 @@ def test_measured_turns_keep_a_paying_drafter_drafting_and_remeasure_plain_now_a
     planner.observe_turn(1, False, 1, 0.010)  # 100 tokens/s plain
     planner.observe_turn(1, True, 14, 0.110)  # 127 tokens/s drafting, against the model's verdict
     decisions = [planner.drafting(rates, free)[0] for _ in range(30)]
-    # drafting's 127 shrinks by 0.99 per drafting turn: 127 * 0.99^24 = 99.5 < 100, so plain is
-    # re-measured at turn 24
-    assert decisions.index(False) == 24 and all(decisions[:24])
+    # plain's 100 is credited 1% per turn since it was measured: 100 * 1.01^25 = 128.2 > 127.3 (1.01^24: 127.0)
+    assert decisions.index(False) == 25 and all(decisions[:25])
+
+
+def test_a_drafter_measured_poorly_once_is_tried_again_while_plain_turns_keep_being_measured():
+    """Every plain turn measures plain again; drafting, not run, grows stale and is credited for it."""
+    planner = GoodputPlanner(FLAT)
+    rates, free = [0.3], [False]
+    planner.plan([chain(6)], rates, free)
+    planner.observe_drafting(1, 0.01)
+    planner.observe_turn(1, True, 8, 0.100)  # 80 tokens/s drafting
+    planner.observe_turn(1, False, 1, 0.010)  # 100 tokens/s plain
+    decisions = []
+    for _ in range(12):
+        decisions.append(planner.drafting(rates, free)[0])
+        if decisions[-1]:
+            break
+        planner.observe_turn(1, False, 1, 0.010)  # the plain turn just run: 100 tokens/s again
+    # 80 * 1.03^8 = 101 >= 100 (1.03^7: 98)
+    assert decisions == [False] * 8 + [True]
 
 
 def test_a_size_whose_drafting_is_measured_gets_one_plain_turn_to_measure_plain():
