@@ -171,13 +171,15 @@ class GoodputPlanner:
         if drafted is not None and plain is not None:  # what turns of this size yielded, stale ones credited
             pays = (drafted * self.stale_drafting_gain ** self.stale.get((rows, True), 0)
                     >= plain * self.stale_plain_gain ** self.stale.get((rows, False), 0))
+            # the kind not run this turn grows staler (counted only here, so a count stays below what
+            # the ratio of two finite yields needs: the credit cannot overflow)
+            self.stale[rows, not pays] = self.stale.get((rows, not pays), 0) + 1
         elif drafted is not None:
             pays = False  # one plain turn, to measure it
         else:
             gains = [expected_gains(self.shape, rate) for rate in rates]
             widths = range(1, len(self.shape) + 1)
             pays = max(self._goodput(gains, w, self.draft_seconds[rows]) for w in widths) >= rows / self.costs(rows)
-        self.stale[rows, not pays] = self.stale.get((rows, not pays), 0) + 1  # the kind not run this turn
         if pays:
             return [True] * rows
         for n in self.draft_seconds:
