@@ -94,10 +94,27 @@ def cluster(long_llava):
     options = ReplicaOptions(replicas=2, shutdown_timeout_s=SHUTDOWN_S)
     app = build_application(config, ServerSettings(ui=False), threads=1, options=options)
     serve.run(app, name="specserve", route_prefix="/")
-    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", started)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_the_proxy_routes_to_every_replica(url)
+    yield Cluster(url, f"http://127.0.0.1:{metrics_port}/metrics", started)
     if ray.is_initialized():  # a test failed before the shutdown test
         serve.shutdown()
         ray.shutdown()
+
+
+def wait_until_the_proxy_routes_to_every_replica(url: str, timeout_s: float = 60.0) -> None:
+    """`serve.run` returns once both replicas are healthy, but Ray's proxy learns the replica set on its
+    own, a moment later: until then it routes every request to the one it knows. Waits until a request
+    homed on each replica (the router's own hash) is answered by it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        homes = conversations_homed_on_each(per_replica=1)
+        answered = {replica: httpx.get(f"{url}/health", headers={"X-Conversation-Id": conversation}).headers[REPLICA]
+                    for replica, (conversation,) in homes.items()}
+        if all(replica == answer for replica, answer in answered.items()):
+            return
+        assert time.monotonic() < deadline, f"Ray's proxy still routes to one replica only: {answered}"
+        time.sleep(0.5)
 
 
 def client(url: str, **kwargs) -> openai.OpenAI:
