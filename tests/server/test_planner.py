@@ -118,7 +118,7 @@ def test_measured_turns_overrule_the_model_once_both_kinds_are_known():
     planner.observe_turn(2, True, 8, 0.110)  # 73 tokens/s drafting
     assert planner.drafting(rates, free) == [False, False]  # plain yield unknown: one plain turn measures it
     planner.observe_turn(2, False, 2, 0.010)  # 200 tokens/s plain
-    assert planner.drafting(rates, free) == [False, False]  # 73 < 200: plain, whose estimate -> 194
+    assert planner.drafting(rates, free) == [False, False]  # 73 < 200: plain (drafting now 1 turn stale)
     planner.observe_turn(2, True, 40, 0.110)  # 364 tokens/s: drafting's estimate 73 + 0.3 (364 - 73) = 160
     decisions = [planner.drafting(rates, free)[0] for _ in range(10)]
     # drafting's 160 is credited 3% per turn since it was measured: 160 * 1.03^8 = 203 >= 200 (1.03^7: 197)
